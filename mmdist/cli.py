@@ -1,0 +1,121 @@
+"""The `mmdist` command.
+
+Each subcommand lives in its own module that exposes two functions:
+
+    configure_parser(parser: argparse.ArgumentParser) -> None   # its flags, each with help
+    run(args: argparse.Namespace) -> dict                        # does the work, prints for
+                                                                  # people, returns the summary
+
+With ``--json`` the summary is printed as the last line of stdout (one JSON object, snake_case
+keys). ``jobs/*.py`` call the same two functions, so a job under ``ray job submit`` takes the
+same arguments as the CLI. Command modules import heavy libraries (torch, ray, mlflow) inside
+``run``, never at module level, so ``mmdist --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+# name -> (module, one-line help). A dict you can read; no registration on import.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("mmdist.data.prepare", "convert a data source into validated Parquet shards"),
+    "train": ("mmdist.train.run", "train a fused model on Ray Train + DeepSpeed, register it"),
+    "sweep": ("mmdist.tune", "Ray Tune sweep over fusion method x stage x learning rate"),
+    "evaluate": ("mmdist.evaluate", "score a registered model on a shard set"),
+    "pull": ("mmdist.serve.pull", "download a registered model into a self-contained folder"),
+    "predict": ("mmdist.serve.predict", "run a model on one image/audio/text example"),
+    "bench": ("mmdist.bench", "benchmarks: ingest, train, zero, mfu, sweep"),
+    "preflight": ("mmdist.preflight", "check a cluster can run a config before submitting"),
+    "config": ("mmdist.config_cli", "show the resolved config of a preset or YAML file"),
+}
+
+
+class CommandError(RuntimeError):
+    """An error meant for the user: printed without a traceback, exit code 1."""
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print a one-line JSON summary as the last line of stdout")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
+    """The shared `--config PRESET_OR_YAML key=value ...` arguments."""
+    parser.add_argument("--config", "-c", default=default, metavar="PRESET_OR_YAML",
+                        help=f"a preset name shipped with mmdist or a YAML file (default: {default})")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. model.fusion=attention train.lr=3e-4")
+
+
+def _load_command(name: str):
+    module_name = COMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None  # the feature has not landed yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmdist",
+        description="Train, sweep, register and serve fused multimodal models on Ray + DeepSpeed "
+                    "+ MLflow. Run `mmdist COMMAND --help` for the flags of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        module = _load_command(name)
+        p = sub.add_parser(name, help=help_text if module else f"{help_text} (not landed yet)",
+                           description=help_text)
+        if module is not None:
+            module.configure_parser(p)
+        add_json_flag(p)
+        p.set_defaults(_command=name)
+    return parser
+
+
+def emit_json(summary: dict[str, Any]) -> None:
+    print(json.dumps(summary, default=str, sort_keys=True), flush=True)
+
+
+def run_command(module: Any, args: argparse.Namespace) -> int:
+    """Run one command module with user-facing error handling; used by cli and jobs/."""
+    from mmdist.config import ConfigError
+
+    try:
+        summary = module.run(args) or {}
+    except (ConfigError, CommandError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            emit_json({"error": str(e), "ok": False})
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        emit_json(summary)
+    return 0 if summary.get("ok", True) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_command", None):
+        parser.print_help()
+        return 2
+    module = _load_command(args._command)
+    if module is None:
+        msg = f"mmdist {args._command}: this feature has not landed yet"
+        print(msg, file=sys.stderr)
+        if args.json:
+            emit_json({"error": msg, "ok": False})
+        return 2
+    return run_command(module, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
