@@ -1,0 +1,1 @@
+"""Training: the per-worker DeepSpeed loop, checkpoints, the TorchTrainer, the `train` command."""

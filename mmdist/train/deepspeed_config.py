@@ -1,0 +1,51 @@
+"""The DeepSpeed config, generated from the train config: never edited by hand.
+
+TrainConfig is the one source of learning rate, batch sizes, accumulation, ZeRO stage, offload,
+precision and clipping. The optimizer and LR schedule are built in Python (see
+``mmdist.train.optim``) and passed to ``deepspeed.initialize``, so this dict holds no lr.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmdist.config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
+    """DeepSpeed JSON config for ``cfg`` at ``world_size`` (default: train.num_workers).
+
+    Raises:
+        ValueError: the global batch is not divisible by micro batch x world size.
+    """
+    t = cfg.train
+    world = world_size or t.num_workers
+    global_batch = t.global_batch_size or t.micro_batch_size * world
+    if global_batch % (t.micro_batch_size * world):
+        raise ValueError(
+            f"train.global_batch_size ({global_batch}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world})")
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_param_persistence_threshold=1e4)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    ds: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": global_batch // (t.micro_batch_size * world),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # mmdist logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if t.offload_optimizer:
+        # Offload needs DeepSpeed's own (CPU) Adam; it is configured here, not built in Python.
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999]}}
+    return ds
