@@ -1,0 +1,1 @@
+"""Data: sources -> validated Parquet shards -> preprocessing -> Ray Data to train workers."""

@@ -1,0 +1,56 @@
+"""The two data contracts every part of mmdist agrees on.
+
+1. Shard rows (Parquet, written by `mmdist prepare`, one row per sample):
+
+    sample_id  int64     stable id of the sample (unique across the whole dataset)
+    text       string    caption / question / any text input; null when absent
+    target     string    text the model should produce (lm/vqa answer); null -> `text`
+    label      int64     class label; -1 when absent
+    image      binary    encoded image file bytes (PNG/JPEG/...); null when absent
+    audio      binary    encoded audio file bytes (WAV/FLAC); null when absent
+
+2. Model batches (what preprocessing returns and what `FusedModel.forward` takes; numpy in
+   Ray Data, torch tensors on the worker, B = batch size):
+
+    sample_id       int64   (B,)
+    input_ids       int64   (B, L)   tokenised `text`, L = data.max_text_len, [BOS] ... [EOS] pad
+    attention_mask  int64   (B, L)   1 for real tokens
+    target_ids      int64   (B, L)   tokenised `target` (or `text` when target is null)
+    target_mask     int64   (B, L)
+    label           int64   (B,)     -1 when absent
+    image           uint8   (B, 3, S, S)  S = data.image_size; zeros when absent.
+                                     Normalisation to float happens inside the model, so
+                                     batches cross the object store as uint8.
+    audio           float32 (B, n_mels, F)  log-mel, F = audio_frames(...); zeros when absent
+    has_text        bool    (B,)
+    has_image       bool    (B,)
+    has_audio       bool    (B,)
+
+Every key is always present: a missing modality is a zero tensor plus has_<modality>=False,
+so every rank runs every encoder every step (no ZeRO-3 hang on mixed modality subsets).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SHARD_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),
+    ("text", pa.string()),
+    ("target", pa.string()),
+    ("label", pa.int64()),
+    ("image", pa.binary()),
+    ("audio", pa.binary()),
+])
+
+BATCH_KEYS = ("sample_id", "input_ids", "attention_mask", "target_ids", "target_mask", "label",
+              "image", "audio", "has_text", "has_image", "has_audio")
+
+# Special tokens of tokenizers trained by mmdist (ids fixed in this order).
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def audio_frames(sample_rate: int, audio_seconds: float, hop_length: int) -> int:
+    """Number of log-mel frames for a clip (centred STFT): 1 + samples // hop."""
+    return 1 + int(round(sample_rate * audio_seconds)) // hop_length
