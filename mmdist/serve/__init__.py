@@ -1,0 +1,1 @@
+"""From the registry to users: the MLflow pyfunc, pull, predict."""

@@ -1,0 +1,354 @@
+"""The per-worker training loop: ``train_fn_per_worker(config)``, run by every Ray Train worker.
+
+Read top to bottom: build the model and the DeepSpeed engine, restore the latest checkpoint,
+then per epoch stream batches from this worker's Ray Data shard, step, evaluate and checkpoint.
+
+Rules that keep ranks in lock step (a hang in a collective is the worst failure mode):
+- every rank runs every encoder on every batch (missing modalities go through the model's
+  missing-embedding path, never a Python branch on batch content);
+- ranks agree each step whether all of them still have a batch (`_all_have`), and evaluation
+  feeds a throw-away batch to ranks that ran out, so forward passes stay paired under ZeRO-3;
+- evaluation and checkpoint decisions depend only on the global step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdist.config import Config
+from mmdist.train import checkpoint as ckpt_lib
+from mmdist.train.checkpoint import TrainState
+
+LOG_EVERY = 10  # optimizer steps between train-loss lines / MLflow points
+
+
+def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
+    """Optimizer steps in one epoch (each rank drops its last partial micro batch)."""
+    t = cfg.train
+    micro_batches = (train_rows // world_size) // t.micro_batch_size
+    accum = cfg.resolve()["grad_accum_steps"] if world_size == t.num_workers else 1
+    return max(1, micro_batches // accum)
+
+
+def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
+    return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg, train_rows, world_size)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": {...}}`` where job holds
+    what the driver resolved: data_dir, train_rows, vocab, tracking_uri, mlflow_run_id,
+    run_name. Returns the final summary on rank 0 (``Result.return_value``)."""
+    import deepspeed
+    import ray.train
+
+    from mmdist.data.pipeline import iter_train_batches
+    from mmdist.models import build_model
+    from mmdist.train.deepspeed_config import deepspeed_config
+    from mmdist.train.optim import build_optimizer
+
+    cfg = Config.from_dict(config["cfg"])
+    job = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    t = cfg.train
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    ds_config = deepspeed_config(cfg, world)
+    vocab = job["vocab"]
+    if t.zero_stage == 3:
+        # Partition parameters as they are created so a model larger than one device fits.
+        # HfDeepSpeedConfig must exist first or transformers skips its weight init under zero.Init.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive on purpose)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(cfg, **vocab)
+    else:
+        model = build_model(cfg, **vocab)
+    n_total = total_steps(cfg, job["train_rows"], world)
+    optimizer, scheduler = build_optimizer(model, cfg, n_total)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config,
+                                           dist_init_required=False)
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=ckpt_lib.DS_TAG, load_module_strict=True)
+            state = ckpt_lib.read_state(d, rank)
+        if engine.global_steps != state.global_step:
+            raise RuntimeError(f"checkpoint mismatch: DeepSpeed is at step {engine.global_steps}, "
+                               f"mmdist state at {state.global_step}")
+        _say(rank, f"resumed from step {state.global_step} (epoch {state.epoch}, "
+                   f"{len(state.consumed)} samples of this epoch already consumed)")
+
+    mlflow_log = None
+    if rank == 0 and job.get("mlflow_run_id"):
+        from mmdist.tracking import MetricsLogger
+
+        mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    eval_every = t.eval_every or steps_per_epoch(cfg, job["train_rows"], world)
+    ckpt_every = t.checkpoint_every or steps_per_epoch(cfg, job["train_rows"], world)
+    last_metrics: dict[str, float] = {}
+    consecutive_bad = 0
+    loss_sum, loss_n, t_log, step_at_log = 0.0, 0, time.perf_counter(), state.global_step
+    t_start = time.perf_counter()
+
+    def report(metrics: dict[str, float], save: bool, final: bool = False) -> None:
+        metrics = {**metrics, "global_step": state.global_step, "epoch": state.epoch}
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="mmdist-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
+            ckpt_lib.write_ledger(tmp, rank, state.epoch, epoch_ledger, state.order_hash)
+            if final:
+                _save_consolidated(engine, cfg, vocab, job, Path(tmp) / ckpt_lib.MODEL_DIR, rank)
+            if rank == 0:
+                ckpt_lib.write_state(tmp, state, {"run_name": job["run_name"],
+                                                  "config": cfg.to_dict(), "metrics": metrics})
+                shutil.copytree(Path(job["data_dir"]) / "tokenizer", Path(tmp) / "tokenizer")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    epoch_ledger: list[int] = []
+    while state.global_step < n_total and (t.max_steps or state.epoch < t.epochs):
+        skip, state.consumed = state.consumed, set()
+        epoch_ledger = sorted(skip)  # consumed before a restart still count for this epoch
+        steps_before = state.global_step
+        engine.train()
+        batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
+        for batch in _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device):
+            out = engine(batch)
+            loss = out["loss"]
+            if not _all_finite(loss):
+                consecutive_bad += 1
+                state.bad_steps_total += 1
+                _say(rank, f"step {state.global_step}: non-finite loss skipped "
+                           f"({consecutive_bad} in a row)")
+                if consecutive_bad >= t.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive non-finite losses at step "
+                        f"{state.global_step} (train.max_bad_steps={t.max_bad_steps}); lower "
+                        "train.lr or check the data. The last good checkpoint is kept.")
+                continue
+            consecutive_bad = 0
+            engine.backward(loss)
+            engine.step()
+            ids = batch["sample_id"].tolist()
+            epoch_ledger.extend(ids)
+            state.order_hash = ckpt_lib.update_order_hash(state.order_hash, ids)
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if engine.global_steps == state.global_step:
+                continue  # inside a gradient-accumulation window
+            state.global_step = engine.global_steps
+
+            if state.global_step % LOG_EVERY == 0 or state.global_step == n_total:
+                avg = _mean_across_ranks(loss_sum / max(1, loss_n), device)
+                rate = (state.global_step - step_at_log) / max(time.perf_counter() - t_log, 1e-9)
+                lr = engine.get_lr()[0]
+                _say(rank, f"step {state.global_step}/{n_total}  epoch {state.epoch}  "
+                           f"loss {avg:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
+                if mlflow_log:
+                    mlflow_log.log({"train_loss": avg, "lr": lr, "steps_per_s": rate},
+                                   state.global_step)
+                last_metrics.update(train_loss=avg, lr=lr)
+                loss_sum, loss_n, t_log, step_at_log = 0.0, 0, time.perf_counter(), state.global_step
+
+            if state.global_step >= n_total:
+                break  # the final evaluation and checkpoint follow the loop
+            do_eval = state.global_step % eval_every == 0
+            do_ckpt = state.global_step % ckpt_every == 0
+            if do_eval:
+                last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
+                _say(rank, "eval " + _fmt(last_metrics))
+                if mlflow_log:
+                    mlflow_log.log(_only_val(last_metrics), state.global_step)
+            if do_eval or do_ckpt:
+                report(dict(last_metrics), save=do_ckpt)
+        else:  # the epoch's data ran out
+            if state.global_step == steps_before and not skip:
+                raise RuntimeError(
+                    f"epoch {state.epoch} produced no optimizer step: {job['train_rows']} train "
+                    f"rows over {world} workers is less than one batch "
+                    f"(train.micro_batch_size={t.micro_batch_size})")
+            state.epoch += 1
+
+    # Final evaluation and the consolidated model, in the last checkpoint.
+    last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
+    _say(rank, "final eval " + _fmt(last_metrics))
+    if mlflow_log:
+        mlflow_log.log(_only_val(last_metrics), state.global_step)
+        mlflow_log.flush()
+    report(dict(last_metrics), save=True, final=True)
+    if rank == 0:
+        return {"global_step": state.global_step, "metrics": _only_val(last_metrics),
+                "train_loss": last_metrics.get("train_loss"),
+                "bad_steps_total": state.bad_steps_total,
+                "train_seconds": time.perf_counter() - t_start,
+                "mlflow_failed_flushes": mlflow_log.failed_flushes if mlflow_log else 0}
+    return None
+
+
+# ---- helpers of the loop -----------------------------------------------------------------
+
+
+def _say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[mmdist] {msg}", flush=True)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val_"))
+
+
+def _only_val(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith("val_")}
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _reduce(value: float, device: torch.device, op: str) -> float:
+    dist = _dist()
+    if dist is None:
+        return value
+    x = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                           "max": dist.ReduceOp.MAX}[op])
+    return float(x.item())
+
+
+def _mean_across_ranks(value: float, device: torch.device) -> float:
+    dist = _dist()
+    return _reduce(value, device, "sum") / (dist.get_world_size() if dist else 1)
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    ok = 1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0
+    return _reduce(ok, loss.device, "min") > 0
+
+
+def _all_have(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """Yield batches while every rank has one; stop all ranks together when one runs out."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if _reduce(1.0 if batch is not None else 0.0, device, "min") == 0:
+            return
+        yield _to_device(batch, device)
+
+
+def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> Iterator[dict]:
+    """Drop samples already consumed in this epoch before a restart, re-batching the rest."""
+    if not skip:
+        yield from batches
+        return
+    skip_t = torch.tensor(sorted(skip), dtype=torch.int64)
+    buffer: list[dict] = []
+    n = 0
+    for batch in batches:
+        keep = ~torch.isin(batch["sample_id"], skip_t)
+        if not bool(keep.any()):
+            continue
+        buffer.append({k: v[keep] for k, v in batch.items()})
+        n += int(keep.sum())
+        while n >= batch_size:
+            merged = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+            yield {k: v[:batch_size] for k, v in merged.items()}
+            rest = {k: v[batch_size:] for k, v in merged.items()}
+            n -= batch_size
+            buffer = [rest] if n else []
+    # a partial tail is dropped, as every epoch drops its last partial batch
+
+
+def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
+              world: int) -> dict[str, float]:
+    """Evaluate on this rank's val shard; outputs of all ranks are gathered, then scored."""
+    from mmdist.models.metrics import compute_metrics
+
+    engine.eval()
+    outputs: list[dict[str, torch.Tensor]] = []
+    first = None
+    it = iter(val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
+                                           drop_last=False))
+    with torch.no_grad():
+        while True:
+            batch = next(it, None)
+            if _reduce(1.0 if batch is not None else 0.0, device, "max") == 0:
+                break
+            if batch is None and first is None:
+                raise RuntimeError(f"rank {rank} got no validation rows; the val split is too "
+                                   f"small for {world} workers (data.val_fraction)")
+            real = batch is not None
+            batch = _to_device(batch if real else first, device)
+            first = first if first is not None else batch
+            out = engine(batch, mode="eval")  # a throw-away pass keeps ZeRO-3 ranks paired
+            if real:
+                outputs.append({k: v.detach().float().cpu() if v.is_floating_point()
+                                else v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+    engine.train()
+    local = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
+    dist = _dist()
+    if dist is not None and world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        parts = [g for g in gathered if g]
+        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: float(v) for k, v in compute_metrics(cfg.model.task, local).items()}
+
+
+def _save_consolidated(engine, cfg: Config, vocab: dict, job: dict, out_dir: Path,
+                       rank: int) -> None:
+    """Consolidate the ZeRO-partitioned fp32 master weights into one safetensors model.
+
+    Every rank takes part (gathering a ZeRO-3 parameter is a collective); rank 0 writes.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no partitioned master copy (ZeRO-0 fp32, frozen params)
+            full = p.detach()
+        if rank == 0:
+            state[name] = full.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        if rank == 0:
+            state[name] = b.detach().cpu().clone()
+    if rank != 0:
+        return
+    from mmdist.models import FusedModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    FusedModel.save_state_dict_pretrained(state, cfg, vocab, out_dir)
+    shutil.copytree(Path(job["data_dir"]) / "tokenizer", out_dir / "tokenizer",
+                    dirs_exist_ok=True)
+    manifest = Path(job["data_dir"]) / "manifest.json"
+    if manifest.exists():
+        (out_dir / "data_manifest.json").write_text(manifest.read_text())
+    (out_dir / "training.json").write_text(json.dumps(
+        {"run_name": job["run_name"], "mlflow_run_id": job.get("mlflow_run_id"),
+         "global_step": engine.global_steps}, indent=1))

@@ -1,0 +1,46 @@
+"""Optimizer and learning-rate schedule, built in Python from TrainConfig."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmdist.config import Config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and embeddings (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
+    """AdamW + warm-up/cosine LambdaLR. With optimizer offload DeepSpeed builds its own CPU
+    Adam from the generated config, so only the schedule is returned (as a factory)."""
+    t = cfg.train
+    warmup = min(t.warmup_steps, max(0, total_steps // 5))
+
+    def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup, total_steps))
+
+    if t.offload_optimizer:
+        return None, schedule
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999),
+                            fused=False)
+    return opt, schedule(opt)

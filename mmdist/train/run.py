@@ -1,0 +1,189 @@
+"""`mmdist train`: the driver of a training run.
+
+setup (data, Ray, MLflow run) -> TorchTrainer.fit() on N workers -> register the consolidated
+model -> summary. The same function runs locally and under ``ray job submit`` (jobs/train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mmdist.config import Config, load_config
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from mmdist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs for a local Ray started by this command "
+                             "(default: all cores)")
+    parser.add_argument("--data-cache", default=".cache/data",
+                        help="where synthetic shards are written when data.path is not set "
+                             "(default: .cache/data)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
+                    data_cache=args.data_cache)
+    _print_summary(summary)
+    return summary
+
+
+def default_run_name(cfg: Config) -> str:
+    m = cfg.model
+    return f"{m.task}-{m.fusion}-{m.fusion_stage}-{uuid.uuid4().hex[:6]}"
+
+
+def ensure_data(cfg: Config, data_cache: str | Path) -> Path:
+    """The shard directory: data.path, or synthetic shards prepared (once) for this config."""
+    if cfg.data.path:
+        return Path(cfg.data.path).resolve()
+    from mmdist.data.prepare import prepare_synthetic
+
+    d = cfg.data
+    key = (f"synthetic-n{d.synthetic_samples}-s{cfg.train.seed}-img{d.image_size}"
+           f"-sr{d.sample_rate}-a{d.audio_seconds}-v{d.vocab_size}-val{d.val_fraction}")
+    out = Path(data_cache).resolve() / key
+    prepare_synthetic(out, cfg, seed=cfg.train.seed)
+    return out
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             dashboard: bool = False) -> None:
+    """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
+
+    Sweeps want the dashboard: without it, trials stopped by ASHA leak their placement group
+    and the next trial hangs (Ray issue 54305, see shared/STACK.md).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in (
+        "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM",
+        "HF_HUB_OFFLINE") if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+
+
+def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: str,
+                  storage_path: str, callbacks: list | None = None):
+    """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mmdist.train.loop import train_fn_per_worker
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "job": job},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks),
+        datasets=datasets,
+    )
+
+
+def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
+                run_id: str | None) -> tuple[dict[str, Any], dict]:
+    """What every worker needs beyond the config, and the Ray Datasets."""
+    from mmdist.data.pipeline import build_datasets, load_tokenizer
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    tok = load_tokenizer(data_dir)
+    job = {
+        "data_dir": str(data_dir),
+        "train_rows": int(manifest["splits"]["train"]["rows"]),
+        "vocab": {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+                  "eos_id": tok.eos_id},
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "run_name": run_name,
+    }
+    return job, build_datasets(data_dir, cfg)
+
+
+def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
+          data_cache: str | Path = ".cache/data") -> dict[str, Any]:
+    """Run one training job end to end and return its summary (what `--json` prints)."""
+    from mmdist import tracking
+    from mmdist.train.deepspeed_config import deepspeed_config
+    from mmdist.train.register import register_model
+
+    t0 = time.perf_counter()
+    data_dir = ensure_data(cfg, data_cache)
+    run_name = cfg.train.run_name or default_run_name(cfg)
+    storage = str(Path(cfg.train.storage_path or "runs").resolve())
+    uri = tracking.tracking_uri(cfg)
+    run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
+    resolved = cfg.resolve()
+    tracking.log_params(uri, run_id, {
+        **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
+        "deepspeed_config": json.dumps(deepspeed_config(cfg))})
+    print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
+
+    init_ray(address, num_cpus)
+    job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
+    trainer = build_trainer(cfg, job, datasets, run_name, storage)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.set_terminated(uri, run_id, "FAILED")
+        raise
+    out = result.return_value or {}
+    metrics = out.get("metrics") or {k: v for k, v in result.metrics.items()
+                                      if k.startswith("val_")}
+    reg = {"model_uri": None, "alias": None, "version": None}
+    if cfg.tracking.register:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            reg = register_model(uri, run_id, Path(ckpt_dir) / "model", cfg, metrics)
+    tracking.set_terminated(uri, run_id, "FINISHED")
+    return {
+        "ok": True,
+        "run_id": run_id,
+        "run_name": run_name,
+        "model_uri": reg["model_uri"],
+        "alias": reg["alias"],
+        "global_step": int(out.get("global_step", result.metrics.get("global_step", 0))),
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tracking_uri": uri,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "data_dir": str(data_dir),
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print("\n" + "=" * 72)
+    print(f"run          {s['run_name']}  (MLflow run {s['run_id']})")
+    print(f"steps        {s['global_step']} in {s['seconds']:.0f} s")
+    for k, v in sorted(s["metrics"].items()):
+        print(f"{k:<12} {v:.4f}")
+    if s["model_uri"]:
+        print(f"model        {s['model_uri']}  (alias @{s['alias']})")
+    print(f"tracking     {s['tracking_uri']}")
+    if s["tracking_uri"].startswith("sqlite:///"):
+        print(f"open the UI  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1")
+    print("=" * 72, flush=True)
