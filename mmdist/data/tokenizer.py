@@ -5,7 +5,7 @@
     # ids[0] = [BOS] a red circle [EOS] [PAD] [PAD] [PAD]; ids[1] all [PAD], mask[1] all 0
     tok.save("shards/tokenizer"); TextTokenizer.load("shards/tokenizer")
 
-Trained tokenizers use WordPiece with the special tokens of :data:`schema.SPECIAL_TOKENS` at ids
+Trained tokenizers use WordPiece (whole words + characters) with the special tokens of :data:`schema.SPECIAL_TOKENS` at ids
 0..5. A pretrained directory (any Hugging Face ``tokenizer.json``) works too: [BOS]/[EOS]/[PAD]
 are then looked up among the usual names ([CLS]/[SEP], <s>/</s>, <|endoftext|>, ...).
 Special tokens are added by :meth:`encode_batch` itself, never by the tokenizer's own
@@ -15,11 +15,12 @@ post-processor, so every tokenizer yields the same ``[BOS] ... [EOS] [PAD]...`` 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from mmdist.data.schema import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 
@@ -50,7 +51,13 @@ class TextTokenizer:
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> TextTokenizer:
-        """Train a lower-casing WordPiece tokenizer on ``texts``.
+        """Build a lower-casing WordPiece tokenizer from ``texts``, deterministically.
+
+        The vocabulary is the special tokens, every character seen (as a word start and as a
+        ``##`` continuation, so no seen text maps to [UNK]) and then whole words by frequency
+        (ties by spelling) up to ``vocab_size``. Unlike `tokenizers`' WordPiece trainer, whose
+        merge ties break in hash-map order, the same text always gives the same file, so a
+        shard directory is reproducible bit for bit.
 
         Args:
             texts: training text (None and empty strings are skipped).
@@ -62,18 +69,29 @@ class TextTokenizer:
         if vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size={vocab_size}: must be > {len(SPECIAL_TOKENS)} "
                              "(the special tokens)")
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True,
-                                                    clean_text=True, handle_chinese_chars=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True,
+                                                clean_text=True, handle_chinese_chars=True)
+        pre = pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for t in texts:
+            if isinstance(t, str) and t.strip():
+                counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+        chars = sorted({c for w in counts for c in w})
+        vocab_list = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+        have = set(vocab_list)
+        for word, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])):
+            if len(vocab_list) >= vocab_size:
+                break
+            if word not in have:
+                vocab_list.append(word)
+                have.add(word)
+        vocab_list = vocab_list[:max(vocab_size, len(SPECIAL_TOKENS))]
+        tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab_list)},
+                                         unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
-                                            special_tokens=list(SPECIAL_TOKENS),
-                                            show_progress=False)
-        tok.train_from_iterator((t for t in texts if isinstance(t, str) and t.strip()),
-                                trainer=trainer)
-        for i, name in enumerate(SPECIAL_TOKENS):
-            assert tok.token_to_id(name) == i, f"special token {name} got id {tok.token_to_id(name)}"
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
         return cls(tok, PAD_ID, BOS_ID, EOS_ID)
 
     @classmethod

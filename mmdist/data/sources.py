@@ -1,0 +1,323 @@
+"""Readers that turn a data source into validated shard rows.
+
+A source works in two steps so that the expensive part can run in parallel (Ray Data):
+
+    src = JsonlSource("data/manifest.jsonl")
+    records = list(src.records())      # cheap: one small dict per row (paths, text, ids)
+    row = src.load(records[0])         # reads + decodes files; raises RowError(reason)
+
+``records()`` raises ``SourceError`` when the source cannot be read at all (missing captions
+file, not JSON, no usable columns). ``load()`` returns a row of ``schema.SHARD_SCHEMA``
+(``sample_id, text, target, label, image, audio``) or raises :class:`RowError` naming what is
+wrong (missing file, undecodable image/audio, empty text, wrong types); such rows go to
+quarantine. Every record has a stable ``sample_id`` (its position in the source), an
+``origin`` (file and line/annotation, for people) and a ``group`` (rows of one group, e.g. the
+captions of one image, always land in the same split).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("synthetic", "coco", "jsonl", "audiocaps")
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class SourceError(RuntimeError):
+    """The source cannot be read at all (names the file and what is wrong)."""
+
+
+class RowError(ValueError):
+    """One row is bad; the message is the quarantine reason."""
+
+
+# ---- validation shared by every source --------------------------------------------------------
+
+
+def check_image(data: bytes) -> None:
+    """Fully decode image bytes; raise RowError when PIL cannot."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (64, 64))  # still parses the whole JPEG bitstream
+            img.load()
+            if img.size[0] < 1 or img.size[1] < 1:
+                raise RowError(f"image has size {img.size}")
+    except RowError:
+        raise
+    except Exception as e:
+        raise RowError(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+def check_audio(data: bytes) -> None:
+    """Fully decode WAV/FLAC bytes; raise RowError when soundfile cannot or it is empty."""
+    import soundfile as sf
+
+    try:
+        wav, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise RowError(f"undecodable audio: {type(e).__name__}: {e}") from None
+    if wav.shape[0] == 0:
+        raise RowError("audio has no samples")
+
+
+def read_file(path: str | Path, what: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise RowError(f"missing {what} file {p}")
+    return p.read_bytes()
+
+
+def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = None,
+             image: bytes | None = None, audio: bytes | None = None,
+             text_required: bool = False) -> dict[str, Any]:
+    """Validate the fields of one row and return it in the shard schema.
+
+    Raises:
+        RowError: wrong types, empty text, no modality at all, undecodable image/audio.
+    """
+    if text is not None and not isinstance(text, str):
+        raise RowError(f"text must be a string, got {type(text).__name__} {text!r:.60}")
+    if text is not None and not text.strip():
+        raise RowError("empty text")
+    if text is None and text_required:
+        raise RowError("no text")
+    if target is not None and not isinstance(target, str):
+        raise RowError(f"target must be a string, got {type(target).__name__} {target!r:.60}")
+    if target is not None and not target.strip():
+        target = None
+    if label is None:
+        label = -1
+    if isinstance(label, bool) or not isinstance(label, int):
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        else:
+            raise RowError(f"label must be an integer, got {type(label).__name__} {label!r:.60}")
+    if label < -1:
+        raise RowError(f"label must be >= 0 (or -1 / absent), got {label}")
+    if text is None and image is None and audio is None:
+        raise RowError("no text, image or audio")
+    if image is not None:
+        check_image(image)
+    if audio is not None:
+        check_audio(audio)
+    return {"sample_id": int(sample_id), "text": text, "target": target, "label": label,
+            "image": image, "audio": audio}
+
+
+# ---- sources ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """The learnable synthetic dataset of :mod:`mmdist.data.synthetic`."""
+
+    num_samples: int
+    seed: int = 0
+    image_size: int = 64
+    sample_rate: int = 16000
+    audio_seconds: float = 1.0
+    name: str = "synthetic"
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if self.num_samples < 1:
+            raise SourceError(f"--num-samples={self.num_samples}: must be >= 1")
+        for i in range(self.num_samples):
+            yield {"sample_id": i, "origin": f"synthetic seed={self.seed} index={i}",
+                   "group": str(i)}
+
+    def load(self, record: dict[str, Any]) -> dict[str, Any]:
+        from mmdist.data.synthetic import generate_sample
+
+        s = generate_sample(record["sample_id"], self.seed, self.image_size, self.sample_rate,
+                            self.audio_seconds)
+        # Generated rows are valid by construction; skip the decode check (it is the hot path).
+        return {"sample_id": s.index, "text": s.text, "target": s.target, "label": s.label,
+                "image": s.image, "audio": s.audio}
+
+
+@dataclass(frozen=True)
+class CocoSource:
+    """MS-COCO captions JSON (``images`` with ``id``/``file_name``; ``annotations`` with
+    ``image_id``/``caption``) plus the image directory. One row per caption."""
+
+    captions: str
+    images: str
+    name: str = "coco"
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        data = _load_json(self.captions)
+        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+            raise SourceError(f"{self.captions}: not COCO captions format (needs a list "
+                              "'annotations' of {image_id, caption} and a list 'images')")
+        if not Path(self.images).is_dir():
+            raise SourceError(f"--images {self.images}: not a directory")
+        files = {}
+        for img in data.get("images") or []:
+            if isinstance(img, dict) and "id" in img and "file_name" in img:
+                files[img["id"]] = img["file_name"]
+        for i, ann in enumerate(data["annotations"]):
+            rec = {"sample_id": i, "origin": f"{self.captions}: annotations[{i}]",
+                   "group": f"annotation {i}"}
+            if not isinstance(ann, dict):
+                rec["error"] = f"annotation is not an object: {ann!r:.60}"
+            elif ann.get("image_id") not in files:
+                rec["error"] = f"image_id {ann.get('image_id')!r} not listed in 'images'"
+            else:
+                rec.update(group=f"image {ann['image_id']}", text=ann.get("caption"),
+                           image_path=str(Path(self.images) / files[ann["image_id"]]))
+            yield rec
+
+    def load(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "error" in record:
+            raise RowError(record["error"])
+        image = read_file(record["image_path"], "image")
+        return make_row(record["sample_id"], text=record["text"], image=image, text_required=True)
+
+
+@dataclass(frozen=True)
+class JsonlSource:
+    """One JSON object per line with any of ``image``, ``audio`` (paths relative to the
+    manifest), ``text``, ``target``, ``label``."""
+
+    manifest: str
+    name: str = "jsonl"
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        path = Path(self.manifest)
+        if not path.is_file():
+            raise SourceError(f"--manifest {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"--manifest {path}: cannot read: {e}") from None
+        base = path.parent
+        i = 0
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            rec: dict[str, Any] = {"sample_id": i, "origin": f"{path}:{lineno}", "group": f"{i}"}
+            i += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                rec["error"] = f"not valid JSON: {e}"
+                yield rec
+                continue
+            if not isinstance(obj, dict):
+                rec["error"] = f"line is not a JSON object: {line:.60}"
+                yield rec
+                continue
+            unknown = sorted(set(obj) - {"image", "audio", "text", "target", "label", "id"})
+            if unknown:
+                rec["error"] = f"unknown keys {unknown}; expected image, audio, text, target, label"
+                yield rec
+                continue
+            for key in ("image", "audio"):
+                v = obj.get(key)
+                if v is None:
+                    continue
+                if not isinstance(v, str):
+                    rec["error"] = f"{key} must be a path string, got {type(v).__name__}"
+                    break
+                rec[f"{key}_path"] = str(base / v)
+            if "image_path" in rec or "audio_path" in rec:
+                rec["group"] = rec.get("image_path") or rec["audio_path"]
+            rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"))
+            yield rec
+
+    def load(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "error" in record:
+            raise RowError(record["error"])
+        image = read_file(record["image_path"], "image") if "image_path" in record else None
+        audio = read_file(record["audio_path"], "audio") if "audio_path" in record else None
+        return make_row(record["sample_id"], text=record.get("text"), target=record.get("target"),
+                        label=record.get("label"), image=image, audio=audio)
+
+
+_FILE_COLUMNS = ("file_name", "filename", "file", "path", "audio", "youtube_id", "audiocap_id")
+
+
+@dataclass(frozen=True)
+class AudioCapsSource:
+    """Audio-caption CSV as in Clotho (``file_name, caption_1..caption_5``) or AudioCaps
+    (``audiocap_id, youtube_id, start_time, caption``); one row per caption. File names without
+    an extension are looked up as ``.wav`` then ``.flac`` in the audio directory."""
+
+    captions: str
+    audio: str
+    name: str = "audiocaps"
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        path = Path(self.captions)
+        if not path.is_file():
+            raise SourceError(f"--captions {path}: no such file")
+        if not Path(self.audio).is_dir():
+            raise SourceError(f"--audio {self.audio}: not a directory")
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+                header = rows and list(rows[0]) or []
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise SourceError(f"--captions {path}: cannot read CSV: {e}") from None
+        file_col = next((c for c in _FILE_COLUMNS if c in header), None)
+        cap_cols = [c for c in header if c == "caption" or c.startswith("caption_")]
+        if file_col is None or not cap_cols:
+            raise SourceError(f"--captions {path}: needs a file column (one of "
+                              f"{list(_FILE_COLUMNS)}) and caption column(s) ('caption' or "
+                              f"'caption_1'...); found columns {header}")
+        i = 0
+        for lineno, row in enumerate(rows, 2):
+            name = (row.get(file_col) or "").strip()
+            for col in cap_cols:
+                rec = {"sample_id": i, "origin": f"{path}:{lineno} {col}", "group": name,
+                       "text": row.get(col)}
+                i += 1
+                if not name:
+                    rec["error"] = f"empty {file_col}"
+                else:
+                    rec["audio_path"] = self._resolve(name)
+                yield rec
+
+    def _resolve(self, name: str) -> str:
+        p = Path(self.audio) / name
+        if p.suffix.lower() in AUDIO_EXTENSIONS or p.exists():
+            return str(p)
+        for ext in AUDIO_EXTENSIONS:
+            if p.with_name(p.name + ext).exists():
+                return str(p.with_name(p.name + ext))
+        return str(p.with_name(p.name + ".wav"))
+
+    def load(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "error" in record:
+            raise RowError(record["error"])
+        audio = read_file(record["audio_path"], "audio")
+        return make_row(record["sample_id"], text=record["text"], audio=audio, text_required=True)
+
+
+def _load_json(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"--captions {p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"--captions {p}: not valid JSON: {e}") from None
+
+
+def load_record(source: Any, record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row, None)`` for a good record, ``(None, reason)`` for a bad one; never raises for
+    a bad row (unexpected errors become a reason too, so one odd file cannot stop a run)."""
+    try:
+        return source.load(record), None
+    except RowError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
