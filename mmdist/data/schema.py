@@ -54,3 +54,32 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 def audio_frames(sample_rate: int, audio_seconds: float, hop_length: int) -> int:
     """Number of log-mel frames for a clip (centred STFT): 1 + samples // hop."""
     return 1 + int(round(sample_rate * audio_seconds)) // hop_length
+
+
+def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size: int,
+                 n_mels: int, frames: int, num_classes: int = 8, seed: int = 0,
+                 device: str = "cpu") -> dict:
+    """A model batch of random content with every key of the contract (benchmarks, smoke runs).
+
+    Token ids avoid the special ids; every modality is present.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    B, L = batch_size, max_text_len
+    ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = BOS_ID, EOS_ID
+    ones = torch.ones(B, L, dtype=torch.int64)
+    batch = {
+        "sample_id": torch.arange(B, dtype=torch.int64),
+        "input_ids": ids, "attention_mask": ones,
+        "target_ids": ids.clone(), "target_mask": ones.clone(),
+        "label": torch.randint(0, num_classes, (B,), generator=g),
+        "image": torch.randint(0, 256, (B, 3, image_size, image_size), generator=g,
+                               dtype=torch.uint8),
+        "audio": torch.randn(B, n_mels, frames, generator=g),
+        "has_text": torch.ones(B, dtype=torch.bool),
+        "has_image": torch.ones(B, dtype=torch.bool),
+        "has_audio": torch.ones(B, dtype=torch.bool),
+    }
+    return {k: v.to(device) for k, v in batch.items()}

@@ -285,30 +285,39 @@ def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> 
 
 def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
               world: int) -> dict[str, float]:
-    """Evaluate on this rank's val shard; outputs of all ranks are gathered, then scored."""
+    """Evaluate on the val split; outputs of all ranks are gathered, then scored.
+
+    Every rank streams the whole (unsplit, order-preserving) val dataset in canonical batches of
+    ``train.micro_batch_size``; batch k is computed by rank k % world. Batch composition is thus
+    the same at any world size and in ``Predictor.evaluate_dir``, so a registered model scores
+    the val split exactly as the run reported. Ranks without a batch in the last round run a
+    throw-away forward so ZeRO-3 parameter gathers stay paired.
+    """
     from mmdist.models.metrics import compute_metrics
 
     engine.eval()
     outputs: list[dict[str, torch.Tensor]] = []
-    first = None
-    it = iter(val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
-                                           drop_last=False))
+    it = val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False)
+    group: list[dict] = []
+
+    def run_group(group: list[dict]) -> None:
+        mine = group[rank] if rank < len(group) else None
+        out = engine(_to_device(mine if mine is not None else group[0], device), mode="eval")
+        if mine is not None:
+            outputs.append({k: v.detach().float().cpu() if v.is_floating_point()
+                            else v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+
     with torch.no_grad():
-        while True:
-            batch = next(it, None)
-            if _reduce(1.0 if batch is not None else 0.0, device, "max") == 0:
-                break
-            if batch is None and first is None:
-                raise RuntimeError(f"rank {rank} got no validation rows; the val split is too "
-                                   f"small for {world} workers (data.val_fraction)")
-            real = batch is not None
-            batch = _to_device(batch if real else first, device)
-            first = first if first is not None else batch
-            out = engine(batch, mode="eval")  # a throw-away pass keeps ZeRO-3 ranks paired
-            if real:
-                outputs.append({k: v.detach().float().cpu() if v.is_floating_point()
-                                else v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+        for batch in it:
+            group.append(batch)
+            if len(group) == world:
+                run_group(group)
+                group = []
+        if group:
+            run_group(group)
     engine.train()
+    if not outputs and world == 1:
+        raise RuntimeError("the val split is empty; set data.val_fraction > 0")
     local = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
     dist = _dist()
     if dist is not None and world > 1:

@@ -83,7 +83,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: str,
                   storage_path: str, callbacks: list | None = None):
     """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mmdist.train.loop import train_fn_per_worker
@@ -103,7 +103,19 @@ def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: st
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks),
         datasets=datasets,
+        # train is split across workers; every worker streams the whole val split in a fixed
+        # order so evaluation batches are canonical (see loop._evaluate).
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options={"val": _ordered()}),
     )
+
+
+def _ordered():
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
@@ -115,7 +127,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     tok = load_tokenizer(data_dir)
     job = {
         "data_dir": str(data_dir),
-        "train_rows": int(manifest["splits"]["train"]["rows"]),
+        "train_rows": int(manifest["counts"]["train_rows"]),
         "vocab": {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
                   "eos_id": tok.eos_id},
         "tracking_uri": uri,

@@ -1,0 +1,101 @@
+"""`mmdist bench zero`: bytes of model + gradients + optimizer state held per rank under ZeRO-3,
+2 ranks against 1 (gloo on CPU), measured in one run after one real optimizer step.
+
+What is counted per rank (DeepSpeed's ZeRO-3 optimizer buffers): the rank's parameter partitions,
+its gradient partition buffer, its fp32 master partitions and the Adam moments of them.
+Ideal ZeRO-3 scaling is 1/world, so the 2-rank/1-rank ratio approaches 0.5 from above
+(small tensors below the persistence threshold are kept whole on every rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from typing import Any
+
+import torch
+
+from mmdist.config import Config, load_config
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from mmdist.cli import add_config_arguments
+
+    add_config_arguments(parser, default="demo")
+    parser.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size (default 2000)")
+
+
+def _bytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+
+
+def zero3_bytes(engine) -> dict[str, int]:
+    """Per-rank bytes of a ZeRO-3 engine's parameter, gradient and optimizer partitions."""
+    opt = engine.optimizer
+    model = _bytes(opt.fp16_partitioned_groups_flat)
+    # parameters kept whole on every rank (below stage3_param_persistence_threshold)
+    model += _bytes(p.data for p in engine.module.parameters()
+                    if getattr(p, "ds_persist", False))
+    grads = _bytes([opt.grad_partitions_flat_buffer])
+    states = [v for s in opt.optimizer.state.values() for v in s.values()]
+    optim = _bytes(opt.fp32_partitioned_groups_flat) + _bytes(states)
+    return {"model_bytes": model, "grad_bytes": grads, "optimizer_bytes": optim,
+            "total_bytes": model + grads + optim}
+
+
+def _worker(config: dict[str, Any]) -> dict[str, int]:
+    import deepspeed
+    import ray.train
+
+    from mmdist.data.schema import audio_frames, random_batch
+    from mmdist.models import build_model
+    from mmdist.train.deepspeed_config import deepspeed_config
+    from mmdist.train.optim import param_groups
+
+    cfg = Config.from_dict(config["cfg"])
+    world = ray.train.get_context().get_world_size()
+    ds = deepspeed_config(cfg, world)
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = build_model(cfg, vocab_size=config["vocab"])
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds,
+                                           dist_init_required=False)
+    d = cfg.data
+    batch = random_batch(cfg.train.micro_batch_size, config["vocab"], d.max_text_len,
+                         d.image_size, d.n_mels, audio_frames(d.sample_rate, d.audio_seconds,
+                                                              d.hop_length))
+    loss = engine(batch)["loss"]
+    engine.backward(loss)
+    engine.step()
+    return zero3_bytes(engine)
+
+
+def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = cfg.override({"train.num_workers": world, "train.zero_stage": 3,
+                        "train.global_batch_size": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = TorchTrainer(
+            _worker, train_loop_config={"cfg": cfg.to_dict(), "vocab": vocab},
+            scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name=f"bench-zero-{world}", storage_path=tmp))
+        return dict(trainer.fit().return_value)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mmdist.train.run import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray()
+    one = measure(cfg, 1, args.vocab_size)
+    two = measure(cfg, 2, args.vocab_size)
+    ratio = two["total_bytes"] / one["total_bytes"]
+    mib = 2**20
+    print(f"{'ZeRO-3 bytes per rank':<24}{'1 rank':>12}{'2 ranks':>12}")
+    for k in ("model_bytes", "grad_bytes", "optimizer_bytes", "total_bytes"):
+        print(f"{k:<24}{one[k] / mib:>10.2f}Mi{two[k] / mib:>10.2f}Mi")
+    print(f"ratio (2 ranks / 1 rank): {ratio:.3f}  (ideal 0.5)")
+    return {"one_rank": one, "two_ranks": two, "ratio": ratio}

@@ -1,0 +1,154 @@
+"""A loaded model directory that answers requests: the one inference path of mmdist.
+
+Used by `mmdist predict`, by the MLflow pyfunc, by `mmdist evaluate` and by batch inference.
+Rows go through the same preprocessing as training (``mmdist.data.preprocess``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdist.config import Config
+
+
+def _read_input(value: Any, column: str, row: int) -> bytes | None:
+    """A file path or the file's bytes -> bytes; None/NaN -> None (the modality is absent)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        if not value:
+            return None
+        p = Path(value)
+        if not p.is_file():
+            raise FileNotFoundError(f"row {row}, column {column!r}: no such file {value!r}")
+        return p.read_bytes()
+    raise TypeError(f"row {row}, column {column!r}: expected a file path or bytes, "
+                    f"got {type(value).__name__}")
+
+
+class Predictor:
+    """Model + tokenizer + preprocessing spec, loaded from a model directory (no pickle)."""
+
+    def __init__(self, model, tokenizer, cfg: Config, device: str = "cpu"):
+        from mmdist.data.preprocess import PreprocessSpec
+
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = device
+        self.spec = PreprocessSpec.from_config(cfg.data, augment=False)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        from mmdist.data.tokenizer import TextTokenizer
+        from mmdist.models import FusedModel
+
+        path = Path(path)
+        model = FusedModel.from_pretrained(path)
+        return cls(model, TextTokenizer.load(path / "tokenizer"), model.config, device)
+
+    @property
+    def task(self) -> str:
+        return self.cfg.model.task
+
+    def batch_from_rows(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Raw rows (text, image/audio as path or bytes) -> a model batch on the device."""
+        from mmdist.data.preprocess import preprocess_batch
+
+        known = set(self.cfg.model.modalities)
+        cols: dict[str, list] = {"sample_id": list(range(len(rows)))}
+        for c in ("text", "target", "label", "image", "audio"):
+            cols[c] = []
+        for i, r in enumerate(rows):
+            extra = {k for k, v in r.items() if v is not None and k in ("image", "audio", "text")
+                     and not (isinstance(v, float) and math.isnan(v))} - known
+            if extra:
+                raise ValueError(f"row {i}: the model was trained on {sorted(known)} and does "
+                                 f"not take {sorted(extra)}")
+            text = r.get("text")
+            cols["text"].append(text if isinstance(text, str) and text else None)
+            cols["target"].append(None)
+            cols["label"].append(r.get("label") if isinstance(r.get("label"), int) else None)
+            cols["image"].append(_read_input(r.get("image"), "image", i))
+            cols["audio"].append(_read_input(r.get("audio"), "audio", i))
+        batch = preprocess_batch({k: np.array(v, dtype=object) for k, v in cols.items()},
+                                 self.spec, self.tokenizer)
+        for i in range(len(rows)):  # bytes that do not decode are an error at inference
+            for m in ("image", "audio"):
+                if cols[m][i] is not None and not batch[f"has_{m}"][i]:
+                    raise ValueError(f"row {i}, column {m!r}: cannot decode the {m}")
+        return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def predict_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One answer per row: ``score`` (itm/contrastive), ``label``+``probability``
+        (classify), ``text`` (lm/vqa generation)."""
+        if not rows:
+            return []
+        out = self.model.predict(self.batch_from_rows(rows))
+        answers: list[dict[str, Any]] = [{"task": self.task} for _ in rows]
+        if "score" in out:
+            for a, s in zip(answers, out["score"].float().cpu().tolist()):
+                a["score"] = float(s)
+        if "probs" in out:
+            probs = out["probs"].float().cpu()
+            p, idx = probs.max(dim=-1)
+            for a, pi, ii in zip(answers, p.tolist(), idx.tolist()):
+                a["label"], a["probability"] = int(ii), float(pi)
+        if "tokens" in out:
+            for a, ids in zip(answers, out["tokens"].cpu().tolist()):
+                a["text"] = self.tokenizer.decode(ids)
+        return answers
+
+    def predict_frame(self, df):
+        """pandas DataFrame in (columns text/image/audio) -> DataFrame of answers."""
+        import pandas as pd
+
+        if not isinstance(df, pd.DataFrame):
+            df = pd.DataFrame(df)
+        unknown = set(df.columns) - {"text", "image", "audio"}
+        if unknown:
+            raise ValueError(f"unknown input columns {sorted(unknown)}; "
+                             "use any of text, image, audio")
+        rows = df.to_dict(orient="records")
+        answers = []
+        for i in range(0, len(rows), 64):
+            answers.extend(self.predict_rows(rows[i:i + 64]))
+        return pd.DataFrame(answers)
+
+    @torch.no_grad()
+    def evaluate_dir(self, data_dir: str | Path, split: str = "val",
+                     batch_size: int | None = None) -> dict[str, float]:
+        """The task's metrics on one split of a shard directory, in this process."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from mmdist.data.preprocess import preprocess_batch
+        from mmdist.models.metrics import compute_metrics
+
+        batch_size = batch_size or self.cfg.train.micro_batch_size
+        files = sorted((Path(data_dir) / split).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{data_dir}/{split}: no Parquet shards")
+
+        # The same canonical batches as evaluation during training: files in name order,
+        # rows in file order, consecutive chunks of batch_size (train.micro_batch_size).
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        outputs = []
+        for start in range(0, table.num_rows, batch_size):
+            cols = table.slice(start, batch_size).to_pydict()
+            batch = preprocess_batch({k: np.array(v, dtype=object) for k, v in cols.items()},
+                                     self.spec, self.tokenizer)
+            batch = {k: torch.from_numpy(np.asarray(v)).to(self.device)
+                     for k, v in batch.items()}
+            out = self.model(batch, mode="eval")
+            outputs.append({k: v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+        merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        return {k: float(v) for k, v in compute_metrics(self.task, merged).items()}
