@@ -1,0 +1,122 @@
+"""Distributed evaluation and batch inference over shard sets with Ray Data actor pools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class EvalActor:
+    """Holds one model; turns a canonical batch of shard rows into per-sample eval outputs."""
+
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        from mmdist.serve.predictor import Predictor
+
+        self.predictor = Predictor.from_dir(model_dir, device=device)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from mmdist.data.preprocess import preprocess_batch
+
+        p = self.predictor
+        batch = preprocess_batch(rows, p.spec, p.tokenizer)
+        batch = {k: torch.from_numpy(np.asarray(v)).to(p.device) for k, v in batch.items()}
+        with torch.no_grad():
+            out = p.model(batch, mode="eval")
+        n = len(rows["sample_id"])
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point()
+                else v.detach().cpu().numpy() for k, v in out.items()
+                if v.ndim >= 1 and v.shape[0] == n}
+
+
+class PredictActor:
+    """Holds one model; answers a batch of shard rows (sample ids kept)."""
+
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        from mmdist.serve.predictor import Predictor
+
+        self.predictor = Predictor.from_dir(model_dir, device=device)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pandas as pd
+
+        n = len(rows["sample_id"])
+        records = [{c: rows[c][i] for c in ("text", "image", "audio") if c in rows}
+                   for i in range(n)]
+        for r in records:  # modalities the model was not trained on are ignored here
+            for c in list(r):
+                if c not in self.predictor.cfg.model.modalities:
+                    r[c] = None
+        answers = pd.DataFrame(self.predictor.predict_rows(records))
+        answers.insert(0, "sample_id", np.asarray(rows["sample_id"], dtype=np.int64))
+        return {c: answers[c].to_numpy() for c in answers.columns}
+
+
+def canonical_batches(data_dir: str | Path, split: str, batch_size: int) -> list:
+    """The split as Arrow tables of ``batch_size`` consecutive rows (files in name order): the
+    same batches as evaluation during training, so metrics match exactly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(data_dir) / split).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir}/{split}: no Parquet shards")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+
+
+def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str = "val",
+                         batch_size: int | None = None, actors: int = 1,
+                         use_gpu: bool = False) -> dict[str, Any]:
+    """Metrics of a model on a shard split, computed by a Ray Data actor pool."""
+    import json
+
+    import ray
+    import torch
+
+    from mmdist.data.shards import verify_manifest
+    from mmdist.models.metrics import compute_metrics
+
+    verify_manifest(data_dir)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    task = cfg["config"]["model"]["task"] if "config" in cfg else cfg["model"]["task"]
+    bs = batch_size or (cfg.get("config", cfg)["train"]["micro_batch_size"])
+    ds = ray.data.from_arrow(canonical_batches(data_dir, split, bs))  # one block per batch
+    out = ds.map_batches(EvalActor, fn_constructor_args=(str(model_dir),
+                                                         "cuda" if use_gpu else "cpu"),
+                         batch_size=None, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=actors),
+                         num_gpus=1 if use_gpu else 0, num_cpus=0.5)
+    merged: dict[str, list] = {}
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in b.items():
+            merged.setdefault(k, []).append(torch.from_numpy(np.asarray(v)))
+    outputs = {k: torch.cat(v) for k, v in merged.items()}
+    return {k: float(v) for k, v in compute_metrics(task, outputs).items()}
+
+
+def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+                        splits: tuple[str, ...] = ("train", "val"), batch_size: int = 64,
+                        actors: int = 1, use_gpu: bool = False) -> dict[str, Any]:
+    """Write Parquet predictions (one row per input row, with its sample id) to ``out_dir``."""
+    import ray
+
+    from mmdist.data.shards import verify_manifest
+
+    verify_manifest(data_dir)
+    paths = [str(p) for s in splits for p in sorted((Path(data_dir) / s).glob("*.parquet"))]
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}: no Parquet shards in {list(splits)}")
+    ds = ray.data.read_parquet(paths)
+    rows_in = ds.count()
+    preds = ds.map_batches(PredictActor, fn_constructor_args=(str(model_dir),
+                                                              "cuda" if use_gpu else "cpu"),
+                           batch_size=batch_size, batch_format="numpy",
+                           compute=ray.data.ActorPoolStrategy(size=actors),
+                           num_gpus=1 if use_gpu else 0, num_cpus=0.5)
+    preds.write_parquet(str(out_dir))
+    rows_out = ray.data.read_parquet(str(out_dir)).count()
+    return {"rows_in": rows_in, "rows_out": rows_out, "out": str(Path(out_dir).resolve())}
