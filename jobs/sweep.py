@@ -1,0 +1,18 @@
+"""Ray job entrypoint for sweeps: the same arguments as `mmdist sweep`.
+
+    ray job submit --working-dir . -- python jobs/sweep.py --config demo \\
+        --space model.fusion=concat,attention --space train.lr=0.001,0.003
+"""
+
+import argparse
+import sys
+
+from mmdist import tune as sweep_command
+from mmdist.cli import add_json_flag, run_command
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="jobs/sweep.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_command.configure_parser(parser)
+    add_json_flag(parser)
+    sys.exit(run_command(sweep_command, parser.parse_args()))
