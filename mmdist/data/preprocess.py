@@ -295,3 +295,15 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
         "has_image": has_image,
         "has_audio": has_audio,
     }
+
+
+class BatchPreprocessor:
+    """:func:`preprocess_batch` bound to a spec and tokenizer: the picklable UDF that Ray Data
+    and DataLoader workers call. It lives here (numpy only) rather than beside the torch code
+    so that Ray workers unpickling it do not import torch."""
+
+    def __init__(self, spec: PreprocessSpec, tokenizer: TextTokenizer):
+        self.spec, self.tokenizer = spec, tokenizer
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        return preprocess_batch(batch, self.spec, self.tokenizer)

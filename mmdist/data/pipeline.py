@@ -1,0 +1,184 @@
+"""From a shard directory to model batches: Ray Data for training, a DataLoader for the rest.
+
+Training (driver, then each Ray Train worker):
+
+    datasets = build_datasets(data_dir, cfg)        # {"train": Dataset, "val": Dataset}
+    TorchTrainer(train_fn_per_worker, datasets=datasets, ...)
+    # inside train_fn_per_worker:
+    shard = ray.train.get_dataset_shard("train")
+    for batch in iter_train_batches(shard, batch_size=32, seed=cfg.train.seed, epoch=epoch):
+        ...  # dict of torch tensors, exactly the batch contract of schema.py
+
+Both datasets verify the manifest first (a shard whose sha256 changed is refused), read the
+Parquet shards and run :func:`preprocess_batch` in ``map_batches``; images cross the object
+store as uint8. The same function drives :class:`ShardBatches` (a torch ``IterableDataset``
+for the DataLoader baseline, evaluation and inference).
+
+Why the Ray Data settings below (measured by ``mmdist bench ingest``, see its docstring):
+read and preprocess fuse into one task per shard file when both are plain tasks with the same
+resources; ``preprocess_batch`` is vectorised per batch, so the batch size is large enough to
+amortise per-call overhead but stays far below a block so memory per task stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch.utils.data import IterableDataset
+
+from mmdist.data.preprocess import BatchPreprocessor, PreprocessSpec, preprocess_batch
+from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
+from mmdist.data.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+    from mmdist.config import Config
+
+SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
+MAP_BATCH_SIZE = 64  # rows per preprocess_batch call inside Ray Data
+
+
+def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
+    """The tokenizer saved beside the shards (``manifest["tokenizer"]``)."""
+    manifest = read_manifest(data_dir)
+    return TextTokenizer.load(Path(data_dir) / manifest.get("tokenizer", TOKENIZER_DIR))
+
+
+def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokenizer,
+                  map_batch_size: int = MAP_BATCH_SIZE,
+                  override_num_blocks: int | None = None) -> ray.data.Dataset:
+    """``read_parquet(paths) -> map_batches(preprocess_batch)``, lazily.
+
+    Args:
+        paths: shard files.
+        spec: preprocessing sizes and options.
+        tokenizer: the dataset's tokenizer.
+        map_batch_size: rows per ``preprocess_batch`` call.
+        override_num_blocks: read parallelism (default: one block per shard file).
+    """
+    import ray.data
+
+    ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
+                               override_num_blocks=override_num_blocks or len(paths))
+    return ds.map_batches(BatchPreprocessor(spec, tokenizer), batch_size=map_batch_size,
+                          batch_format="numpy", zero_copy_batch=True,
+                          udf_modifying_row_count=False)
+
+
+def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:
+    """The Ray Datasets ``{"train", "val"}`` that ``TorchTrainer(datasets=...)`` receives.
+
+    Args:
+        data_dir: a shard directory written by `mmdist prepare`.
+        cfg: ``cfg.data`` gives the preprocessing sizes; ``data.augment`` applies to train only.
+
+    Raises:
+        ManifestError: a shard or tokenizer file is missing or changed (the message names it).
+    """
+    manifest = verify_manifest(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    out = {}
+    for split in ("train", "val"):
+        paths = shard_paths(data_dir, manifest, split)
+        if not paths:
+            raise ValueError(f"{data_dir}: no {split} shards in the manifest "
+                             f"(prepare with --val-fraction > 0 for a val split)")
+        spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train")
+        out[split] = build_dataset(paths, spec, tokenizer)
+    return out
+
+
+def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
+                       shuffle_buffer: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of training batches from a worker's dataset shard.
+
+    Wraps ``shard.iter_torch_batches`` with a local shuffle buffer seeded by ``(seed, epoch)``
+    (a different order every epoch, the same order for the same seed and epoch as far as Ray
+    delivers blocks in the same order) and ``drop_last=True`` so every step has a full batch.
+
+    Args:
+        shard: ``ray.train.get_dataset_shard("train")`` (a DataIterator) or a Dataset.
+        batch_size: rows per batch (``train.micro_batch_size``).
+        seed: ``train.seed``.
+        epoch: the epoch number, 0-based.
+        shuffle_buffer: rows in the local shuffle buffer (default ``max(8 * batch_size, 256)``).
+
+    Yields:
+        Dicts of CPU torch tensors with the keys, dtypes and shapes of ``schema.BATCH_KEYS``.
+    """
+    buffer = shuffle_buffer or max(8 * batch_size, 256)
+    return iter(shard.iter_torch_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True, prefetch_batches=2,
+        device="cpu"))
+
+
+# ---- the plain torch path -------------------------------------------------------------------
+
+
+def _shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for rb in pf.iter_batches(batch_size=batch_size, columns=list(SHARD_COLUMNS)):
+            yield {name: rb.column(name).to_numpy(zero_copy_only=False) for name in SHARD_COLUMNS}
+
+
+class ShardBatches(IterableDataset):
+    """Preprocessed batches straight from shard files: a torch ``IterableDataset``.
+
+    Use with ``DataLoader(ds, batch_size=None, num_workers=N)``: each DataLoader worker reads a
+    disjoint subset of the shard files and yields whole batches made by ``preprocess_batch``.
+
+    Args:
+        data_dir: a shard directory (the manifest is verified).
+        split: "train" or "val".
+        spec: preprocessing sizes (default: from the manifest's ``preprocess`` entry).
+        batch_size: rows per batch; the last batch of each file may be smaller.
+        shuffle_seed: shuffle the file order and the rows within each file (None: keep order).
+        verify: recompute checksums first.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "val",
+                 spec: PreprocessSpec | None = None, batch_size: int = 32,
+                 shuffle_seed: int | None = None, verify: bool = True):
+        manifest = verify_manifest(data_dir) if verify else read_manifest(data_dir)
+        self.paths = shard_paths(data_dir, manifest, split)
+        self.spec = spec or PreprocessSpec(**manifest["preprocess"])
+        self.tokenizer = load_tokenizer(data_dir)
+        self.batch_size, self.shuffle_seed = batch_size, shuffle_seed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import torch
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        paths = list(self.paths)
+        if self.shuffle_seed is not None:
+            np.random.default_rng(self.shuffle_seed).shuffle(paths)
+        if info is not None:
+            paths = paths[info.id::info.num_workers]
+        for raw in _shard_tables(paths, self.batch_size):
+            if self.shuffle_seed is not None:
+                order = np.random.default_rng([self.shuffle_seed, int(raw["sample_id"][0])]
+                                              ).permutation(len(raw["sample_id"]))
+                raw = {k: v[order] for k, v in raw.items()}
+            out = preprocess_batch(raw, self.spec, self.tokenizer)
+            yield {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def shard_dataloader(data_dir: str | Path, split: str = "val", batch_size: int = 32,
+                     num_workers: int = 2, spec: PreprocessSpec | None = None,
+                     shuffle_seed: int | None = None, verify: bool = True):
+    """A ``torch.utils.data.DataLoader`` over :class:`ShardBatches` (the non-Ray path)."""
+    from torch.utils.data import DataLoader
+
+    ds = ShardBatches(data_dir, split, spec, batch_size, shuffle_seed, verify)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
