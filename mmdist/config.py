@@ -36,6 +36,7 @@ IMAGE_ENCODERS = ("cnn", "resnet18", "resnet50", "vit_b_16")
 AUDIO_ENCODERS = ("conv", "transformer")
 DECODERS = ("gpt2", "llama", "lstm")
 LM_CONDITIONING = ("prefix", "cross_attention")
+VQA_ANSWERS = ("generate", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGS = ("random", "grid")
@@ -94,6 +95,7 @@ class ModelConfig:
     audio_encoder: str = "conv"
     decoder: str = "gpt2"  # the decoder LM for task lm/vqa/multitask
     lm_conditioning: str = "prefix"
+    vqa_answer: str = "generate"  # vqa: generate the answer with the decoder, or classify it
     hidden_size: int = 0  # 0 -> the width of `size`
     num_classes: int = 8  # classify / multitask classification head
     modality_dropout: float = 0.0  # probability of dropping a non-text modality per sample
@@ -351,6 +353,7 @@ def validate(cfg: Config) -> list[str]:
     _choice(p, "model.audio_encoder", m.audio_encoder, AUDIO_ENCODERS)
     _choice(p, "model.decoder", m.decoder, DECODERS)
     _choice(p, "model.lm_conditioning", m.lm_conditioning, LM_CONDITIONING)
+    _choice(p, "model.vqa_answer", m.vqa_answer, VQA_ANSWERS)
     bad_mods = [x for x in m.modalities if x not in MODALITIES]
     if bad_mods:
         p.append(f"model.modalities={m.modalities}: unknown {bad_mods}; choose from {list(MODALITIES)}")
@@ -380,6 +383,46 @@ def validate(cfg: Config) -> list[str]:
         p.append("model.fusion=attention with model.fusion_stage=late: late fusion combines one "
                  "pooled output per modality, so cross-attention has no token sequence to attend "
                  "over; use stage early/mid or fusion transformer/weighted/concat")
+
+    if m.decoder == "llama" and m.lm_conditioning == "cross_attention" and (
+            m.task in ("lm", "multitask") or (m.task == "vqa" and m.vqa_answer == "generate")):
+        p.append("model.decoder=llama with model.lm_conditioning=cross_attention: transformers' "
+                 "Llama has no cross-attention layers; use model.lm_conditioning=prefix or "
+                 "model.decoder=gpt2/lstm")
+    if m.fusion_stage == "early":
+        # Early fusion replaces the encoders by light input embeddings; pretrained encoder
+        # weights would be silently unused.
+        for key in ("text_pretrained", "image_pretrained"):
+            if getattr(m, key):
+                p.append(f"model.{key}={getattr(m, key)!r} with model.fusion_stage=early: early "
+                         "fusion replaces the encoders by input embeddings, so the pretrained "
+                         "weights would be unused; use stage mid or late")
+    if m.text_pretrained and m.text_encoder != "bert":
+        p.append(f"model.text_pretrained={m.text_pretrained!r}: loads a transformers BERT; set "
+                 "model.text_encoder=bert")
+    if m.image_pretrained and m.image_encoder == "cnn":
+        p.append(f"model.image_pretrained={m.image_pretrained!r}: loads torchvision weights; set "
+                 "model.image_encoder to resnet18, resnet50 or vit_b_16")
+    if m.image_encoder == "vit_b_16" and "image" in m.modalities and m.fusion_stage != "early" \
+            and d.image_size % 16:
+        p.append(f"data.image_size={d.image_size}: model.image_encoder=vit_b_16 needs a multiple "
+                 "of 16 (its patch size)")
+    if m.image_encoder in ("resnet18", "resnet50") and "image" in m.modalities \
+            and m.fusion_stage != "early" and d.image_size < 32:
+        p.append(f"data.image_size={d.image_size}: model.image_encoder={m.image_encoder} "
+                 "downsamples 32x; use at least 32")
+    if m.task == "multitask":
+        if "vqa" in m.task_weights:
+            p.append("model.task_weights.vqa: multitask combines itm, contrastive, classify and "
+                     "lm (vqa answer generation is lm on question+answer data)")
+        if m.task_weights and not any(w > 0 for w in m.task_weights.values()):
+            p.append(f"model.task_weights={m.task_weights}: multitask needs a task with weight > 0")
+        needs_pair = [k for k in ("itm", "contrastive") if m.task_weights.get(k, 0) > 0]
+        if needs_pair and ("text" not in m.modalities or len(m.modalities) < 2):
+            p.append(f"model.modalities={m.modalities}: multitask {needs_pair} matches text "
+                     "against another modality; needs 'text' and 'image' or 'audio'")
+        if m.task_weights.get("lm", 0) > 0 and "text" not in m.modalities:
+            p.append(f"model.modalities={m.modalities}: multitask lm needs 'text'")
 
     # train
     if t.num_workers < 1:
