@@ -1,0 +1,149 @@
+"""Image encoders: ``cnn`` (small, fast on CPU), ``resnet18``/``resnet50``, ``vit_b_16``.
+
+Each takes uint8 ``(B, 3, S, S)`` images, normalises them inside (so batches cross the object
+store as uint8), and returns a grid of tokens ``(B, T, D)`` with a mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_image(image: Tensor, dtype: torch.dtype) -> Tensor:
+    """uint8 ``(B, 3, S, S)`` -> float ``dtype``, ImageNet mean/std normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=dtype).view(1, 3, 1, 1)
+    return (image.to(dtype) / 255.0 - mean) / std
+
+
+class CNNImageEncoder(nn.Module):
+    """Stride-2 conv + GroupNorm + GELU stages; the last feature map is the token grid.
+
+    Args:
+        channels: output channels of each stage (each halves the resolution).
+        dim: output width D.
+    """
+
+    def __init__(self, channels: tuple[int, ...], dim: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c),
+                       nn.GELU()]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(c_in, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images -> tokens ``(B, h*w, D)`` and an all-true mask."""
+        x = self.features(normalise_image(image, self.proj.weight.dtype))
+        tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)))
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+class ResNetImageEncoder(nn.Module):
+    """A torchvision ResNet without its classifier: the last feature map as tokens + a pooled one.
+
+    Args:
+        resnet: a torchvision ``ResNet``.
+        dim: output width D.
+    """
+
+    def __init__(self, resnet: nn.Module, dim: int):
+        super().__init__()
+        width = resnet.fc.in_features
+        resnet.fc = nn.Identity()
+        self.resnet = resnet
+        self.proj = nn.Linear(width, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        r = self.resnet
+        x = normalise_image(image, self.proj.weight.dtype)
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        grid = x.flatten(2).transpose(1, 2)
+        tokens = torch.cat([grid.mean(1, keepdim=True), grid], 1)
+        tokens = self.norm(self.proj(tokens))
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+class ViTImageEncoder(nn.Module):
+    """A torchvision VisionTransformer without its head: class token + patch tokens.
+
+    Args:
+        vit: a torchvision ``VisionTransformer``.
+        dim: output width D.
+    """
+
+    def __init__(self, vit: nn.Module, dim: int):
+        super().__init__()
+        vit.heads = nn.Identity()
+        self.vit = vit
+        self.proj = nn.Linear(vit.hidden_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.vit
+        x = v._process_input(normalise_image(image, self.proj.weight.dtype))
+        x = torch.cat([v.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        tokens = self.norm(self.proj(v.encoder(x)))
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+def load_torchvision_weights(model: nn.Module, path: str, image_size: int) -> None:
+    """Load a torchvision state dict from a local safetensors file (never a pickle).
+
+    ViT position embeddings are interpolated when the file was trained at another size.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file, or the weights do not fit the architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.image_pretrained={path!r}: no such file")
+    try:
+        state = load_file(str(p))
+    except SafetensorError as e:
+        raise ValueError(f"model.image_pretrained={path!r}: not a safetensors file ({e}); "
+                         "mmdist never loads pickled weights") from None
+    if hasattr(model, "encoder") and hasattr(model, "patch_size"):
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(image_size, model.patch_size, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"model.image_pretrained={path!r}: weights do not fit: {e}") from None
+
+
+def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_size: int,
+                        pretrained: str | None = None) -> nn.Module:
+    """The image encoder named ``kind`` at width ``dim`` (torchvision ones random init unless
+    ``pretrained`` names a local safetensors file of torchvision weights)."""
+    if kind == "cnn":
+        return CNNImageEncoder(channels, dim)
+    import torchvision.models as tvm
+
+    if kind in ("resnet18", "resnet50"):
+        net = getattr(tvm, kind)(weights=None)
+    elif kind == "vit_b_16":
+        net = tvm.vit_b_16(weights=None, image_size=image_size)
+    else:
+        raise ValueError(f"unknown image encoder {kind!r}; "
+                         "choose from ['cnn', 'resnet18', 'resnet50', 'vit_b_16']")
+    if pretrained:
+        load_torchvision_weights(net, pretrained, image_size)
+    return ResNetImageEncoder(net, dim) if kind.startswith("resnet") else ViTImageEncoder(net, dim)
