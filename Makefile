@@ -54,3 +54,23 @@ bench-zero: setup  ## ZeRO-3 bytes per rank, 2 ranks vs 1
 
 clean:  ## remove local runs, MLflow store and caches (keeps .venv)
 	rm -rf runs mlruns mlflow.db .pytest_cache .ruff_cache
+
+# ---- clusters (cluster/README.md) -------------------------------------------------------------
+CONFIG ?= demo
+ARGS ?=
+.PHONY: cluster-up cluster-down submit-train submit-sweep preflight
+
+cluster-up: setup  ## start a local Ray head (token auth) + MLflow server on 127.0.0.1; writes .cluster/env
+	cluster/local/up.sh
+
+cluster-down:  ## stop the local Ray head and MLflow server (by their PIDs)
+	cluster/local/down.sh
+
+preflight: setup  ## check the cluster in .cluster/env can run CONFIG=... ARGS="key=value ..."
+	set -a; [ ! -f .cluster/env ] || . .cluster/env; set +a; $(MMDIST) preflight --config $(CONFIG) $(ARGS)
+
+submit-train: setup  ## preflight, then `ray job submit` jobs/train.py (CONFIG=..., ARGS="key=value ...")
+	cluster/submit.sh jobs/train.py --config $(CONFIG) $(ARGS)
+
+submit-sweep: setup  ## preflight, then `ray job submit` jobs/sweep.py (CONFIG=..., ARGS="key=value ...")
+	cluster/submit.sh jobs/sweep.py --config $(CONFIG) $(ARGS)
