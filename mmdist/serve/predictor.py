@@ -52,7 +52,8 @@ class Predictor:
 
         path = Path(path)
         model = FusedModel.from_pretrained(path)
-        return cls(model, TextTokenizer.load(path / "tokenizer"), model.config, device)
+        return cls(model, TextTokenizer.load(path / "tokenizer"), Config.from_dict(model.config),
+                   device)
 
     @property
     def task(self) -> str:
@@ -97,8 +98,14 @@ class Predictor:
         if "score" in out:
             for a, s in zip(answers, out["score"].float().cpu().tolist()):
                 a["score"] = float(s)
-        if "probs" in out:
-            probs = out["probs"].float().cpu()
+        if "text_emb" in out:  # contrastive: cosine similarity of the text and the rest
+            sim = torch.nn.functional.cosine_similarity(out["text_emb"].float(),
+                                                        out["other_emb"].float(), dim=-1)
+            for a, s in zip(answers, sim.cpu().tolist()):
+                a["score"] = float(s)
+        probs_key = "probs" if "probs" in out else "answer_probs" if "answer_probs" in out else None
+        if probs_key:
+            probs = out[probs_key].float().cpu()
             p, idx = probs.max(dim=-1)
             for a, pi, ii in zip(answers, p.tolist(), idx.tolist()):
                 a["label"], a["probability"] = int(ii), float(pi)
