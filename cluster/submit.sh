@@ -26,6 +26,11 @@ set -a; source "$ENV_FILE"; set +a
 [[ -n "${RAY_ADDRESS:-}" ]] || die "$ENV_FILE does not set RAY_ADDRESS"
 
 # The config arguments are the entrypoint's: --config X and KEY=VALUE overrides.
+# A job runs in a temporary copy of the project, so ./runs would vanish with it: on the local
+# cluster, checkpoints go to the project's runs/ unless train.storage_path is given.
+if [[ "$RAY_ADDRESS" == *"://127.0.0.1:"* && " $* " != *" train.storage_path="* ]]; then
+  set -- "$@" "train.storage_path=$ROOT/runs"
+fi
 if [[ "${MMDIST_SKIP_PREFLIGHT:-0}" != 1 ]]; then
   preflight_args=()
   [[ "$(basename "$ENTRY")" == sweep.py ]] && preflight_args+=(--sweep)
