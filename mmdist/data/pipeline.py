@@ -63,10 +63,23 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     """
     import ray.data
 
-    ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
-                               override_num_blocks=override_num_blocks or len(paths))
-    return ds.map_batches(BatchPreprocessor(spec, tokenizer), batch_size=map_batch_size,
-                          batch_format="numpy", zero_copy_batch=True,
+    # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
+    # files into 2 blocks and took 19-42 s for 160 MB, where the V1 reader made 16 blocks in
+    # 0.8 s (one block per shard file lets the map stream and run in parallel). The flag is
+    # read when the plan is built, so it is set around this call only.
+    ctx = ray.data.DataContext.get_current()
+    use_v2 = getattr(ctx, "use_datasource_v2", False)
+    ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
+                                   override_num_blocks=override_num_blocks or len(paths))
+    finally:
+        ctx.use_datasource_v2 = use_v2
+    # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
+    # into one task (a map with a batch size waits for bundles of that many rows and is not
+    # fused with a read); the UDF itself works in chunks of `map_batch_size` rows.
+    return ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
+                          batch_size=None, batch_format="numpy", zero_copy_batch=True,
                           udf_modifying_row_count=False)
 
 

@@ -212,6 +212,8 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             "quarantine": "quarantine.jsonl",
             "quarantine_reasons": quarantine.reasons,
             "counts": counts,
+            "splits": {s: {"rows": w.rows_written, "shards": len(w.shards)}
+                       for s, w in writers.items()},
             "shards": shards,
         })
         if out.exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -173,7 +174,7 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """HTK-scale triangular filters, float32 ``(n_mels, n_fft // 2 + 1)``, 0 Hz .. Nyquist."""
+    """HTK-scale triangular filters, float64 ``(n_mels, n_fft // 2 + 1)``, 0 Hz .. Nyquist."""
     freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
     edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
@@ -182,12 +183,12 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     fb = np.clip(np.minimum(up, down), 0.0, None)
     fb *= (2.0 / np.maximum(upper - lower, 1e-9))  # Slaney-style area normalisation
     fb.setflags(write=False)
-    return fb.astype(np.float32)
+    return fb
 
 
 @functools.lru_cache(maxsize=4)
 def _hann(n: int) -> np.ndarray:
-    w = np.hanning(n + 1)[:-1].astype(np.float32)  # periodic Hann
+    w = np.hanning(n + 1)[:-1]  # periodic Hann
     w.setflags(write=False)
     return w
 
@@ -203,14 +204,22 @@ def log_mel(waves: np.ndarray, sample_rate: int, n_mels: int, hop_length: int,
         float32 ``(B, n_mels, 1 + N // hop_length)``: centred STFT (reflect padding), power,
         mel filterbank, natural log with a floor of ``LOG_MEL_FLOOR``.
     """
-    waves = np.asarray(waves, dtype=np.float32)
+    # float64 throughout: numpy's float32 FFT is slower than its float64 one here, and one 2-D
+    # matrix product (not a stack of per-clip ones) keeps BLAS from paying thread start-up
+    # per clip (measured: 3-D matmul 300+ ms, 2-D 5 ms for 64 one-second clips).
+    waves = np.asarray(waves, dtype=np.float64)
+    b, n = waves.shape
     pad = n_fft // 2
-    padded = np.pad(waves, ((0, 0), (pad, pad)), mode="reflect" if waves.shape[1] > pad else "constant")
+    padded = np.pad(waves, ((0, 0), (pad, pad)), mode="reflect" if n > pad else "constant")
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=1)[:, ::hop_length]
-    spec = np.fft.rfft(frames * _hann(n_fft), axis=-1)
-    power = spec.real ** 2 + spec.imag ** 2  # (B, F, n_fft//2+1)
-    mel = power.astype(np.float32) @ mel_filterbank(sample_rate, n_fft, n_mels).T  # (B, F, M)
-    return np.log(np.maximum(mel, LOG_MEL_FLOOR)).transpose(0, 2, 1).astype(np.float32)
+    spec = np.fft.rfft(frames * _hann(n_fft), axis=-1)  # (B, F, n_fft//2+1)
+    f = spec.shape[1]
+    power = np.square(spec.real).reshape(b * f, -1)
+    power += np.square(spec.imag).reshape(b * f, -1)
+    mel = power @ mel_filterbank(sample_rate, n_fft, n_mels).T  # (B*F, M)
+    np.maximum(mel, LOG_MEL_FLOOR, out=mel)
+    np.log(mel, out=mel)
+    return np.ascontiguousarray(mel.reshape(b, f, n_mels).transpose(0, 2, 1), dtype=np.float32)
 
 
 # ---- the batch function ---------------------------------------------------------------------
@@ -299,11 +308,24 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
 
 class BatchPreprocessor:
     """:func:`preprocess_batch` bound to a spec and tokenizer: the picklable UDF that Ray Data
-    and DataLoader workers call. It lives here (numpy only) rather than beside the torch code
-    so that Ray workers unpickling it do not import torch."""
+    and DataLoader workers call.
 
-    def __init__(self, spec: PreprocessSpec, tokenizer: TextTokenizer):
-        self.spec, self.tokenizer = spec, tokenizer
+    Called with a whole block (Ray Data ``batch_size=None``, which lets the read and this map
+    fuse into one task), it yields the block in chunks of ``chunk_rows`` so memory stays flat
+    and batches stream out while the rest of the block is still being processed. It lives here
+    (numpy only) rather than beside the torch code so Ray workers unpickling it skip torch.
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        return preprocess_batch(batch, self.spec, self.tokenizer)
+    Args:
+        spec: preprocessing sizes and options.
+        tokenizer: the dataset's tokenizer.
+        chunk_rows: rows per :func:`preprocess_batch` call.
+    """
+
+    def __init__(self, spec: PreprocessSpec, tokenizer: TextTokenizer, chunk_rows: int = 64):
+        self.spec, self.tokenizer, self.chunk_rows = spec, tokenizer, max(1, int(chunk_rows))
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        n = len(batch["sample_id"])
+        for start in range(0, n, self.chunk_rows):
+            chunk = {k: v[start:start + self.chunk_rows] for k, v in batch.items()}
+            yield preprocess_batch(chunk, self.spec, self.tokenizer)

@@ -1,0 +1,280 @@
+"""`mmdist bench ingest`: the Ray Data pipeline vs a torch DataLoader over the same shards.
+
+Both sides run the same :func:`mmdist.data.preprocess.preprocess_batch` on the same shard
+files with the same batch size and the same number of CPU workers, in one run:
+
+* DataLoader: ``DataLoader(ShardBatches(...), batch_size=None, num_workers=cpus)``; each worker
+  reads whole shard files and yields preprocessed batches. It runs first, before Ray starts,
+  so Ray's own processes cannot slow it down.
+* Ray Data: ``ray.init(num_cpus=cpus)``, then the training pipeline of
+  :func:`mmdist.data.pipeline.build_dataset` consumed with ``iter_torch_batches``.
+
+Throughput is measured from the first batch to the last (start-up is reported separately);
+the breakdown says where the Ray side spends its time: the cost of the preprocessing itself
+(measured in one process), the ideal rate on ``cpus`` cores, the operator times from Ray
+Data's stats and the time the consumer spent waiting for batches.
+
+Without ``--data`` it writes realistic shards once into ``.cache/bench_ingest/``: 224-pixel
+JPEGs, 2-5 s of 22.05 kHz audio, sentence captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_WORDS = ("a dog runs across the green field while children play near the old wooden fence "
+          "under a bright sky with clouds and a man holds an umbrella on the busy street as "
+          "cars pass by the red building next to the river where birds sing loudly").split()
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="shard directory to read (default: generate realistic shards)")
+    parser.add_argument("--split", default="train", choices=("train", "val"),
+                        help="which split of --data to read (default: train)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per batch (default: 32)")
+    parser.add_argument("--num-batches", type=int, default=0,
+                        help="batches to time on each side after the first (default: all)")
+    parser.add_argument("--cpus", type=int, default=2,
+                        help="CPU workers on each side: DataLoader workers and Ray's num_cpus "
+                             "(default: 2)")
+    parser.add_argument("--rows", type=int, default=1024,
+                        help="rows of the generated realistic shards (default: 1024)")
+    parser.add_argument("--shard-rows", type=int, default=64,
+                        help="rows per generated shard (default: 64)")
+    parser.add_argument("--map-batch-size", type=int, default=None,
+                        help="rows per preprocess call inside Ray Data (default: the "
+                             "pipeline's MAP_BATCH_SIZE)")
+    parser.add_argument("--config", default="demo", metavar="PRESET_OR_YAML",
+                        help="config whose data.* sizes drive preprocessing (default: demo)")
+    parser.add_argument("--skip-dataloader", action="store_true",
+                        help="measure only the Ray Data side (for tuning)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mmdist.cli import CommandError
+    from mmdist.config import load_config
+    from mmdist.data.preprocess import PreprocessSpec
+    from mmdist.data.shards import shard_paths, verify_manifest
+
+    cfg = load_config(args.config)
+    if args.batch_size < 1 or args.cpus < 1:
+        raise CommandError(f"--batch-size={args.batch_size} and --cpus={args.cpus} must be >= 1")
+    data_dir = Path(args.data) if args.data else realistic_shards(args.rows, args.shard_rows, cfg)
+    manifest = verify_manifest(data_dir)
+    paths = shard_paths(data_dir, manifest, args.split)
+    if not paths:
+        raise CommandError(f"{data_dir}: no {args.split} shards")
+    spec = PreprocessSpec.from_config(cfg.data, augment=False)
+    rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == args.split)
+    limit = args.num_batches or None
+    print(f"bench ingest: {rows} rows in {len(paths)} shard(s) of {data_dir}, batch "
+          f"{args.batch_size}, {args.cpus} CPU(s); images -> {spec.image_size}px uint8, audio -> "
+          f"{spec.n_mels}x{spec.frames} log-mel")
+
+    fn_cost = preprocess_cost(paths[0], spec, data_dir, args.batch_size)
+    dl = None if args.skip_dataloader else time_dataloader(data_dir, args.split, spec,
+                                                           args.batch_size, args.cpus, limit)
+    ray_res = time_ray_data(paths, spec, data_dir, args.batch_size, args.cpus, limit,
+                            args.map_batch_size)
+
+    ideal = args.cpus / fn_cost
+    summary = {
+        "ray_data_samples_per_s": round(ray_res["samples_per_s"], 1),
+        "dataloader_samples_per_s": round(dl["samples_per_s"], 1) if dl else None,
+        "ratio": round(ray_res["samples_per_s"] / dl["samples_per_s"], 3) if dl else None,
+        "rows": rows, "batch_size": args.batch_size, "cpus": args.cpus, "data": str(data_dir),
+        "preprocess_ms_per_sample": round(fn_cost * 1e3, 3),
+        "ideal_samples_per_s": round(ideal, 1),
+        "ray_data_startup_s": round(ray_res["startup_s"], 2),
+        "dataloader_startup_s": round(dl["startup_s"], 2) if dl else None,
+        "ray_data_breakdown": ray_res["breakdown"],
+    }
+    print(f"  preprocess_batch alone: {fn_cost * 1e3:.2f} ms/sample in one process -> ideal "
+          f"{ideal:.0f} samples/s on {args.cpus} CPU(s)")
+    if dl:
+        print(f"  DataLoader ({args.cpus} workers): {dl['samples_per_s']:.0f} samples/s "
+              f"(first batch after {dl['startup_s']:.1f} s)")
+    print(f"  Ray Data (num_cpus={args.cpus}):   {ray_res['samples_per_s']:.0f} samples/s "
+          f"(first batch after {ray_res['startup_s']:.1f} s)")
+    if dl:
+        print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x")
+    print("  where the Ray Data side spends its time:")
+    for k, v in ray_res["breakdown"].items():
+        print(f"    {k}: {v}")
+    return summary
+
+
+# ---- the two sides ------------------------------------------------------------------------------
+
+
+def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
+    """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
+    from mmdist.data.pipeline import _shard_tables, load_tokenizer
+    from mmdist.data.preprocess import preprocess_batch
+
+    tok = load_tokenizer(data_dir)
+    batches = list(_shard_tables([path], batch_size))
+    preprocess_batch(batches[0], spec, tok)
+    t0 = time.perf_counter()
+    n = 0
+    for b in batches:
+        preprocess_batch(b, spec, tok)
+        n += len(b["sample_id"])
+    return (time.perf_counter() - t0) / max(n, 1)
+
+
+def _consume(it, limit: int | None) -> dict[str, float]:
+    t_start = time.perf_counter()
+    first = next(it)
+    t_first = time.perf_counter()
+    n, batches, wait = 0, 0, 0.0
+    del first
+    while limit is None or batches < limit:
+        t = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t
+        n += len(b["sample_id"])
+        batches += 1
+    elapsed = time.perf_counter() - t_first
+    return {"samples_per_s": n / max(elapsed, 1e-9), "startup_s": t_first - t_start,
+            "elapsed_s": elapsed, "wait_s": wait, "samples": n}
+
+
+def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus: int,
+                    limit: int | None) -> dict[str, float]:
+    from mmdist.data.pipeline import shard_dataloader
+
+    dl = shard_dataloader(data_dir, split, batch_size, num_workers=cpus, spec=spec, verify=False)
+    return _consume(iter(dl), limit)
+
+
+def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, cpus: int,
+                  limit: int | None, map_batch_size: int | None) -> dict[str, Any]:
+    import ray
+
+    from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = build_dataset(paths, spec, load_tokenizer(data_dir),
+                           map_batch_size=map_batch_size or MAP_BATCH_SIZE)
+        res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
+                                                  device="cpu")), limit)
+        res["breakdown"] = _ray_breakdown(ds, res)
+        if os.environ.get("MMDIST_BENCH_STATS"):
+            print(ds.stats())
+    finally:
+        if started:
+            ray.shutdown()
+    return res
+
+
+def _ray_breakdown(ds: Any, res: dict[str, float]) -> dict[str, Any]:
+    """Seconds spent per stage of the Ray Data path, from Ray's own stats and our consumer.
+
+    ``task_*`` sums are over all tasks (two run at once on two CPUs); ``udf_s`` is the time
+    inside ``preprocess_batch``; ``iter_*`` are the consumer side in the driver (waiting for
+    blocks, slicing/formatting them into batches, converting to torch).
+    """
+
+    def total(x: Any) -> float | None:
+        if x is None:
+            return None
+        v = getattr(x, "sum", None)
+        if v is None and hasattr(x, "get"):
+            v = x.get()
+        return round(float(v), 2) if v is not None else None
+
+    out: dict[str, Any] = {"consumer_elapsed_s": round(res["elapsed_s"], 2),
+                           "consumer_wait_s": round(res["wait_s"], 2)}
+    try:
+        summary = ds._get_stats_summary()
+        for op in summary.operators_stats:
+            out[f"op {op.operator_name}"] = {
+                "tasks_wall_s": total(op.wall_time), "tasks_cpu_s": total(op.cpu_time),
+                "udf_s": total(op.function_body_time),
+                "output_build_s": total(op.output_build_time)}
+        it = summary.iter_stats
+        for name in ("time_to_first_batch", "wait_time", "get_time", "format_time",
+                     "collate_time", "finalize_batch_time", "blocked_production_wait_time"):
+            out[f"iter {name}_s"] = total(getattr(it, name, None))
+    except Exception as e:  # stats internals change between Ray versions; never fail the bench
+        out["stats_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+# ---- realistic shards -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RealisticSource:
+    """224-pixel JPEGs (smooth content + shapes + grain), 2-5 s of 22.05 kHz mono audio, and a
+    10-20 word caption per row; a pure function of (seed, index)."""
+
+    num_samples: int
+    seed: int = 0
+    name: str = "bench-realistic"
+
+    def records(self):
+        for i in range(self.num_samples):
+            yield {"sample_id": i, "origin": f"bench index={i}", "group": str(i)}
+
+    def load(self, record: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import soundfile as sf
+        from PIL import Image, ImageDraw
+
+        i = record["sample_id"]
+        rng = np.random.default_rng([self.seed, i])
+        base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((224, 224), Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x, y = rng.integers(0, 200, size=2)
+            w, h = rng.integers(20, 100, size=2)
+            draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-8, 9, size=(224, 224, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
+        sr = 22050
+        n = int(sr * rng.uniform(2.0, 5.0))
+        t = np.arange(n) / sr
+        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) + rng.normal(0, 0.05, n)
+        abuf = io.BytesIO()
+        sf.write(abuf, wave.astype(np.float32), sr, format="WAV", subtype="PCM_16")
+        words = rng.choice(_WORDS, size=int(rng.integers(10, 21)))
+        return {"sample_id": i, "text": " ".join(words).capitalize() + ".", "target": None,
+                "label": int(i % 8), "image": buf.getvalue(), "audio": abuf.getvalue()}
+
+
+def realistic_shards(rows: int, shard_rows: int, cfg: Any, seed: int = 0) -> Path:
+    """Write (once) and return ``.cache/bench_ingest/rows{rows}-shard{shard_rows}``."""
+    from mmdist.data.prepare import convert
+    from mmdist.data.shards import MANIFEST, ManifestError, verify_manifest
+
+    out = Path(".cache") / "bench_ingest" / f"rows{rows}-shard{shard_rows}-seed{seed}"
+    if (out / MANIFEST).exists():
+        try:
+            verify_manifest(out)
+            return out
+        except ManifestError:
+            pass
+    data = cfg.override({"data.val_fraction": 0.0, "data.shard_rows": shard_rows}).data
+    print(f"writing realistic shards to {out} ...", flush=True)
+    convert(RealisticSource(rows, seed), out, data, seed=seed, params={"bench": rows},
+            parallel="local")
+    return out
