@@ -1,0 +1,156 @@
+"""The local cluster for real: cluster/local/up.sh, token-authenticated `ray job submit`, the
+MLflow server, the train job registering its model there, cluster/local/down.sh.
+
+The cluster runs on free ports with its own state folder, so it never touches a cluster the
+user has up (or another test session's).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(ROOT / ".venv" / "bin" / "ray")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any Ray/MLflow cluster settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MMDIST_", "MLFLOW_TRACKING"))}
+    env.update(extra)
+    return env
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short path: Ray's unix sockets live under the state folder (108-byte limit).
+    state = Path(tempfile.mkdtemp(prefix="mmc", dir="/tmp"))
+    env = _clean_env(MMDIST_CLUSTER_DIR=str(state), MMDIST_RAY_PORT=str(_free_port()),
+                     MMDIST_DASHBOARD_PORT=str(_free_port()),
+                     MMDIST_MLFLOW_PORT=str(_free_port()), MMDIST_CLUSTER_CPUS="2")
+    try:
+        t0 = time.perf_counter()
+        up = subprocess.run([str(ROOT / "cluster/local/up.sh")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=420)
+        assert up.returncode == 0, up.stdout + up.stderr
+        up_s = time.perf_counter() - t0
+        print(f"cluster up in {up_s:.0f} s")
+        env_file = state / "env"
+        assert env_file.stat().st_mode & 0o077 == 0, "the env file must be private (0600)"
+        assert (state / "ray_token").stat().st_mode & 0o077 == 0
+        yield SimpleNamespace(state=state, env=env, vars=_read_env_file(env_file), up_s=up_s)
+    finally:
+        t0 = time.perf_counter()
+        down = subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)
+        print(f"cluster down in {time.perf_counter() - t0:.0f} s: {down.stdout}{down.stderr}")
+        for pidfile in ("ray.pid", "mlflow.pid"):
+            assert not (state / pidfile).exists(), down.stdout + down.stderr
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _submit(cluster, workdir: Path, *entry: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.vars["RAY_ADDRESS"],
+         "--working-dir", str(workdir), "--", *entry],
+        env=_clean_env(**env), cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+def test_up_is_idempotent_and_the_env_file_names_both_services(cluster):
+    v = cluster.vars
+    assert v["RAY_ADDRESS"].startswith("http://127.0.0.1:")
+    assert v["MMDIST_RAY_GCS_ADDRESS"].startswith("127.0.0.1:")
+    assert v["RAY_AUTH_MODE"] == "token"
+    assert v["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+    again = subprocess.run([str(ROOT / "cluster/local/up.sh")], env=cluster.env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "already running" in again.stdout
+
+
+def test_mlflow_server_is_healthy(cluster):
+    with urllib.request.urlopen(cluster.vars["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_path):
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "hello.py").write_text(
+        "import ray\nray.init()\nprint('CPUS', ray.cluster_resources()['CPU'])\n")
+    # No token anywhere: not in the environment, and a home folder without ~/.ray/auth_token.
+    no_token = _submit(cluster, work, "python", "hello.py", HOME=str(tmp_path))
+    assert no_token.returncode != 0
+    assert "authentication token" in (no_token.stdout + no_token.stderr).lower()
+    wrong = _submit(cluster, work, "python", "hello.py", HOME=str(tmp_path),
+                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token")
+    assert wrong.returncode != 0
+    assert "authentication" in (wrong.stdout + wrong.stderr).lower()
+
+    t0 = time.perf_counter()
+    ok = _submit(cluster, work, "python", "hello.py", RAY_AUTH_MODE="token",
+                 RAY_AUTH_TOKEN_PATH=cluster.vars["RAY_AUTH_TOKEN_PATH"])
+    print(f"token job submitted and finished in {time.perf_counter() - t0:.0f} s")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "CPUS 2.0" in ok.stdout
+    assert "succeeded" in ok.stdout + ok.stderr
+
+
+@pytest.mark.timeout(1500)
+def test_submit_train_finds_run_and_registered_model_on_the_server(cluster):
+    """`cluster/submit.sh jobs/train.py --config tiny --json` (what `make submit-train` runs):
+    preflight, ray job submit, SUCCEEDED, then the run and the model are on the MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    t0 = time.perf_counter()
+    job = subprocess.run(
+        [str(ROOT / "cluster/submit.sh"), "jobs/train.py", "--config", "tiny", "--json",
+         f"train.storage_path={cluster.state / 'runs'}", "tracking.model_name=cluster-tiny"],
+        env=_clean_env(MMDIST_CLUSTER_DIR=str(cluster.state)), cwd=ROOT,
+        capture_output=True, text=True, timeout=1400)
+    print(f"submit-train (preflight + job) took {time.perf_counter() - t0:.0f} s")
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-6000:]
+    assert "preflight: all 5 checks passed" in out
+    summaries = []
+    for line in job.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"run_id"' in line:
+            summaries.append(json.loads(line))
+    assert summaries, "the job printed no --json summary with run_id:\n" + job.stdout[-4000:]
+    s = summaries[-1]
+    assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
+    assert s["tracking_uri"] == cluster.vars["MLFLOW_TRACKING_URI"]
+
+    client = MlflowClient(cluster.vars["MLFLOW_TRACKING_URI"])
+    run = client.get_run(s["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics, "the run on the server has no metrics"
+    version = client.get_model_version_by_alias("cluster-tiny", s["alias"])
+    assert version.run_id == s["run_id"]
+    assert Path(s["checkpoint"]).is_relative_to(cluster.state / "runs")
