@@ -97,8 +97,17 @@ def run_command(module: Any, args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
+        _stop_ray_logs()
         emit_json(summary)
     return 0 if summary.get("ok", True) else 1
+
+
+def _stop_ray_logs() -> None:
+    """Shut down a Ray this process started or joined, so no worker log line can follow the
+    JSON summary on stdout."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

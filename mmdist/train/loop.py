@@ -61,6 +61,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     t = cfg.train
 
+    t_setup = time.perf_counter()
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ds_config = deepspeed_config(cfg, world)
     vocab = job["vocab"]
@@ -79,6 +80,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config,
                                            dist_init_required=False)
+    _say(rank, f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
+               f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()

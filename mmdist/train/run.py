@@ -70,9 +70,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {k: os.environ[k] for k in (
-        "TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM",
-        "HF_HUB_OFFLINE") if k in os.environ}}
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY",
+                                      "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+           if k in os.environ}
+    # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
+    env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    runtime_env = {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
