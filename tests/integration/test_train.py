@@ -58,13 +58,42 @@ def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, stor
     assert metrics["val_accuracy"] == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)
 
 
-def test_zero3_two_ranks_with_mixed_modalities(ray_local, tmp_path, store):
-    """Ranks see image-only and audio-only rows in the same step: no ZeRO-3 hang."""
-    from mmdist.data.prepare import prepare_synthetic
+def _mixed_modality_shards(tmp_path):
+    """A JSONL source whose rows have either an image or an audio clip (never both)."""
+    import json
 
-    cfg0 = load_config("tiny", ["data.synthetic_samples=192"])
-    d = tmp_path / "mixed"
-    prepare_synthetic(d, cfg0, seed=1, drop_modalities="alternate")
+    import soundfile as sf
+    from PIL import Image
+
+    from mmdist.data.prepare import convert
+    from mmdist.data.sources import JsonlSource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    lines = []
+    for i in range(96):
+        name = list(colours)[i % 2]
+        if i % 4 < 2:  # image-only rows
+            Image.new("RGB", (32, 32), colours[name]).save(src / f"{i}.png")
+            lines.append({"image": f"{i}.png", "text": f"a {name} square", "label": i % 2})
+        else:  # audio-only rows
+            tone = np.sin(2 * np.pi * (220 if i % 2 else 880) * np.arange(8000) / 16000)
+            sf.write(src / f"{i}.wav", tone.astype(np.float32), 16000)
+            lines.append({"audio": f"{i}.wav", "text": f"a {'low' if i % 2 else 'high'} tone",
+                          "label": i % 2})
+    manifest = src / "rows.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = load_config("tiny")
+    out = tmp_path / "mixed"
+    summary = convert(JsonlSource(str(manifest)), out, cfg.data, seed=0)
+    assert summary["rows_written"] == 96
+    return out
+
+
+def test_zero3_two_ranks_with_mixed_modalities(ray_local, tmp_path, store):
+    """Every step mixes image-only and audio-only rows on 2 ranks under ZeRO-3: no hang."""
+    d = _mixed_modality_shards(tmp_path)
     cfg = _cfg(d, store, "train.num_workers=2", "train.zero_stage=3", "train.max_steps=6",
                "train.eval_every=3", "train.checkpoint_every=6", "tracking.register=false")
     s = train(cfg)

@@ -1,0 +1,76 @@
+"""Training pieces that need no cluster: the DeepSpeed config, the schedule, the data position."""
+
+import pytest
+import torch
+
+from mmdist.config import load_config
+from mmdist.train import checkpoint as ck
+from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.loop import _skip_consumed, steps_per_epoch, total_steps
+from mmdist.train.optim import warmup_cosine
+
+
+def test_deepspeed_config_comes_from_train_config():
+    cfg = load_config("demo", ["train.num_workers=2", "train.micro_batch_size=8",
+                               "train.global_batch_size=64", "train.zero_stage=3",
+                               "train.precision=bf16", "train.grad_clip=0.5"])
+    ds = deepspeed_config(cfg)
+    assert ds["train_batch_size"] == 64
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5
+    assert "optimizer" not in ds and "scheduler" not in ds  # built in Python, one lr source
+    with pytest.raises(ValueError, match="multiple"):
+        deepspeed_config(cfg, world_size=3)
+
+
+def test_offload_uses_deepspeed_optimizer_with_the_same_lr():
+    cfg = load_config("demo", ["train.offload_optimizer=true", "train.lr=0.0007"])
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(7e-4)
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100) == pytest.approx(0.1)
+    mids = [warmup_cosine(s, 10, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(mids, mids[1:]))
+
+
+def test_steps_per_epoch_and_total():
+    cfg = load_config("demo", ["train.num_workers=2", "train.micro_batch_size=10",
+                               "train.epochs=3", "train.max_steps=0"])
+    assert steps_per_epoch(cfg, 1000, 2) == 50
+    assert total_steps(cfg, 1000, 2) == 150
+    assert total_steps(cfg.override({"train.max_steps": 7}), 1000, 2) == 7
+
+
+def _batches(ids, size):
+    for i in range(0, len(ids), size):
+        chunk = torch.tensor(ids[i:i + size])
+        yield {"sample_id": chunk, "x": chunk.float() * 2}
+
+
+def test_skip_consumed_drops_and_rebatches():
+    out = list(_skip_consumed(_batches(list(range(20)), 4), {1, 2, 3}, 4))
+    seen = torch.cat([b["sample_id"] for b in out]).tolist()
+    assert seen == [0, *range(4, 19)]  # 17 left: 4 full batches, the partial tail is dropped
+    assert all(len(b["sample_id"]) == 4 for b in out)
+    assert all(torch.equal(b["x"], b["sample_id"].float() * 2) for b in out)
+    assert len(list(_skip_consumed(_batches(list(range(8)), 4), set(), 4))) == 2
+
+
+def test_state_and_ledgers_round_trip(tmp_path):
+    state = ck.TrainState(global_step=12, epoch=1, bad_steps_total=2)
+    ck.write_state(tmp_path, state, {"run_name": "r"})
+    ck.write_ledger(tmp_path, 0, 1, [1, 2, 3], "abc")
+    ck.write_ledger(tmp_path, 1, 1, [7, 8], "def")
+    got = ck.read_state(tmp_path, rank=1)
+    assert (got.global_step, got.epoch, got.bad_steps_total) == (12, 1, 2)
+    assert got.consumed == {1, 2, 3, 7, 8} and got.order_hash == "def"
+    assert ck.update_order_hash("", [1, 2]) != ck.update_order_hash("", [2, 1])
