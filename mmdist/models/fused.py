@@ -53,6 +53,14 @@ def task_list(task: str, task_weights: dict[str, float]) -> dict[str, float]:
     return weights
 
 
+def encoded_modalities(modalities: list[str], tasks: dict[str, float]) -> list[str]:
+    """Modalities that get an encoder: text only when a task reads it as input (for ``lm``
+    alone the text is the decoder's token stream, and an unused encoder would hold parameters
+    without gradients)."""
+    text_read = any(t != "lm" for t in tasks)
+    return [m for m in modalities if m != "text" or text_read]
+
+
 class Fuser(nn.Module):
     """One fusion path: (late: per-modality heads) -> fusion method -> trunk -> pooled vector.
 
@@ -138,7 +146,10 @@ class FusedModel(nn.Module):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Per modality: tokens ``(B, T, D)`` and mask, with missing ones replaced."""
         out = {}
+        self._batch_size = batch["input_ids"].shape[0]
         for m in self.modalities:
+            if m not in self.encoders:
+                continue
             enc = self.encoders[m]
             if m == "text":
                 tokens, mask = enc(batch["input_ids"], batch["attention_mask"])
@@ -158,8 +169,8 @@ class FusedModel(nn.Module):
               roll_others: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         mods = self.modalities if group == "all" else [m for m in self.modalities if m != "text"]
         if group == "context" and "context" not in self.fusers:
-            b = enc["text"][0].shape[0]
-            mem = self.null_memory.to(enc["text"][0].dtype).expand(b, 1, -1)
+            b = self._batch_size
+            mem = self.null_memory.to(self.dtype).expand(b, 1, -1)
             mask = torch.ones(b, 1, dtype=torch.bool, device=mem.device)
             return mem, mask, mem[:, 0]
         tokens, masks = [], []
@@ -257,7 +268,7 @@ class FusedModel(nn.Module):
             raise ValueError(f"mode={mode!r}: choose from ['train', 'eval', 'predict']")
         enc = self.encode(batch)
         out: dict[str, Tensor] = {}
-        total = torch.zeros((), dtype=torch.float32, device=enc[self.modalities[0]][0].device)
+        total = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         for task, weight in self.tasks.items():
             loss, _, _ = self._run_task(task, enc, batch, evaluating=False)
             out[f"{task}_loss"] = loss.detach()
@@ -477,8 +488,9 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
     mods = [x for x in ("text", "image", "audio") if x in m.modalities]
     extra = dict(extra) if extra is not None else (_rebuild_extra(cfg) if load_pretrained else {})
 
+    tasks = task_list(m.task, m.task_weights)
     encoders = nn.ModuleDict()
-    for mod in mods:
+    for mod in encoded_modalities(mods, tasks):
         if m.fusion_stage == "early":
             encoders[mod] = {"text": lambda: TextEmbedding(vocab_size, dim, d.max_text_len, pad_id),
                              "image": lambda: PatchEmbedding(d.image_size, dim),
@@ -495,7 +507,6 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
             encoders[mod] = build_audio_encoder(m.audio_encoder, d.n_mels, frames, dim,
                                                 spec.heads, spec.enc_layers, spec.cnn_channels)
 
-    tasks = task_list(m.task, m.task_weights)
     vqa_classify = m.task == "vqa" and m.vqa_answer == "classify"
     groups = {"all" if (t == "vqa" or TASK_GROUP[t] == "all") else "context" for t in tasks}
     trunk_layers = spec.trunk_layers + (spec.enc_layers if m.fusion_stage == "early" else 0)
