@@ -53,6 +53,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "pipeline's MAP_BATCH_SIZE)")
     parser.add_argument("--config", default="demo", metavar="PRESET_OR_YAML",
                         help="config whose data.* sizes drive preprocessing (default: demo)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate DataLoader and Ray Data rounds this often and report "
+                             "the median of each (default: 1)")
     parser.add_argument("--skip-dataloader", action="store_true",
                         help="measure only the Ray Data side (for tuning)")
 
@@ -78,11 +81,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.batch_size}, {args.cpus} CPU(s); images -> {spec.image_size}px uint8, audio -> "
           f"{spec.n_mels}x{spec.frames} log-mel")
 
+    load_before = os.getloadavg()[0]
     fn_cost = preprocess_cost(paths[0], spec, data_dir, args.batch_size)
-    dl = None if args.skip_dataloader else time_dataloader(data_dir, args.split, spec,
-                                                           args.batch_size, args.cpus, limit)
-    ray_res = time_ray_data(paths, spec, data_dir, args.batch_size, args.cpus, limit,
-                            args.map_batch_size)
+    dls, rays = [], []
+    for _ in range(max(1, args.repeat)):
+        # The DataLoader runs while Ray is down, so Ray's processes never slow the baseline.
+        if not args.skip_dataloader:
+            dls.append(time_dataloader(data_dir, args.split, spec, args.batch_size, args.cpus,
+                                       limit))
+        rays.append(time_ray_data(paths, spec, data_dir, args.batch_size, args.cpus, limit,
+                                  args.map_batch_size))
+    dl = _median(dls) if dls else None
+    ray_res = _median(rays)
+    if len(rays) > 1:
+        print("  rounds (samples/s): DataLoader "
+              f"{[round(r['samples_per_s']) for r in dls]}, Ray Data "
+              f"{[round(r['samples_per_s']) for r in rays]}")
 
     ideal = args.cpus / fn_cost
     summary = {
@@ -93,8 +107,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "preprocess_ms_per_sample": round(fn_cost * 1e3, 3),
         "ideal_samples_per_s": round(ideal, 1),
         "ray_data_startup_s": round(ray_res["startup_s"], 2),
+        "ray_data_warmup_s": round(ray_res["warmup_s"], 2),
         "dataloader_startup_s": round(dl["startup_s"], 2) if dl else None,
         "ray_data_breakdown": ray_res["breakdown"],
+        "ray_data_cpu_s": ray_res["cpu_s"],
+        "dataloader_cpu_s": dl["cpu_s"] if dl else None,
+        "ray_data_cpu_ms_per_sample": _cpu_ms_per_sample(ray_res),
+        "dataloader_cpu_ms_per_sample": _cpu_ms_per_sample(dl) if dl else None,
+        "loadavg_1m_before": round(load_before, 2),
     }
     print(f"  preprocess_batch alone: {fn_cost * 1e3:.2f} ms/sample in one process -> ideal "
           f"{ideal:.0f} samples/s on {args.cpus} CPU(s)")
@@ -102,7 +122,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  DataLoader ({args.cpus} workers): {dl['samples_per_s']:.0f} samples/s "
               f"(first batch after {dl['startup_s']:.1f} s)")
     print(f"  Ray Data (num_cpus={args.cpus}):   {ray_res['samples_per_s']:.0f} samples/s "
-          f"(first batch after {ray_res['startup_s']:.1f} s)")
+          f"(first batch after {ray_res['startup_s']:.1f} s, after a {ray_res['warmup_s']:.1f} s "
+          "warm-up run)")
+    print(f"  CPU ms per sample (all processes, from the first batch on): DataLoader "
+          f"{summary['dataloader_cpu_ms_per_sample']}, Ray Data "
+          f"{summary['ray_data_cpu_ms_per_sample']}; load average before: {load_before:.1f}")
+    if dl:
+        print(f"    DataLoader CPU s by process: {dl['cpu_s']}")
+    print(f"    Ray Data CPU s by process:   {ray_res['cpu_s']}")
     if dl:
         print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x")
     print("  where the Ray Data side spends its time:")
@@ -130,6 +157,76 @@ def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> fl
     return (time.perf_counter() - t0) / max(n, 1)
 
 
+class CpuMeter:
+    """CPU seconds used by this process and all its descendants (Ray's GCS, raylet and workers,
+    DataLoader workers) while running, grouped by process kind. Unlike wall time this does not
+    depend on what else the machine is running, so it shows the cost of each side honestly on
+    a shared box."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self._psutil, self.interval = psutil, interval
+        self._base: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = None
+        self._thread = None
+
+    def _poll(self) -> None:
+        psutil = self._psutil
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                name = p.name()
+                if name.startswith("ray::") or name in ("python", "python3"):
+                    # ray::IDLE / ray::ReadParquet->MapBatches(...) / Ray's helper daemons
+                    cmd = p.cmdline()
+                    name = (cmd[0] if name.startswith("ray::") else
+                            Path(next((c for c in cmd[1:] if c.endswith(".py")), name)).stem)
+                    name = name.split("(")[0][:40]
+                self._last[p.pid] = (name, t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    def __enter__(self) -> CpuMeter:
+        import threading
+
+        self._poll()
+        self._base = {pid: v for pid, (_, v) in self._last.items()}
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                self._poll()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    def by_kind(self) -> dict[str, float]:
+        import os
+
+        out: dict[str, float] = {}
+        for pid, (name, v) in self._last.items():
+            kind = "driver" if pid == os.getpid() else name
+            out[kind] = out.get(kind, 0.0) + v - self._base.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def _cpu_ms_per_sample(res: dict[str, Any]) -> float:
+    return round(sum(res["cpu_s"].values()) / max(res["samples"], 1) * 1e3, 3)
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(results, key=lambda r: r["samples_per_s"])[len(results) // 2]
+
+
 def _consume(it, limit: int | None) -> dict[str, float]:
     t_start = time.perf_counter()
     first = next(it)
@@ -155,7 +252,10 @@ def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus
     from mmdist.data.pipeline import shard_dataloader
 
     dl = shard_dataloader(data_dir, split, batch_size, num_workers=cpus, spec=spec, verify=False)
-    return _consume(iter(dl), limit)
+    with CpuMeter() as cpu:
+        res = _consume(iter(dl), limit)
+    res["cpu_s"] = cpu.by_kind()
+    return res
 
 
 def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, cpus: int,
@@ -170,11 +270,23 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
                  configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = build_dataset(paths, spec, load_tokenizer(data_dir),
-                           map_batch_size=map_batch_size or MAP_BATCH_SIZE)
-        res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
-                                                  device="cpu")), limit)
+        tok = load_tokenizer(data_dir)
+        mbs = map_batch_size or MAP_BATCH_SIZE
+        # Warm-up, not timed: the first execution starts Ray Data's stats and autoscaling
+        # actors and worker processes that import ray.data, numpy, PIL (seconds of CPU each
+        # on 2 cores, once per job). DataLoader workers are forks that already hold them.
+        t0 = time.perf_counter()
+        ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).materialize()
+        for _ in build_dataset(paths[:cpus], spec, tok, mbs).iter_batches(batch_size=None):
+            pass
+        warmup_s = time.perf_counter() - t0
+        ds = build_dataset(paths, spec, tok, map_batch_size=mbs)
+        with CpuMeter() as cpu:
+            res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
+                                                      device="cpu")), limit)
+        res["cpu_s"] = cpu.by_kind()
         res["breakdown"] = _ray_breakdown(ds, res)
+        res["warmup_s"] = warmup_s
         if os.environ.get("MMDIST_BENCH_STATS"):
             print(ds.stats())
     finally:
