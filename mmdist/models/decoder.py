@@ -26,7 +26,7 @@ class HFDecoder(nn.Module):
         super().__init__()
         self.lm = lm
         self.conditioning = conditioning
-        width = lm.get_input_embeddings().weight.shape[1]
+        width = lm.config.hidden_size  # not weight.shape: partitioned under ZeRO-3 zero.Init
         self.memory_proj = nn.Sequential(nn.Linear(memory_dim, width), nn.LayerNorm(width))
 
     def forward(self, ids: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:

@@ -12,14 +12,16 @@ from tests.unit.synthetic_mm import VOCAB, make_batch
 
 def train_and_eval(cfg: Config, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                    n_classes: int = 4, seed: int = 0, n_train_batches: int = 64,
-                   n_val_batches: int = 4) -> dict[str, float]:
+                   n_val_batches: int = 4, has: dict[str, bool] | None = None
+                   ) -> dict[str, float]:
     """Train a fresh model for ``steps`` AdamW steps on a fixed pool of synthetic batches and
-    return its validation metrics on unseen batches."""
+    return its validation metrics on unseen batches. ``has`` marks modalities absent in every
+    batch (e.g. ``{"image": False, "audio": False}`` for a text-only model)."""
     torch.manual_seed(seed)
     model = build_model(cfg, VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    train = [make_batch(cfg, batch_size, n_classes, seed=1000 + i) for i in range(n_train_batches)]
-    val = [make_batch(cfg, batch_size, n_classes, seed=i) for i in range(n_val_batches)]
+    train = [make_batch(cfg, batch_size, n_classes, seed=1000 + i, has=has) for i in range(n_train_batches)]
+    val = [make_batch(cfg, batch_size, n_classes, seed=i, has=has) for i in range(n_val_batches)]
     model.train()
     for step in range(steps):
         warm = min(1.0, (step + 1) / 20)
