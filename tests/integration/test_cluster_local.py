@@ -46,6 +46,21 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+def test_up_refuses_a_port_in_use_naming_the_setting(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([str(ROOT / "cluster/local/up.sh")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60,
+                           env=_clean_env(MMDIST_CLUSTER_DIR=str(tmp_path / "c"),
+                                          MMDIST_RAY_PORT=str(port)))
+    assert r.returncode == 1
+    assert f"port {port} on 127.0.0.1 (Ray GCS) is already in use" in r.stderr
+    assert "MMDIST_RAY_PORT" in r.stderr
+    assert not (tmp_path / "c" / "ray.pid").exists()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # A short path: Ray's unix sockets live under the state folder (108-byte limit).
@@ -139,9 +154,10 @@ def test_submit_train_finds_run_and_registered_model_on_the_server(cluster):
     assert "preflight: all 5 checks passed" in out
     summaries = []
     for line in job.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"run_id"' in line:
-            summaries.append(json.loads(line))
+        # Ray Data's progress bars share the stream: the JSON line may follow their escapes.
+        start = line.find('{"')
+        if start >= 0 and '"run_id"' in line:
+            summaries.append(json.loads(line[start:].strip()))
     assert summaries, "the job printed no --json summary with run_id:\n" + job.stdout[-4000:]
     s = summaries[-1]
     assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
