@@ -39,8 +39,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs for a local Ray started by this command")
-    parser.add_argument("--data-cache", default=".cache/data",
-                        help="where synthetic shards go when data.path is not set")
+    parser.add_argument("--data-cache", default=None,
+                        help="where synthetic shards go when data.path is not set (default: "
+                             "<train.storage_path>/data, else .cache/data)")
 
 
 # ---- the search space ------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = None,
           resume: bool = False, address: str | None = None, num_cpus: int | None = None,
-          data_cache: str | Path = ".cache/data", register: bool | None = None) -> dict[str, Any]:
+          data_cache: str | Path | None = None, register: bool | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and return its summary (what `--json` prints)."""
     import uuid
 

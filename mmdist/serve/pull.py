@@ -17,7 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ARTIFACT_SUBDIR = "artifacts/model_dir"
+
+def model_dir_in(local: Path) -> Path | None:
+    """The mmdist model directory inside a downloaded MLflow pyfunc (``artifacts/<name>/``)."""
+    found = sorted(local.glob("artifacts/*/model.safetensors"))
+    return found[0].parent if found else None
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +73,9 @@ def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str
         raise CommandError(f"{uri}: not found in {turi} ({e})") from None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        src = local / ARTIFACT_SUBDIR
-        if not (src / "model.safetensors").exists():
-            raise CommandError(f"{uri}: not an mmdist model (no {ARTIFACT_SUBDIR}/model.safetensors)")
+        src = model_dir_in(local)
+        if src is None:
+            raise CommandError(f"{uri}: not an mmdist model (no artifacts/*/model.safetensors)")
         shutil.copytree(src, dst, dirs_exist_ok=True)
     run = MlflowClient(turi).get_run(run_id) if run_id else None
     metrics = dict(run.data.metrics) if run else {}

@@ -65,6 +65,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ds_config = deepspeed_config(cfg, world)
     vocab = job["vocab"]
+    # Ray created the torch process group; DeepSpeed's comm layer wraps it (no new rendezvous).
+    # zero.Init reads the world size from it, so this must come before building the model.
+    deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
+                               auto_mpi_discovery=False)
     if t.zero_stage == 3:
         # Partition parameters as they are created so a model larger than one device fits.
         # HfDeepSpeedConfig must exist first or transformers skips its weight init under zero.Init.

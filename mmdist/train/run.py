@@ -26,9 +26,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs for a local Ray started by this command "
                              "(default: all cores)")
-    parser.add_argument("--data-cache", default=".cache/data",
+    parser.add_argument("--data-cache", default=None,
                         help="where synthetic shards are written when data.path is not set "
-                             "(default: .cache/data)")
+                             "(default: <train.storage_path>/data when a storage path is set, "
+                             "shared by all nodes of a cluster; else .cache/data)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,10 +45,13 @@ def default_run_name(cfg: Config) -> str:
     return f"{m.task}-{m.fusion}-{m.fusion_stage}-{uuid.uuid4().hex[:6]}"
 
 
-def ensure_data(cfg: Config, data_cache: str | Path) -> Path:
+def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
     """The shard directory: data.path, or synthetic shards prepared (once) for this config."""
     if cfg.data.path:
         return Path(cfg.data.path).resolve()
+    if data_cache is None:
+        data_cache = (Path(cfg.train.storage_path) / "data" if cfg.train.storage_path
+                      else Path(".cache/data"))
     from mmdist.data.prepare import prepare_synthetic
 
     d = cfg.data
@@ -77,7 +81,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     runtime_env = {"env_vars": env}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # A submitted job already carries its runtime env (cluster/runtime_env.yaml); passing
+        # another one here would be refused as a conflicting merge.
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env=runtime_env, _node_ip_address="127.0.0.1")
@@ -141,7 +147,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
 
 
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
-          data_cache: str | Path = ".cache/data") -> dict[str, Any]:
+          data_cache: str | Path | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints)."""
     from mmdist import tracking
     from mmdist.train.deepspeed_config import deepspeed_config

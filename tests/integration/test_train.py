@@ -31,7 +31,7 @@ def _loss_history(uri, run_id):
                                     key=lambda m: m.step)]
 
 
-def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, store):
+def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, store, tmp_path):
     uri, _ = store
     cfg = _cfg(data_dir, store, "train.num_workers=2", "train.zero_stage=2",
                "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
@@ -52,8 +52,9 @@ def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, stor
     val = pd.read_parquet(data_dir / "val")
     pred = model.predict(val[["text", "image", "audio"]].head(4))
     assert len(pred) == 4 and np.isfinite(pred["score"]).all()
-    local = Predictor.from_dir(mlflow.artifacts.download_artifacts(
-        "models:/zero2-model@champion") + "/artifacts/model_dir")
+    from mmdist.serve.pull import pull
+
+    local = Predictor.from_dir(pull("models:/zero2-model@champion", tmp_path / "pulled", uri)["dst"])
     metrics = local.evaluate_dir(data_dir, split="val")
     assert metrics["val_accuracy"] == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)
 
