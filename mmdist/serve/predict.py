@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not (args.image or args.audio or args.text):
         raise CommandError("give at least one of --image, --audio, --text")
-    predictor = Predictor.from_dir(resolve_model_dir(args.model, args.tracking_uri, args.cache))
+    try:
+        predictor = Predictor.from_dir(resolve_model_dir(args.model, args.tracking_uri,
+                                                         args.cache))
+    except ValueError as e:  # e.g. pickled weights: refused, never loaded
+        raise CommandError(str(e)) from None
     row = {"text": args.text, "image": args.image, "audio": args.audio}
     try:
         answer = predictor.predict_rows([row])[0]

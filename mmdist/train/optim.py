@@ -30,8 +30,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
-    """AdamW + warm-up/cosine LambdaLR. With optimizer offload DeepSpeed builds its own CPU
-    Adam from the generated config, so only the schedule is returned (as a factory)."""
+    """AdamW and a factory for the warm-up/cosine LambdaLR.
+
+    The schedule is returned as a factory that ``deepspeed.initialize`` calls with the optimizer
+    it ends up with: ZeRO-3 regroups the parameters, so a scheduler built on the client
+    optimizer beforehand would hold the wrong number of groups. With optimizer offload
+    DeepSpeed builds its own CPU Adam from the generated config and the optimizer is None.
+    """
     t = cfg.train
     warmup = min(t.warmup_steps, max(0, total_steps // 5))
 
@@ -43,4 +48,4 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
         return None, schedule
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999),
                             fused=False)
-    return opt, schedule(opt)
+    return opt, schedule

@@ -6,13 +6,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmdist.config import load_config
-from mmdist.train.run import ensure_data, train
+from mmdist.train.run import train
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    cfg = load_config("tiny", ["data.synthetic_samples=320"])
-    return ensure_data(cfg, tmp_path_factory.mktemp("data"))
+@pytest.fixture()
+def data_dir(synthetic_data):
+    return synthetic_data
 
 
 @pytest.fixture()
@@ -31,12 +30,8 @@ def _loss_history(uri, run_id):
                                     key=lambda m: m.step)]
 
 
-def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, store, tmp_path):
-    uri, _ = store
-    cfg = _cfg(data_dir, store, "train.num_workers=2", "train.zero_stage=2",
-               "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
-               "train.lr=0.003", "model.size=tiny", "tracking.model_name=zero2-model")
-    s = train(cfg)
+def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
+    s, uri, data_dir = trained["summary"], trained["uri"], trained["data"]
     assert s["global_step"] == 40
     losses = _loss_history(uri, s["run_id"])
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
@@ -46,14 +41,13 @@ def test_zero2_two_workers_learns_registers_and_serves(ray_local, data_dir, stor
     import mlflow
 
     from mmdist.serve.predictor import Predictor
+    from mmdist.serve.pull import pull
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/zero2-model@champion")
     val = pd.read_parquet(data_dir / "val")
     pred = model.predict(val[["text", "image", "audio"]].head(4))
     assert len(pred) == 4 and np.isfinite(pred["score"]).all()
-    from mmdist.serve.pull import pull
-
     local = Predictor.from_dir(pull("models:/zero2-model@champion", tmp_path / "pulled", uri)["dst"])
     metrics = local.evaluate_dir(data_dir, split="val")
     assert metrics["val_accuracy"] == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)

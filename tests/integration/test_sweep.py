@@ -1,0 +1,58 @@
+"""A real Ray Tune sweep: every trial a DeepSpeed job on Ray Train, MLflow parent + children."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mmdist.cli import CommandError
+from mmdist.config import load_config
+from mmdist.tune import check_fits, parse_space_arg, sweep
+
+
+def test_parse_space_arg():
+    assert parse_space_arg("model.fusion=concat,attention") == ("model.fusion",
+                                                                ["concat", "attention"])
+    assert parse_space_arg("train.lr=0.0003,0.003") == ("train.lr", [0.0003, 0.003])
+    assert parse_space_arg("train.lr=loguniform:1e-4:1e-2") == ("train.lr",
+                                                               {"loguniform": [1e-4, 1e-2]})
+
+
+def test_sweep_asha_parent_children_report_and_registry(ray_local, synthetic_data, tmp_path):
+    data = synthetic_data
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("tiny", [
+        f"data.path={data}", f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path}/runs",
+        "train.num_workers=1", "train.max_steps=16", "train.eval_every=4",
+        "train.checkpoint_every=16", "tune.max_concurrent_trials=2", "tune.grace_period=1",
+        "tune.reduction_factor=2", "tracking.model_name=sweep-model"])
+    s = sweep(cfg, ["model.fusion=concat,add", "train.lr=0.003,0.00001"], name="sweep-test")
+    assert s["trials"] == 4
+    assert s["stopped_early"] >= 1
+    children = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_run(s["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{s['parent_run_id']}'")
+    assert len(children) == 4
+    for f in ("trials.csv", "trials.md", "heatmap.png", "curves.png"):
+        assert (tmp_path / "runs" / "sweep-test" / "report" / f).stat().st_size > 0
+    assert s["best_config"]["train.lr"] == 0.003
+    assert s["model_uri"] == "models:/sweep-model/1" and s["alias"] == "champion"
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(s["parent_run_id"], "sweep_report")}
+    assert "sweep_report/heatmap.png" in arts
+
+
+def test_trial_that_cannot_fit_is_refused(ray_local):
+    cfg = load_config("tiny", ["train.num_workers=8", "train.cpus_per_worker=1"])
+    with pytest.raises(CommandError, match=r"needs 8.01 CPUs .*num_workers=8.* has 2"):
+        check_fits(cfg)
+
+
+def test_cli_space_error_names_key():
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "sweep", "--config", "tiny",
+                        "--space", "model.fusion=concat,nope", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "choice 'nope' is invalid" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["ok"] is False
