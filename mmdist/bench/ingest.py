@@ -49,8 +49,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=64,
                         help="rows per generated shard (default: 64)")
     parser.add_argument("--map-batch-size", type=int, default=None,
-                        help="rows per preprocess call inside Ray Data (default: the "
-                             "pipeline's MAP_BATCH_SIZE)")
+                        help="rows per preprocess call inside Ray Data (default: --batch-size, "
+                             "the DataLoader's batch, so both sides make the same calls)")
     parser.add_argument("--config", default="demo", metavar="PRESET_OR_YAML",
                         help="config whose data.* sizes drive preprocessing (default: demo)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -89,8 +89,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_dataloader:
             dls.append(time_dataloader(data_dir, args.split, spec, args.batch_size, args.cpus,
                                        limit))
+        # Same preprocess_batch calls on both sides: Ray's map chunks = the DataLoader batch.
         rays.append(time_ray_data(paths, spec, data_dir, args.batch_size, args.cpus, limit,
-                                  args.map_batch_size))
+                                  args.map_batch_size or args.batch_size))
     dl = _median(dls) if dls else None
     ray_res = _median(rays)
     if len(rays) > 1:
@@ -146,14 +147,21 @@ def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> fl
     from mmdist.data.pipeline import _shard_tables, load_tokenizer
     from mmdist.data.preprocess import preprocess_batch
 
+    try:  # one BLAS thread, like every worker on both sides
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        threadpool_limits = contextlib.nullcontext  # type: ignore[assignment]
     tok = load_tokenizer(data_dir)
     batches = list(_shard_tables([path], batch_size))
-    preprocess_batch(batches[0], spec, tok)
-    t0 = time.perf_counter()
-    n = 0
-    for b in batches:
-        preprocess_batch(b, spec, tok)
-        n += len(b["sample_id"])
+    with threadpool_limits(1):
+        preprocess_batch(batches[0], spec, tok)
+        t0 = time.perf_counter()
+        n = 0
+        for b in batches:
+            preprocess_batch(b, spec, tok)
+            n += len(b["sample_id"])
     return (time.perf_counter() - t0) / max(n, 1)
 
 
