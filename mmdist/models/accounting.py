@@ -169,7 +169,7 @@ def _fusion(name: str, s: SizeSpec, tokens: list[int], k: int) -> Cost:
         c = Cost(m) + _linear(d, 1, m * k) + Cost(m * (d * d + d), 2.0 * m * d * d * k)
         return c + _ln(d) + Cost(tokens=k)
     if name == "conv":
-        kernel = min(3, m)
+        kernel = 3
         c = Cost(d * d * kernel + d, 2.0 * d * d * kernel * m * k) + _linear(m * d, d, k)
         return c + _ln(d) + Cost(tokens=k)
     if name == "recurrent":

@@ -29,7 +29,8 @@ from mmdist.models.heads import ContrastiveHead, MLPHead
 from mmdist.models.image_encoder import build_image_encoder
 from mmdist.models.input_embeddings import FrameEmbedding, PatchEmbedding, TextEmbedding
 from mmdist.models.sizes import size_spec
-from mmdist.models.text_encoder import build_text_encoder
+from mmdist.models.text_encoder import BertConfig, BertModel, BertTextEncoder, build_text_encoder
+from mmdist.models.transformers_init import build_transformers_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -135,8 +136,8 @@ class FusedModel(nn.Module):
 
     # ---- structure ----------------------------------------------------------------------
     def tasks_groups(self) -> set[str]:
-        return {TASK_GROUP[t] if not (t == "vqa" and "vqa" in self.heads) else "all"
-                for t in self.tasks}
+        """Modality groups the tasks read: ``all`` and/or ``context`` (non-text)."""
+        return {TASK_GROUP[t] for t in self.tasks}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -403,20 +404,15 @@ class FusedModel(nn.Module):
             raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
         if not (directory / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
-        with open(weights, "rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol byte / torch.save zip
-            raise ValueError(f"{weights}: is a pickle/torch.save file, not safetensors; "
-                             "mmdist never unpickles weights (unpickling runs arbitrary code)")
         meta = json.loads((directory / CONFIG_NAME).read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME}: not an mmdist model "
                              f"(format {meta.get('format')!r}, expected {FORMAT!r})")
         try:
             state = load_file(str(weights), device=map_location)
-        except SafetensorError as e:
+        except SafetensorError as e:  # a pickle / torch.save file renamed, or corrupt
             raise ValueError(f"{weights}: not a valid safetensors file ({e}); mmdist never "
-                             "unpickles weights") from None
+                             "unpickles weights (unpickling runs arbitrary code)") from None
         cfg = Config.from_dict(meta["config"])
         model = _build(cfg, **meta["vocab"], extra=meta.get("extra") or {}, load_pretrained=False)
         model.load_weights(state)
@@ -457,8 +453,6 @@ def _rebuild_extra(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     if m.text_pretrained and m.text_encoder == "bert" and "text" in m.modalities \
             and m.fusion_stage != "early":
-        from transformers import BertConfig
-
         return {"bert_config": BertConfig.from_pretrained(m.text_pretrained).to_dict()}
     return {}
 
@@ -549,11 +543,8 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
 def _build_text(kind: str, vocab_size: int, spec, max_len: int, pad_id: int,
                 pretrained: str | None, bert_config: dict | None) -> nn.Module:
     if kind == "bert" and bert_config and not pretrained:
-        from transformers import BertConfig, BertModel
-
-        from mmdist.models.text_encoder import BertTextEncoder
-
-        bert = BertModel(BertConfig.from_dict(bert_config), add_pooling_layer=False)
+        bert = build_transformers_model(BertModel, BertConfig.from_dict(bert_config),
+                                        add_pooling_layer=False)
         return BertTextEncoder(bert, spec.hidden)
     return build_text_encoder(kind, vocab_size, spec.hidden, spec.enc_layers, spec.heads,
                               max_len, pad_id, pretrained)

@@ -38,7 +38,8 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.text = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
         self.other = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape (1,), not 0-dim: DeepSpeed ZeRO-3 cannot broadcast 0-dim bf16 parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
 
     def forward(self, text: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Unit-norm text and other embeddings (float32) and the logit scale."""

@@ -9,7 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchvision.models as tvm
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,9 +112,6 @@ def load_torchvision_weights(model: nn.Module, path: str, image_size: int) -> No
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, or the weights do not fit the architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model.image_pretrained={path!r}: no such file")
@@ -120,8 +121,6 @@ def load_torchvision_weights(model: nn.Module, path: str, image_size: int) -> No
         raise ValueError(f"model.image_pretrained={path!r}: not a safetensors file ({e}); "
                          "mmdist never loads pickled weights") from None
     if hasattr(model, "encoder") and hasattr(model, "patch_size"):
-        from torchvision.models.vision_transformer import interpolate_embeddings
-
         state = interpolate_embeddings(image_size, model.patch_size, state)
     try:
         model.load_state_dict(state)
@@ -135,8 +134,6 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     ``pretrained`` names a local safetensors file of torchvision weights)."""
     if kind == "cnn":
         return CNNImageEncoder(channels, dim)
-    import torchvision.models as tvm
-
     if kind in ("resnet18", "resnet50"):
         net = getattr(tvm, kind)(weights=None)
     elif kind == "vit_b_16":

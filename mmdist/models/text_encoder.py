@@ -6,6 +6,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+# imported here, not lazily: build_model may run inside deepspeed.zero.Init, where importing
+# transformers model modules fails
+from transformers import BertConfig, BertModel
+
+from mmdist.models.transformers_init import build_transformers_model
+
 
 class RecurrentTextEncoder(nn.Module):
     """Token embedding + bidirectional LSTM/GRU, projected to ``dim``.
@@ -60,8 +66,6 @@ def build_bert(vocab_size: int, width: int, layers: int, heads: int, max_len: in
         FileNotFoundError: ``pretrained`` is not a directory.
         ValueError: the pretrained vocabulary is smaller than the tokenizer's.
     """
-    from transformers import BertConfig, BertModel
-
     if pretrained:
         if not Path(pretrained).is_dir():
             raise FileNotFoundError(f"model.text_pretrained={pretrained!r}: not a directory")
@@ -75,7 +79,7 @@ def build_bert(vocab_size: int, width: int, layers: int, heads: int, max_len: in
     config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * width,
                         max_position_embeddings=max(max_len, 64), pad_token_id=pad_id)
-    return BertModel(config, add_pooling_layer=False)
+    return build_transformers_model(BertModel, config, add_pooling_layer=False)
 
 
 def build_text_encoder(kind: str, vocab_size: int, dim: int, layers: int, heads: int,

@@ -9,7 +9,7 @@ from mmdist.models.fusion.slots import align_slots, slot_mask
 
 class ModalityConv(nn.Module):
     """Per slot, the M modality vectors form a length-M sequence with D channels; a
-    ``same``-padded Conv1d (kernel min(3, M)) mixes neighbouring modalities, then the
+    zero-padded Conv1d (kernel 3) mixes neighbouring modalities, then the
     positions are flattened and projected back to D.
 
     Args:
@@ -24,7 +24,7 @@ class ModalityConv(nn.Module):
                  layers: int = 1):
         super().__init__()
         self.slots = slots
-        self.conv = nn.Conv1d(dim, dim, kernel_size=min(3, n_modalities), padding="same")
+        self.conv = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
         self.act = nn.GELU()
         self.proj = nn.Linear(n_modalities * dim, dim)
         self.norm = nn.LayerNorm(dim)
