@@ -30,7 +30,10 @@ def enable_activation_checkpointing(model: nn.Module) -> list[str]:
         if any(name.startswith(f"{d}.") for d in done):
             continue  # the outer transformers model already covers its inner one
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            module.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             done.append(name)
     return done

@@ -47,5 +47,5 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
     if t.offload_optimizer:
         return None, schedule
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999),
-                            fused=False)
+                            fused=t.use_gpu)
     return opt, schedule
