@@ -240,38 +240,14 @@ def ensure_shards(cfg: Config, rows_needed: int, workers: int) -> tuple[Path, Co
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], device: torch.device, total_steps: int):
-    """The DeepSpeed engine exactly as ``train_fn_per_worker`` builds it, at world size 1."""
-    import deepspeed
-    import torch
+    """The DeepSpeed engine exactly as ``train_fn_per_worker`` builds it, at world size 1.
 
-    from mmdist.models import build_model
-    from mmdist.train.deepspeed_config import deepspeed_config
-    from mmdist.train.optim import build_optimizer
+    Compilation is left to the caller, after the first (eager) step has counted the tokens.
+    """
+    from mmdist.train.engine import build_engine as build_training_engine
 
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    ds_config = deepspeed_config(cfg, 1)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False)
-    if t.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive during the build)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_model(cfg, **vocab)
-    else:
-        model = build_model(cfg, **vocab)
-    if cfg.model.activation_checkpointing:
-        from mmdist.models.activation_checkpointing import enable_activation_checkpointing
-
-        parts = enable_activation_checkpointing(model)
-        print(f"[bench mfu] activation checkpointing on: {', '.join(parts) or 'no part'}",
-              flush=True)
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config,
-                                           dist_init_required=False)
-    return engine
+    return build_training_engine(cfg.override({"model.compile": False}), vocab, 1, total_steps,
+                                 log=lambda m: print(f"[bench mfu] {m}", flush=True))
 
 
 # ---- measurement -------------------------------------------------------------------------------

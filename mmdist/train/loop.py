@@ -46,13 +46,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": {...}}`` where job holds
     what the driver resolved: data_dir, train_rows, vocab, tracking_uri, mlflow_run_id,
     run_name. Returns the final summary on rank 0 (``Result.return_value``)."""
-    import deepspeed
     import ray.train
 
     from mmdist.data.pipeline import iter_train_batches
-    from mmdist.models import build_model
-    from mmdist.train.deepspeed_config import deepspeed_config
-    from mmdist.train.optim import build_optimizer
+    from mmdist.train.engine import build_engine
 
     cfg = Config.from_dict(config["cfg"])
     job = config["job"]
@@ -62,28 +59,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     t = cfg.train
 
     t_setup = time.perf_counter()
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    ds_config = deepspeed_config(cfg, world)
     vocab = job["vocab"]
-    # Ray created the torch process group; DeepSpeed's comm layer wraps it (no new rendezvous).
-    # zero.Init reads the world size from it, so this must come before building the model.
-    deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
-                               auto_mpi_discovery=False)
-    if t.zero_stage == 3:
-        # Partition parameters as they are created so a model larger than one device fits.
-        # HfDeepSpeedConfig must exist first or transformers skips its weight init under zero.Init.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive on purpose)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_model(cfg, **vocab)
-    else:
-        model = build_model(cfg, **vocab)
     n_total = total_steps(cfg, job["train_rows"], world)
-    optimizer, scheduler = build_optimizer(model, cfg, n_total)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config,
-                                           dist_init_required=False)
+    engine = build_engine(cfg, vocab, world, n_total, log=lambda m: _say(rank, m))
     _say(rank, f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
                f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
 
@@ -105,12 +83,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
         mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"])
 
+    from mmdist.train.faults import Faults
+
+    faults = Faults.parse(job.get("faults", {}), job.get("storage", "."))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     eval_every = t.eval_every or steps_per_epoch(cfg, job["train_rows"], world)
     ckpt_every = t.checkpoint_every or steps_per_epoch(cfg, job["train_rows"], world)
     last_metrics: dict[str, float] = {}
-    consecutive_bad = 0
+    consecutive_bad = batches_seen = 0
     loss_sum, loss_n, t_log, step_at_log = 0.0, 0, time.perf_counter(), state.global_step
     t_start = time.perf_counter()
 
@@ -139,7 +120,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
         for batch in _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device):
             out = engine(batch)
-            loss = out["loss"]
+            batches_seen += 1
+            loss = faults.loss(out["loss"], batches_seen)
             if not _all_finite(loss):
                 consecutive_bad += 1
                 state.bad_steps_total += 1
@@ -162,6 +144,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if engine.global_steps == state.global_step:
                 continue  # inside a gradient-accumulation window
             state.global_step = engine.global_steps
+            faults.after_step(state.global_step, rank)
 
             if state.global_step % LOG_EVERY == 0 or state.global_step == n_total:
                 avg = _mean_across_ranks(loss_sum / max(1, loss_n), device)

@@ -62,6 +62,17 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
     return out
 
 
+def check_data(data_dir: Path) -> None:
+    """Refuse shards whose checksums do not match the manifest, before anything starts."""
+    from mmdist.cli import CommandError
+    from mmdist.data.shards import ManifestError, verify_manifest
+
+    try:
+        verify_manifest(data_dir)
+    except ManifestError as e:
+        raise CommandError(str(e)) from None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              dashboard: bool = False) -> None:
     """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
@@ -131,6 +142,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
                 run_id: str | None) -> tuple[dict[str, Any], dict]:
     """What every worker needs beyond the config, and the Ray Datasets."""
     from mmdist.data.pipeline import build_datasets, load_tokenizer
+    from mmdist.train.faults import from_environ
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
@@ -142,6 +154,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
         "tracking_uri": uri,
         "mlflow_run_id": run_id,
         "run_name": run_name,
+        "storage": str(Path(cfg.train.storage_path or "runs").resolve() / run_name),
+        "faults": from_environ(),
     }
     return job, build_datasets(data_dir, cfg)
 
@@ -155,6 +169,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
 
     t0 = time.perf_counter()
     data_dir = ensure_data(cfg, data_cache)
+    check_data(data_dir)
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     uri = tracking.tracking_uri(cfg)
@@ -188,6 +203,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "model_uri": reg["model_uri"],
         "alias": reg["alias"],
         "global_step": int(out.get("global_step", result.metrics.get("global_step", 0))),
+        "bad_steps": int(out.get("bad_steps_total", 0)),
         "metrics": metrics,
         "seconds": round(time.perf_counter() - t0, 1),
         "tracking_uri": uri,

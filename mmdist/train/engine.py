@@ -1,0 +1,52 @@
+"""The DeepSpeed engine of a training step: one builder for the training loop and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmdist.config import Config
+
+
+def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
+                 log=None) -> Any:
+    """Model + optimizer + LR schedule -> ``deepspeed.initialize``, as every rank does it.
+
+    Expects a torch process group (Ray Train's, or one the caller made); DeepSpeed's comm layer
+    wraps it. Under ZeRO-3 parameters are partitioned as they are created (``zero.Init``) so a
+    model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
+    skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``.
+    """
+    import deepspeed
+
+    from mmdist.models import build_model
+    from mmdist.train.deepspeed_config import deepspeed_config
+    from mmdist.train.optim import build_optimizer
+
+    t = cfg.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    ds_config = deepspeed_config(cfg, world_size)
+    deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
+                               auto_mpi_discovery=False)
+    if t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model(cfg, **vocab)
+        del hf_ds
+    else:
+        model = build_model(cfg, **vocab)
+    if cfg.model.activation_checkpointing:
+        from mmdist.models.activation_checkpointing import enable_activation_checkpointing
+
+        parts = enable_activation_checkpointing(model)
+        if log:
+            log(f"activation checkpointing on: {', '.join(parts) or 'no part'}")
+    optimizer, schedule = build_optimizer(model, cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config, dist_init_required=False)
+    if cfg.model.compile:
+        engine.compile()
+    return engine

@@ -1,0 +1,63 @@
+"""Fault injection for the reliability tests (and for anyone rehearsing a failure).
+
+Set on the driver before `mmdist train`; the values travel to the workers with the job:
+
+    MMDIST_FAULT_KILL_AT_STEP=N   rank MMDIST_FAULT_RANK (default 0) SIGKILLs itself right after
+                                  optimizer step N, once (a marker file under the run's storage
+                                  folder makes the restarted attempt carry on)
+    MMDIST_FAULT_NAN_BATCHES=A-B  the loss of micro-batches A..B (1-based, inclusive, counted
+                                  from the start of each attempt) is NaN
+
+Nothing happens when none of them is set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "MMDIST_FAULT_"
+
+
+def from_environ() -> dict[str, str]:
+    """The fault settings of this (driver) process, to ship to the workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+
+
+@dataclass
+class Faults:
+    kill_at_step: int = 0
+    kill_rank: int = 0
+    nan_from: int = 0
+    nan_to: int = -1
+    marker: Path | None = None
+
+    @classmethod
+    def parse(cls, env: dict[str, str], marker_dir: str | Path) -> Faults:
+        f = cls()
+        if env.get(PREFIX + "KILL_AT_STEP"):
+            f.kill_at_step = int(env[PREFIX + "KILL_AT_STEP"])
+            f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
+            f.marker = Path(marker_dir) / f".fault-killed-at-{f.kill_at_step}"
+        if env.get(PREFIX + "NAN_BATCHES"):
+            a, _, b = env[PREFIX + "NAN_BATCHES"].partition("-")
+            f.nan_from, f.nan_to = int(a), int(b or a)
+        return f
+
+    def loss(self, loss, batch_number: int):
+        """NaN for the micro-batches named in MMDIST_FAULT_NAN_BATCHES."""
+        if self.nan_from <= batch_number <= self.nan_to:
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, step: int, rank: int) -> None:
+        """SIGKILL this worker once, right after optimizer step ``kill_at_step``."""
+        if (self.kill_at_step and step == self.kill_at_step and rank == self.kill_rank
+                and self.marker is not None and not self.marker.exists()):
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text("killed\n")
+            print(f"[mmdist] fault injection: rank {rank} SIGKILLs itself after step {step}",
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
