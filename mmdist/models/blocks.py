@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -74,16 +75,21 @@ class TransformerStack(nn.Module):
         dim: model width.
         heads: attention heads.
         layers: number of blocks.
+        checkpoint: recompute each block's activations in backward (saves memory).
     """
 
-    def __init__(self, dim: int, heads: int, layers: int):
+    def __init__(self, dim: int, heads: int, layers: int, checkpoint: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(x, mask)
+            if self.checkpoint and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.norm(x)
 
 

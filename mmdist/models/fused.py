@@ -514,7 +514,8 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
             late = nn.ModuleList(MLPHead(dim, dim) for _ in group_mods)
         fusion = build_fusion(m.fusion, dim, len(group_mods), spec.heads, SLOTS[m.fusion_stage],
                               spec.fusion_layers)
-        fusers[group] = Fuser(fusion, TransformerStack(dim, spec.heads, trunk_layers), late)
+        trunk = TransformerStack(dim, spec.heads, trunk_layers, m.activation_checkpointing)
+        fusers[group] = Fuser(fusion, trunk, late)
 
     heads = nn.ModuleDict()
     n_out = 1 if m.num_classes == 2 else m.num_classes  # binary: one sigmoid logit
@@ -532,6 +533,11 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
         decoder = build_decoder(m.decoder, vocab_size, spec.dec_width, spec.dec_layers,
                                 spec.dec_heads, spec.dec_ffn, DECODER_POSITIONS + d.max_text_len,
                                 dim, m.lm_conditioning, pad_id, bos_id, eos_id)
+    if m.activation_checkpointing:
+        for module in [*encoders.values(), decoder]:
+            hf = getattr(module, "bert", None) or getattr(module, "lm", None)
+            if hf is not None and hasattr(hf, "activation_checkpointing_enable"):
+                hf.activation_checkpointing_enable({"use_reentrant": False})
     return FusedModel(encoders=encoders, fusers=fusers, heads=heads, decoder=decoder,
                       modalities=mods, tasks=tasks, dim=dim, num_classes=m.num_classes,
                       modality_dropout=m.modality_dropout, max_text_len=d.max_text_len,

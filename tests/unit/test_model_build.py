@@ -125,3 +125,16 @@ def test_bf16_parameters_take_fp32_and_uint8_batches():
     out = model(make_batch(cfg, 4))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        cfg = tiny_config("model.task=lm", "model.fusion=transformer",
+                          f"model.activation_checkpointing={flag}", *SMALL_INPUTS)
+        model = build_model(cfg, VOCAB)
+        model(make_batch(cfg, 3))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
