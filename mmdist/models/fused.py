@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdist.config import Config
+from mmdist.models.activation_checkpointing import enable_activation_checkpointing
 from mmdist.models.audio_encoder import build_audio_encoder
 from mmdist.models.blocks import TransformerStack, masked_mean
 from mmdist.models.decoder import build_decoder, generate, sequence_nll
@@ -533,17 +534,15 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
         decoder = build_decoder(m.decoder, vocab_size, spec.dec_width, spec.dec_layers,
                                 spec.dec_heads, spec.dec_ffn, DECODER_POSITIONS + d.max_text_len,
                                 dim, m.lm_conditioning, pad_id, bos_id, eos_id)
-    if m.activation_checkpointing:
-        for module in [*encoders.values(), decoder]:
-            hf = getattr(module, "bert", None) or getattr(module, "lm", None)
-            if hf is not None and hasattr(hf, "activation_checkpointing_enable"):
-                hf.activation_checkpointing_enable({"use_reentrant": False})
-    return FusedModel(encoders=encoders, fusers=fusers, heads=heads, decoder=decoder,
+    model = FusedModel(encoders=encoders, fusers=fusers, heads=heads, decoder=decoder,
                       modalities=mods, tasks=tasks, dim=dim, num_classes=m.num_classes,
                       modality_dropout=m.modality_dropout, max_text_len=d.max_text_len,
                       vocab={"vocab_size": vocab_size, "pad_id": pad_id, "bos_id": bos_id,
                              "eos_id": eos_id},
                       config=cfg.to_dict(), extra=extra)
+    if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
+        enable_activation_checkpointing(model)
+    return model
 
 
 def _build_text(kind: str, vocab_size: int, spec, max_len: int, pad_id: int,
