@@ -79,6 +79,8 @@ class DataConfig:
     tokenizer: str | None = None  # local pretrained tokenizer directory instead of training one
     augment: bool = False  # random crop/flip of images in training
     shard_rows: int = 1000  # target rows per Parquet shard
+    cpus_per_task: float = 0.5  # CPUs each Ray Data read+preprocess task reserves; a fraction
+    # lets data tasks run beside training workers that hold whole CPUs
 
 
 @dataclass
@@ -338,6 +340,8 @@ def validate(cfg: Config) -> list[str]:
                 "max_text_len", "vocab_size", "shard_rows"):
         if getattr(d, key) < 1:
             p.append(f"data.{key}={getattr(d, key)}: must be >= 1")
+    if not d.cpus_per_task > 0:
+        p.append(f"data.cpus_per_task={d.cpus_per_task}: must be > 0")
     if d.audio_seconds <= 0:
         p.append(f"data.audio_seconds={d.audio_seconds}: must be > 0")
     if d.max_text_len < 4:

@@ -20,6 +20,8 @@ from typing import Any
 
 from mmdist.config import FUSION_STAGES, FUSIONS, Config, ConfigError, load_config
 
+TRIAL_FN_CPUS = 0.01  # the Tune function trainable only drives its TorchTrainer
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from mmdist.cli import add_config_arguments
@@ -171,18 +173,31 @@ def check_fits(cfg: Config) -> None:
 
     total = ray.cluster_resources()
     t = cfg.train
-    need_cpu = t.num_workers * t.cpus_per_worker + 0.01
+    need_cpu = trial_cpus(cfg) + cfg.data.cpus_per_task
     need_gpu = t.num_workers if t.use_gpu else 0
     problems = []
     if need_cpu > total.get("CPU", 0) + 1e-9:
         problems.append(f"one trial needs {need_cpu:g} CPUs (train.num_workers={t.num_workers} x "
-                        f"train.cpus_per_worker={t.cpus_per_worker:g}) but the cluster has "
-                        f"{total.get('CPU', 0):g}")
+                        f"train.cpus_per_worker={t.cpus_per_worker:g} + 0.01 for the trial + "
+                        f"data.cpus_per_task={cfg.data.cpus_per_task:g} for its data) but the "
+                        f"cluster has {total.get('CPU', 0):g}")
     if need_gpu > total.get("GPU", 0):
         problems.append(f"one trial needs {need_gpu} GPUs (train.num_workers={t.num_workers}, "
                         f"train.use_gpu=true) but the cluster has {total.get('GPU', 0):g}")
     if problems:
         raise CommandError("this sweep cannot start: " + "; ".join(problems))
+
+
+def trial_cpus(cfg: Config) -> float:
+    """CPUs one trial holds while it runs: its workers and the trial function itself."""
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_FN_CPUS
+
+
+def concurrent_trials(cfg: Config, cluster_cpus: float) -> int:
+    """tune.max_concurrent_trials, lowered so that CPU for one data task is always left over
+    (trials holding every CPU starve their own Ray Data reads and wait forever)."""
+    fit = int((cluster_cpus - cfg.data.cpus_per_task + 1e-9) // trial_cpus(cfg))
+    return max(1, min(cfg.tune.max_concurrent_trials, fit))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +213,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     """Run (or resume) a sweep and return its summary (what `--json` prints)."""
     import uuid
 
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -233,7 +249,13 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     scheduler = (ASHAScheduler(grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor, max_t=10**6)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
-    trainable = tune.with_resources(trial_fn, {"CPU": 0.01})
+    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_FN_CPUS})
+    concurrency = concurrent_trials(cfg, ray.cluster_resources().get("CPU", 0))
+    if concurrency < cfg.tune.max_concurrent_trials:
+        print(f"[mmdist] running {concurrency} trial(s) at a time, not "
+              f"tune.max_concurrent_trials={cfg.tune.max_concurrent_trials}: each trial holds "
+              f"{trial_cpus(cfg):g} CPUs and its data tasks need {cfg.data.cpus_per_task:g}",
+              flush=True)
     tune_path = str(Path(storage) / name)
     if resume:
         tuner = tune.Tuner.restore(str(Path(tune_path) / "tune"), trainable,
@@ -243,7 +265,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
             trainable, param_space=tune_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent_trials),
+                                        max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1))
     grid = tuner.fit()
 

@@ -44,27 +44,19 @@ def zero3_bytes(engine) -> dict[str, int]:
 
 
 def _worker(config: dict[str, Any]) -> dict[str, int]:
-    import deepspeed
     import ray.train
 
     from mmdist.data.schema import audio_frames, random_batch
-    from mmdist.models import build_model
-    from mmdist.train.deepspeed_config import deepspeed_config
-    from mmdist.train.optim import param_groups
+    from mmdist.train.engine import build_engine
 
     cfg = Config.from_dict(config["cfg"])
     world = ray.train.get_context().get_world_size()
-    ds = deepspeed_config(cfg, world)
-    torch.manual_seed(0)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = build_model(cfg, vocab_size=config["vocab"])
-    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds,
-                                           dist_init_required=False)
+    engine = build_engine(cfg, {"vocab_size": config["vocab"]}, world, total_steps=10)
     d = cfg.data
     batch = random_batch(cfg.train.micro_batch_size, config["vocab"], d.max_text_len,
                          d.image_size, d.n_mels, audio_frames(d.sample_rate, d.audio_seconds,
-                                                              d.hop_length))
+                                                              d.hop_length),
+                         cfg.model.num_classes)
     loss = engine(batch)["loss"]
     engine.backward(loss)
     engine.step()

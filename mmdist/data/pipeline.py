@@ -51,7 +51,8 @@ def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
 
 def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokenizer,
                   map_batch_size: int = MAP_BATCH_SIZE,
-                  override_num_blocks: int | None = None) -> ray.data.Dataset:
+                  override_num_blocks: int | None = None,
+                  cpus_per_task: float = 1.0) -> ray.data.Dataset:
     """``read_parquet(paths) -> map_batches(preprocess_batch)``, lazily.
 
     Args:
@@ -60,6 +61,9 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
         tokenizer: the dataset's tokenizer.
         map_batch_size: rows per ``preprocess_batch`` call.
         override_num_blocks: read parallelism (default: one block per shard file).
+        cpus_per_task: CPUs each read+preprocess task reserves (``data.cpus_per_task``). Train
+            workers hold whole or half CPUs; a data task asking for a full CPU can then never be
+            scheduled and training waits forever (seen with 2 sweep trials on 2 CPUs).
     """
     import ray.data
 
@@ -72,7 +76,8 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     ctx.use_datasource_v2 = False
     try:
         ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
-                                   override_num_blocks=override_num_blocks or len(paths))
+                                   override_num_blocks=override_num_blocks or len(paths),
+                                   ray_remote_args={"num_cpus": cpus_per_task})
     finally:
         ctx.use_datasource_v2 = use_v2
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
@@ -80,7 +85,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows.
     return ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
                           batch_size=None, batch_format="numpy", zero_copy_batch=True,
-                          udf_modifying_row_count=False)
+                          udf_modifying_row_count=False, num_cpus=cpus_per_task)
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -102,7 +107,8 @@ def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Data
             raise ValueError(f"{data_dir}: no {split} shards in the manifest "
                              f"(prepare with --val-fraction > 0 for a val split)")
         spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train")
-        out[split] = build_dataset(paths, spec, tokenizer)
+        out[split] = build_dataset(paths, spec, tokenizer,
+                                   cpus_per_task=cfg.data.cpus_per_task)
     return out
 
 

@@ -43,9 +43,18 @@ def test_sweep_asha_parent_children_report_and_registry(ray_local, synthetic_dat
     assert "sweep_report/heatmap.png" in arts
 
 
+def test_concurrency_leaves_room_for_data_tasks():
+    from mmdist.tune import concurrent_trials
+
+    cfg = load_config("tiny", ["train.num_workers=1", "train.cpus_per_worker=0.5",
+                               "tune.max_concurrent_trials=4", "data.cpus_per_task=0.5"])
+    assert concurrent_trials(cfg, 2) == 2  # 2 x 0.51 held, 0.98 left for data tasks
+    assert concurrent_trials(cfg.override({"train.cpus_per_worker": 1.0}), 2) == 1
+
+
 def test_trial_that_cannot_fit_is_refused(ray_local):
     cfg = load_config("tiny", ["train.num_workers=8", "train.cpus_per_worker=1"])
-    with pytest.raises(CommandError, match=r"needs 8.01 CPUs .*num_workers=8.* has 2"):
+    with pytest.raises(CommandError, match=r"needs 8.51 CPUs .*num_workers=8.* has 2"):
         check_fits(cfg)
 
 

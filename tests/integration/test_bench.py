@@ -1,0 +1,25 @@
+"""The training benchmarks run for real (tiny sizes); figures are printed, never timed here."""
+
+import argparse
+
+from mmdist.bench import train as bench_train
+from mmdist.bench import zero as bench_zero
+
+
+def test_bench_zero_two_ranks_hold_less_than_one(ray_local):
+    args = argparse.Namespace(config="tiny", overrides=["model.size=small"], vocab_size=500,
+                              json=True)
+    out = bench_zero.run(args)
+    one, two = out["one_rank"], out["two_ranks"]
+    assert one["total_bytes"] > 0 and two["total_bytes"] > 0
+    # ZeRO-3 partitions gradients and optimizer state across the 2 ranks
+    assert two["grad_bytes"] < one["grad_bytes"] and two["optimizer_bytes"] < one["optimizer_bytes"]
+    assert out["ratio"] < 0.75
+
+
+def test_bench_train_reports_both_paths(ray_local):
+    args = argparse.Namespace(config="tiny", overrides=[], steps=4, warmup=2, threads=1,
+                              vocab_size=200, json=True)
+    out = bench_train.run(args)
+    assert out["ray_steps_per_s"] > 0 and out["plain_steps_per_s"] > 0
+    assert out["ratio"] > 0 and out["ray_setup_s"] > 0
