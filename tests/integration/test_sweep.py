@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,10 +26,11 @@ def test_sweep_asha_parent_children_report_and_registry(ray_local, synthetic_dat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config("tiny", [
         f"data.path={data}", f"tracking.tracking_uri={uri}", f"train.storage_path={tmp_path}/runs",
-        "train.num_workers=1", "train.max_steps=16", "train.eval_every=4",
-        "train.checkpoint_every=16", "tune.max_concurrent_trials=2", "tune.grace_period=1",
-        "tune.reduction_factor=2", "tracking.model_name=sweep-model"])
-    s = sweep(cfg, ["model.fusion=concat,add", "train.lr=0.003,0.00001"], name="sweep-test")
+        "train.num_workers=1", "train.max_steps=8", "train.eval_every=2",
+        "train.checkpoint_every=8", "tune.max_concurrent_trials=2", "tune.grace_period=1",
+        "tune.reduction_factor=2", "tune.metric=val_loss", "tracking.model_name=sweep-model"])
+    s = sweep(cfg, ["model.fusion=concat,add", "model.fusion_stage=mid", "train.lr=0.003,0.00001"],
+              name="sweep-test")
     assert s["trials"] == 4
     assert s["stopped_early"] >= 1
     children = MlflowClient(uri).search_runs(
@@ -37,7 +39,8 @@ def test_sweep_asha_parent_children_report_and_registry(ray_local, synthetic_dat
     assert len(children) == 4
     for f in ("trials.csv", "trials.md", "heatmap.png", "curves.png"):
         assert (tmp_path / "runs" / "sweep-test" / "report" / f).stat().st_size > 0
-    assert s["best_config"]["train.lr"] == 0.003
+    table = pd.read_csv(tmp_path / "runs" / "sweep-test" / "report" / "trials.csv")
+    assert len(table) == 4 and s["best_metric"] == pytest.approx(table["val_loss"].min())
     assert s["model_uri"] == "models:/sweep-model/1" and s["alias"] == "champion"
     arts = {a.path for a in MlflowClient(uri).list_artifacts(s["parent_run_id"], "sweep_report")}
     assert "sweep_report/heatmap.png" in arts
