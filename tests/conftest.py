@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 # Set before any test imports mlflow/ray/deepspeed.
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -8,3 +10,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster on 127.0.0.1 for the whole session, always shut down.
+
+    With the dashboard: without it, sweep trials stopped by ASHA leak their placement group
+    and the next trial waits forever (see shared/STACK.md).
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+                                       "MLFLOW_DISABLE_TELEMETRY": "true",
+                                       "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

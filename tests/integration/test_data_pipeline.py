@@ -29,11 +29,9 @@ CFG = load_config("tiny", ["data.synthetic_samples=48", "data.shard_rows=12",
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_cluster(ray_local):
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    yield ray_local
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,9 @@ from mmdist.preflight import check_data, check_deepspeed, check_mlflow, prefligh
 
 
 @pytest.fixture(scope="module")
-def ray_two_cpus():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_two_cpus(ray_local):
+    """The session's 2-CPU Ray (tests/conftest.py)."""
+    return ray_local
 
 
 def _args(tmp_path, *overrides, json_flag=False):

@@ -36,14 +36,6 @@ def test_preset_builds_at_tiny_size(name):
     assert torch.isfinite(torch.tensor(build_and_step(name)))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_presets_build_inside_a_ray_task(ray_local):
     ray = ray_local
 
