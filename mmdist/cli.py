@@ -51,14 +51,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo")
                         help="dotted config overrides, e.g. model.fusion=attention train.lr=3e-4")
 
 
-def _load_command(name: str):
-    module_name = COMMANDS[name][0]
+def load_module(module_name: str):
+    """The module of a command, or None when that feature has not landed yet."""
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            return None  # the feature has not landed yet
+            return None
         raise
+
+
+def _load_command(name: str):
+    return load_module(COMMANDS[name][0])
+
+
+def add_command_parsers(sub, table: dict[str, tuple[str, str]], dest: str | None = None) -> None:
+    """One sub-parser per ``name -> (module, help)`` entry, with the module's flags and --json.
+
+    ``dest``: a default set to the entry's name on the parsed arguments (e.g. ``_command``).
+    """
+    for name, (module_name, help_text) in table.items():
+        module = load_module(module_name)
+        p = sub.add_parser(name, help=help_text if module else f"{help_text} (not landed yet)",
+                           description=help_text)
+        if module is not None:
+            module.configure_parser(p)
+        add_json_flag(p)
+        if dest:
+            p.set_defaults(**{dest: name})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,14 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sweep, register and serve fused multimodal models on Ray + DeepSpeed "
                     "+ MLflow. Run `mmdist COMMAND --help` for the flags of a command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        module = _load_command(name)
-        p = sub.add_parser(name, help=help_text if module else f"{help_text} (not landed yet)",
-                           description=help_text)
-        if module is not None:
-            module.configure_parser(p)
-        add_json_flag(p)
-        p.set_defaults(_command=name)
+    add_command_parsers(sub, COMMANDS, dest="_command")
     return parser
 
 

@@ -7,7 +7,6 @@ CLI command; the ratio it prints is always measured within the same run (machine
 from __future__ import annotations
 
 import argparse
-import importlib
 
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -19,33 +18,17 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(name: str):
-    module_name = BENCHES[name][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            return None
-        raise
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_json_flag
+    from mmdist.cli import add_command_parsers
 
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, (_, help_text) in BENCHES.items():
-        module = _load(name)
-        p = sub.add_parser(name, help=help_text if module else f"{help_text} (not landed yet)",
-                           description=help_text)
-        if module is not None:
-            module.configure_parser(p)
-        add_json_flag(p)
+    add_command_parsers(sub, BENCHES)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mmdist.cli import CommandError
+    from mmdist.cli import CommandError, load_module
 
-    module = _load(args.bench)
+    module = load_module(BENCHES[args.bench][0])
     if module is None:
         raise CommandError(f"mmdist bench {args.bench}: this benchmark has not landed yet")
     return module.run(args)
