@@ -17,19 +17,8 @@ class EvalActor:
         self.predictor = Predictor.from_dir(model_dir, device=device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from mmdist.data.preprocess import preprocess_batch
-
-        p = self.predictor
-        batch = preprocess_batch(rows, p.spec, p.tokenizer)
-        batch = {k: torch.from_numpy(np.asarray(v)).to(p.device) for k, v in batch.items()}
-        with torch.no_grad():
-            out = p.model(batch, mode="eval")
-        n = len(rows["sample_id"])
-        return {k: v.detach().float().cpu().numpy() if v.is_floating_point()
-                else v.detach().cpu().numpy() for k, v in out.items()
-                if v.ndim >= 1 and v.shape[0] == n}
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in self.predictor.eval_outputs(rows).items()}
 
 
 class PredictActor:
@@ -93,7 +82,7 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
     merged: dict[str, list] = {}
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in b.items():
-            merged.setdefault(k, []).append(torch.from_numpy(np.asarray(v)))
+            merged.setdefault(k, []).append(torch.from_numpy(np.array(v)))
     outputs = {k: torch.cat(v) for k, v in merged.items()}
     return {k: float(v) for k, v in compute_metrics(task, outputs).items()}
 

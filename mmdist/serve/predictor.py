@@ -131,31 +131,26 @@ class Predictor:
         return pd.DataFrame(answers)
 
     @torch.no_grad()
+    def eval_outputs(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Shard-row columns of one canonical batch -> the model's per-sample eval outputs."""
+        from mmdist.data.preprocess import preprocess_batch
+
+        batch = preprocess_batch(rows, self.spec, self.tokenizer)
+        batch = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+        n = len(rows["sample_id"])
+        return {k: v.detach().cpu() for k, v in self.model(batch, mode="eval").items()
+                if v.ndim >= 1 and v.shape[0] == n}
+
     def evaluate_dir(self, data_dir: str | Path, split: str = "val",
                      batch_size: int | None = None) -> dict[str, float]:
-        """The task's metrics on one split of a shard directory, in this process."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from mmdist.data.preprocess import preprocess_batch
+        """The task's metrics on one split of a shard directory, in this process, over the
+        same canonical batches as evaluation during training."""
         from mmdist.models.metrics import compute_metrics
+        from mmdist.serve.batch import canonical_batches
 
-        batch_size = batch_size or self.cfg.train.micro_batch_size
-        files = sorted((Path(data_dir) / split).glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{data_dir}/{split}: no Parquet shards")
-
-        # The same canonical batches as evaluation during training: files in name order,
-        # rows in file order, consecutive chunks of batch_size (train.micro_batch_size).
-        table = pa.concat_tables([pq.read_table(f) for f in files])
-        outputs = []
-        for start in range(0, table.num_rows, batch_size):
-            cols = table.slice(start, batch_size).to_pydict()
-            batch = preprocess_batch({k: np.array(v, dtype=object) for k, v in cols.items()},
-                                     self.spec, self.tokenizer)
-            batch = {k: torch.from_numpy(np.asarray(v)).to(self.device)
-                     for k, v in batch.items()}
-            out = self.model(batch, mode="eval")
-            outputs.append({k: v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+        outputs = [self.eval_outputs({k: np.array(v, dtype=object)
+                                      for k, v in table.to_pydict().items()})
+                   for table in canonical_batches(data_dir, split,
+                                                  batch_size or self.cfg.train.micro_batch_size)]
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         return {k: float(v) for k, v in compute_metrics(self.task, merged).items()}
