@@ -81,6 +81,8 @@ class DataConfig:
     shard_rows: int = 1000  # target rows per Parquet shard
     cpus_per_task: float = 0.5  # CPUs each Ray Data read+preprocess task reserves; a fraction
     # lets data tasks run beside training workers that hold whole CPUs
+    deterministic: bool = True  # same seed -> same sample order on every rank (Ray Data
+    # preserve_order on train); false lets blocks arrive as they finish (less waiting)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class TrainConfig:
     epochs: int = 3
     seed: int = 0
     eval_every: int = 0  # optimizer steps between evaluations; 0 -> once per epoch
+    log_every: int = 10  # optimizer steps between train-loss lines and MLflow points
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 -> once per epoch
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker crashes survived by resuming from the last checkpoint
@@ -444,7 +447,7 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.lr={t.lr}: must be > 0")
     if t.weight_decay < 0:
         p.append(f"train.weight_decay={t.weight_decay}: must be >= 0")
-    for key in ("micro_batch_size", "keep_checkpoints", "max_bad_steps"):
+    for key in ("micro_batch_size", "keep_checkpoints", "max_bad_steps", "log_every"):
         if getattr(t, key) < 1:
             p.append(f"train.{key}={getattr(t, key)}: must be >= 1")
     for key in ("warmup_steps", "global_batch_size", "max_steps", "epochs", "eval_every",

@@ -103,13 +103,28 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 class MetricsLogger:
     """Buffers metrics and sends them in batches; a tracking server that is down for a while
-    loses nothing: failed batches stay buffered and are retried on the next flush."""
+    loses nothing: failed batches stay buffered and are retried on the next flush.
 
-    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0):
+    With ``fail_fast`` (the training loop's logger) a flush to a tracking server that does not
+    answer gives up at once instead of in MLflow's own retry loop (minutes of backoff that would
+    stall every training step); what it could not send stays in :meth:`pending` for the driver
+    to deliver with :func:`deliver_pending` once the server is back.
+    """
+
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0,
+                 fail_fast: bool = False):
         self.uri, self.run_id, self.flush_every_s = uri, run_id, flush_every_s
         self._buffer: list[Any] = []
         self._last_flush = 0.0
         self.failed_flushes = 0
+        if fail_fast and uri.startswith(("http://", "https://")):
+            # read by MLflow's REST client at request time; this process only logs metrics
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+
+    def pending(self) -> list[tuple[str, float, int, int]]:
+        """Metric values not yet delivered: ``(key, value, timestamp_ms, step)``."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._buffer]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -141,8 +156,23 @@ class MetricsLogger:
             return False
 
 
-def retry(fn, what: str, attempts: int = 10, wait_s: float = 3.0):
-    """Call ``fn`` until it succeeds (MLflow briefly down must not lose a trained model)."""
+def deliver_pending(uri: str, run_id: str, rows: list) -> int:
+    """Send metric values a worker could not deliver (``MetricsLogger.pending()``), retrying
+    while the tracking server is down. Returns how many were sent."""
+    from mlflow.entities import Metric
+
+    if not rows:
+        return 0
+    logger = MetricsLogger(uri, run_id)
+    logger._buffer = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows]
+    retry(lambda: logger.flush(raise_on_error=True),
+          f"delivering {len(rows)} buffered metric values to MLflow")
+    return len(rows)
+
+
+def retry(fn, what: str, attempts: int = 40, wait_s: float = 3.0):
+    """Call ``fn`` until it succeeds (MLflow down for a minute or two must not lose a trained
+    model or its metrics): ``attempts`` tries ``wait_s`` apart, plus MLflow's own retries."""
     for i in range(attempts):
         try:
             return fn()

@@ -9,6 +9,13 @@ Layout of one checkpoint directory (Ray merges every rank's files into it):
                            order hash over the whole run (the data position and the ledger)
     tokenizer/             rank 0: the tokenizer the model was trained with
     model/                 final checkpoint only: consolidated safetensors + config + tokenizer
+    files_rank{R}.json     rank R, written last: every file rank R wrote, with its size. A
+                           checkpoint is complete when the file list of every rank of the world
+                           size in mmdist_state.json is there and every listed file has its size.
+
+Resuming (:func:`choose_checkpoint`) takes the newest complete checkpoint of the run folder and
+says which newer ones it skipped and why (a node lost mid-upload, a truncated file); a
+checkpoint written at another world size is refused with a clear error (:func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DS_TAG = "ds"
 STATE_FILE = "mmdist_state.json"
 MODEL_DIR = "model"
+# model.* keys that may change between a checkpoint and its resume (they leave the weights'
+# shapes alone); any other difference is refused.
+RUNTIME_MODEL_KEYS = frozenset({"compile", "activation_checkpointing", "modality_dropout",
+                                "task_weights", "text_pretrained", "image_pretrained"})
 
 
 @dataclass
@@ -35,6 +47,8 @@ class TrainState:
     consumed: set[int] = field(default_factory=set)
     order_hash: str = ""  # rank-local running hash of the sample order (determinism checks)
     bad_steps_total: int = 0
+    # One entry per resume: the step resumed from and the newer checkpoints skipped (and why).
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def ledger_path(ckpt_dir: str | Path, rank: int) -> Path:
@@ -49,8 +63,98 @@ def write_ledger(ckpt_dir: str | Path, rank: int, epoch: int, consumed: list[int
 
 def write_state(ckpt_dir: str | Path, state: TrainState, extra: dict) -> None:
     body = {"global_step": state.global_step, "epoch": state.epoch,
-            "bad_steps_total": state.bad_steps_total, **extra}
+            "bad_steps_total": state.bad_steps_total, "resumes": state.resumes, **extra}
     (Path(ckpt_dir) / STATE_FILE).write_text(json.dumps(body, indent=1, default=str))
+
+
+def write_file_list(ckpt_dir: str | Path, rank: int) -> None:
+    """Record every file this rank wrote into ``ckpt_dir`` (call it last, after all writes)."""
+    d = Path(ckpt_dir)
+    files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+    (d / f"files_rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}))
+
+
+def incomplete_reason(ckpt_dir: str | Path) -> str | None:
+    """Why ``ckpt_dir`` cannot be resumed from, or None when it is complete."""
+    d = Path(ckpt_dir)
+    try:
+        body = json.loads((d / STATE_FILE).read_text())
+        world = int(body["world_size"])
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    for rank in range(world):
+        listing = d / f"files_rank{rank}.json"
+        try:
+            files = json.loads(listing.read_text())["files"]
+        except FileNotFoundError:
+            return f"{listing.name} is missing (rank {rank} of {world} never finished writing)"
+        except (ValueError, KeyError) as e:
+            return f"{listing.name} is unreadable ({e})"
+        for rel, size in files.items():
+            f = d / rel
+            if not f.is_file():
+                return f"{rel} (rank {rank}) is missing"
+            if f.stat().st_size != int(size):
+                return f"{rel} (rank {rank}) has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _step_of(ckpt_dir: Path) -> int:
+    try:
+        return int(json.loads((ckpt_dir / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``run_dir`` and a note per newer one skipped."""
+    d = Path(run_dir)
+    found = sorted(d.glob("checkpoint_*"), key=lambda p: (_step_of(p), p.name), reverse=True)
+    skipped = []
+    for c in found:
+        if not c.is_dir():
+            continue
+        reason = incomplete_reason(c)
+        if reason is None:
+            return c, skipped
+        skipped.append(f"{c.name} (step {_step_of(c)}): {reason}")
+    return None, skipped
+
+
+def world_size_of(ckpt_dir: str | Path) -> int:
+    return int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["world_size"])
+
+
+def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
+                 model_cfg: dict[str, Any]) -> None:
+    """Refuse a resume DeepSpeed would load wrongly or fail on deep inside.
+
+    ZeRO partitions optimizer state (stage 1, 2) and parameters (stage 3) per rank; DeepSpeed
+    cannot load such a checkpoint at another world size, and a model of another shape does not
+    load at all. Raises ValueError naming the checkpoint, what differs and what to do instead.
+    """
+    d = Path(ckpt_dir)
+    body = json.loads((d / STATE_FILE).read_text())
+    saved_world, problems = int(body["world_size"]), []
+    if saved_world != world_size:
+        problems.append(
+            f"it was written by {saved_world} worker(s) and this run has {world_size} "
+            f"(train.num_workers): ZeRO-{body.get('zero_stage', zero_stage)} optimizer and "
+            "parameter shards are partitioned per worker and cannot be re-partitioned on load. "
+            f"Resume with train.num_workers={saved_world}, or start a new train.run_name "
+            "from the consolidated model of a finished run")
+    saved_model = (body.get("config") or {}).get("model") or {}
+    diff = sorted(k for k in set(saved_model) | set(model_cfg)
+                  if k not in RUNTIME_MODEL_KEYS and saved_model.get(k) != model_cfg.get(k))
+    if saved_model and diff:
+        problems.append("its model differs from this config in " + ", ".join(
+            f"model.{k} ({saved_model.get(k)!r} there, {model_cfg.get(k)!r} here)" for k in diff)
+            + "; use another train.run_name for a different model")
+    if problems:
+        raise ValueError(f"cannot resume from {d} (step {body.get('global_step')}): "
+                         + "; ".join(problems))
 
 
 def read_state(ckpt_dir: str | Path, rank: int) -> TrainState:
@@ -58,7 +162,8 @@ def read_state(ckpt_dir: str | Path, rank: int) -> TrainState:
     d = Path(ckpt_dir)
     body = json.loads((d / STATE_FILE).read_text())
     state = TrainState(global_step=int(body["global_step"]), epoch=int(body["epoch"]),
-                       bad_steps_total=int(body.get("bad_steps_total", 0)))
+                       bad_steps_total=int(body.get("bad_steps_total", 0)),
+                       resumes=list(body.get("resumes", [])))
     for p in sorted(d.glob("ledger_rank*.json")):
         ledger = json.loads(p.read_text())
         if int(ledger["epoch"]) == state.epoch:

@@ -7,6 +7,8 @@ Set on the driver before `mmdist train`; the values travel to the workers with t
                                   folder makes the restarted attempt carry on)
     MMDIST_FAULT_NAN_BATCHES=A-B  the loss of micro-batches A..B (1-based, inclusive, counted
                                   from the start of each attempt) is NaN
+    MMDIST_FAULT_STEP_SLEEP=S     every rank sleeps S seconds after each optimizer step (a slow
+                                  run without burning CPU, to rehearse a tracking outage)
 
 Nothing happens when none of them is set.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ class Faults:
     kill_rank: int = 0
     nan_from: int = 0
     nan_to: int = -1
+    step_sleep: float = 0.0
     marker: Path | None = None
 
     @classmethod
@@ -44,6 +48,8 @@ class Faults:
         if env.get(PREFIX + "NAN_BATCHES"):
             a, _, b = env[PREFIX + "NAN_BATCHES"].partition("-")
             f.nan_from, f.nan_to = int(a), int(b or a)
+        if env.get(PREFIX + "STEP_SLEEP"):
+            f.step_sleep = float(env[PREFIX + "STEP_SLEEP"])
         return f
 
     def loss(self, loss, batch_number: int):
@@ -53,7 +59,9 @@ class Faults:
         return loss
 
     def after_step(self, step: int, rank: int) -> None:
-        """SIGKILL this worker once, right after optimizer step ``kill_at_step``."""
+        """SIGKILL this worker once, right after optimizer step ``kill_at_step``; sleep."""
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         if (self.kill_at_step and step == self.kill_at_step and rank == self.kill_rank
                 and self.marker is not None and not self.marker.exists()):
             self.marker.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,6 @@ from mmdist.config import Config
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 
-LOG_EVERY = 10  # optimizer steps between train-loss lines / MLflow points
-
 
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
     """Optimizer steps in one epoch (each rank drops its last partial micro batch)."""
@@ -65,23 +63,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     _say(rank, f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
                f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
 
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=ckpt_lib.DS_TAG, load_module_strict=True)
-            state = ckpt_lib.read_state(d, rank)
-        if engine.global_steps != state.global_step:
-            raise RuntimeError(f"checkpoint mismatch: DeepSpeed is at step {engine.global_steps}, "
-                               f"mmdist state at {state.global_step}")
-        _say(rank, f"resumed from step {state.global_step} (epoch {state.epoch}, "
-                   f"{len(state.consumed)} samples of this epoch already consumed)")
+    state = _restore(engine, cfg, job["storage"], rank, world)
 
     mlflow_log = None
     if rank == 0 and job.get("mlflow_run_id"):
         from mmdist.tracking import MetricsLogger
 
-        mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"])
+        mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"], fail_fast=True)
 
     from mmdist.train.faults import Faults
 
@@ -106,9 +94,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if final:
                 _save_consolidated(engine, cfg, vocab, job, Path(tmp) / ckpt_lib.MODEL_DIR, rank)
             if rank == 0:
-                ckpt_lib.write_state(tmp, state, {"run_name": job["run_name"],
-                                                  "config": cfg.to_dict(), "metrics": metrics})
+                ckpt_lib.write_state(tmp, state, {
+                    "run_name": job["run_name"], "world_size": world,
+                    "zero_stage": t.zero_stage, "config": cfg.to_dict(), "metrics": metrics})
                 shutil.copytree(Path(job["data_dir"]) / "tokenizer", Path(tmp) / "tokenizer")
+            ckpt_lib.write_file_list(tmp, rank)  # last: its presence marks this rank complete
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     epoch_ledger: list[int] = []
@@ -146,7 +136,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             state.global_step = engine.global_steps
             faults.after_step(state.global_step, rank)
 
-            if state.global_step % LOG_EVERY == 0 or state.global_step == n_total:
+            if state.global_step % t.log_every == 0 or state.global_step == n_total:
                 avg = _mean_across_ranks(loss_sum / max(1, loss_n), device)
                 rate = (state.global_step - step_at_log) / max(time.perf_counter() - t_log, 1e-9)
                 lr = engine.get_lr()[0]
@@ -187,13 +177,44 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         return {"global_step": state.global_step, "metrics": _only_val(last_metrics),
                 "train_loss": last_metrics.get("train_loss"),
-                "bad_steps_total": state.bad_steps_total,
+                "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
                 "train_seconds": time.perf_counter() - t_start,
-                "mlflow_failed_flushes": mlflow_log.failed_flushes if mlflow_log else 0}
+                "mlflow_failed_flushes": mlflow_log.failed_flushes if mlflow_log else 0,
+                # metric values MLflow did not take (server down): the driver delivers them
+                "mlflow_pending": mlflow_log.pending() if mlflow_log else []}
     return None
 
 
 # ---- helpers of the loop -----------------------------------------------------------------
+
+
+def _restore(engine, cfg: Config, run_dir: str, rank: int, world: int) -> TrainState:
+    """Load the newest complete checkpoint of the run folder, if any, into ``engine``.
+
+    Ray's ``get_checkpoint()`` names the newest checkpoint Ray registered; a checkpoint can
+    still be incomplete on storage (a node died while uploading, a file was truncated), so the
+    run folder is searched for the newest complete one instead and every newer one skipped is
+    named with its reason. All ranks read the same folder and so pick the same checkpoint.
+    """
+    chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
+    for note in skipped:
+        _say(rank, f"WARNING: skipping incomplete checkpoint {note}")
+    if chosen is None:
+        if skipped:
+            _say(rank, "WARNING: no complete checkpoint to resume from; starting from step 0")
+        return TrainState()
+    ckpt_lib.check_resume(chosen, world, cfg.train.zero_stage, cfg.to_dict()["model"])
+    engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG, load_module_strict=True)
+    state = ckpt_lib.read_state(chosen, rank)
+    if engine.global_steps != state.global_step:
+        raise RuntimeError(f"checkpoint mismatch in {chosen}: DeepSpeed is at step "
+                           f"{engine.global_steps}, mmdist state at {state.global_step}")
+    state.resumes.append({"from_step": state.global_step, "checkpoint": chosen.name,
+                          "skipped": skipped})
+    _say(rank, f"resumed from {chosen.name} at step {state.global_step} (epoch {state.epoch}, "
+               f"{len(state.consumed)} samples of this epoch already consumed)")
+    return state
+
 
 
 def _say(rank: int, msg: str) -> None:

@@ -100,6 +100,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                  runtime_env=runtime_env, _node_ip_address="127.0.0.1")
 
 
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Before anything starts: a run name with checkpoints resumes the newest complete one;
+    refuse it now, with the reason, if the workers could not load it."""
+    from mmdist.cli import CommandError
+    from mmdist.train import checkpoint as ckpt_lib
+
+    chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
+    for note in skipped:
+        print(f"[mmdist] WARNING: skipping incomplete checkpoint {note}", flush=True)
+    if chosen is None:
+        return
+    try:
+        ckpt_lib.check_resume(chosen, cfg.train.num_workers, cfg.train.zero_stage,
+                              cfg.to_dict()["model"])
+    except ValueError as e:
+        raise CommandError(f"run {run_dir.name}: {e}") from None
+    print(f"[mmdist] run {run_dir.name} resumes from {chosen.name}", flush=True)
+
+
 def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: str,
                   storage_path: str, callbacks: list | None = None):
     """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
@@ -125,12 +144,17 @@ def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: st
         datasets=datasets,
         # train is split across workers; every worker streams the whole val split in a fixed
         # order so evaluation batches are canonical (see loop._evaluate).
-        dataset_config=DataConfig(datasets_to_split=["train"],
-                                  execution_options={"val": _ordered()}),
+        dataset_config=DataConfig(
+            datasets_to_split=["train"],
+            execution_options={"val": _ordered(),
+                               **({"train": _ordered()} if cfg.data.deterministic else {})}),
     )
 
 
 def _ordered():
+    """Ingest options that deliver blocks in dataset order. On the split train dataset this
+    also makes Ray's split hand the same blocks to the same rank on every run (it ignores
+    locality hints then), so a seed fixes each rank's sample order."""
     from ray.train import DataConfig
 
     opts = DataConfig.default_ingest_options()
@@ -172,6 +196,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     check_data(data_dir)
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
+    check_resumable(cfg, Path(storage) / run_name)
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
     resolved = cfg.resolve()
@@ -191,11 +216,14 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     out = result.return_value or {}
     metrics = out.get("metrics") or {k: v for k, v in result.metrics.items()
                                       if k.startswith("val_")}
+    # metric values rank 0 could not deliver (tracking server down at the end of training)
+    delivered_late = tracking.deliver_pending(uri, run_id, out.get("mlflow_pending") or [])
     reg = {"model_uri": None, "alias": None, "version": None}
     if cfg.tracking.register:
         with result.checkpoint.as_directory() as ckpt_dir:
             reg = register_model(uri, run_id, Path(ckpt_dir) / "model", cfg, metrics)
-    tracking.set_terminated(uri, run_id, "FINISHED")
+    tracking.retry(lambda: tracking.set_terminated(uri, run_id, "FINISHED"),
+                   "closing the MLflow run")
     return {
         "ok": True,
         "run_id": run_id,
@@ -204,6 +232,9 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "alias": reg["alias"],
         "global_step": int(out.get("global_step", result.metrics.get("global_step", 0))),
         "bad_steps": int(out.get("bad_steps_total", 0)),
+        "resumes": out.get("resumes", []),
+        "mlflow_failed_flushes": int(out.get("mlflow_failed_flushes", 0)),
+        "mlflow_delivered_late": delivered_late,
         "metrics": metrics,
         "seconds": round(time.perf_counter() - t0, 1),
         "tracking_uri": uri,

@@ -20,10 +20,12 @@ def trained(ray_local, synthetic_data, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config("tiny", [
+    overrides = [
         f"data.path={synthetic_data}", f"tracking.tracking_uri={uri}",
         f"train.storage_path={tmp / 'runs'}", "train.num_workers=2", "train.zero_stage=2",
         "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
-        "train.lr=0.003", "tracking.model_name=zero2-model"])
+        "train.lr=0.003", "tracking.model_name=zero2-model"]
+    cfg = load_config("tiny", overrides)
     summary = train(cfg)
-    return {"summary": summary, "data": synthetic_data, "uri": uri, "tmp": tmp, "cfg": cfg}
+    return {"summary": summary, "data": synthetic_data, "uri": uri, "tmp": tmp, "cfg": cfg,
+            "overrides": overrides}

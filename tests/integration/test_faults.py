@@ -68,3 +68,170 @@ def test_corrupted_shard_is_refused_before_training(ray_local, synthetic_data, t
     shard.write_bytes(bytes(data))
     with pytest.raises(CommandError, match=shard.name):
         train(_cfg(bad, tmp_path, "train.max_steps=2"))
+
+
+# ---- 4 and 5: determinism, truncated checkpoints, another world size --------------------------
+
+
+def _order_hashes(ckpt: str | Path) -> dict[str, str]:
+    return {p.name: json.loads(p.read_text())["order_hash"]
+            for p in sorted(Path(ckpt).glob("ledger_rank*.json"))}
+
+
+def _losses(uri: str, run_id: str) -> list[tuple[int, float]]:
+    hist = MlflowClient(uri).get_metric_history(run_id, "train_loss")
+    return sorted((m.step, m.value) for m in hist)
+
+
+@pytest.fixture(scope="module")
+def twin(ray_local, trained, tmp_path_factory):
+    """A second run of the `trained` fixture's exact config and seed (own store and run name).
+    What the determinism test compares is read right away: later tests resume this run."""
+    tmp = tmp_path_factory.mktemp("twin")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    overrides = [*trained["overrides"], f"tracking.tracking_uri={uri}",
+                 f"train.storage_path={tmp / 'runs'}", "tracking.register=false",
+                 "train.run_name=twin"]
+    s = train(load_config("tiny", overrides))
+    return {"summary": s, "overrides": overrides, "tmp": tmp,
+            "hashes": _order_hashes(s["checkpoint"]), "losses": _losses(uri, s["run_id"])}
+
+
+def test_same_seed_gives_the_same_sample_order_and_losses(trained, twin):
+    a = _order_hashes(trained["summary"]["checkpoint"])
+    assert len(a) == 2 and a["ledger_rank0.json"] != a["ledger_rank1.json"]
+    assert twin["hashes"] == a  # every rank saw the same samples in the same order
+    first = _losses(trained["uri"], trained["summary"]["run_id"])
+    assert len(first) == 4  # steps 10, 20, 30, 40
+    assert twin["losses"] == first  # bit-identical losses, not merely close
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(twin):
+    newest = Path(twin["summary"]["checkpoint"])
+    assert json.loads((newest / "mmdist_state.json").read_text())["global_step"] == 40
+    victim = max((p for p in (newest / "ds").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    s = train(load_config("tiny", [*twin["overrides"], "train.max_steps=44"]))
+    assert s["global_step"] == 44
+    resumed = s["resumes"][-1]
+    assert resumed["from_step"] == 20  # not 40, whose optimizer shard is cut in half
+    assert len(resumed["skipped"]) == 1
+    assert newest.name in resumed["skipped"][0] and victim.name in resumed["skipped"][0]
+    assert "bytes" in resumed["skipped"][0]
+
+
+def test_resume_at_another_world_size_is_refused_before_start(trained):
+    run = trained["summary"]["run_name"]
+    cfg = load_config("tiny", [*trained["overrides"], "train.num_workers=1",
+                               f"train.run_name={run}"])
+    with pytest.raises(CommandError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "written by 2 worker(s) and this run has 1" in msg
+    assert "train.num_workers=2" in msg and run in msg
+    cfg = load_config("tiny", [*trained["overrides"], "model.fusion=attention",
+                               f"train.run_name={run}"])
+    with pytest.raises(CommandError, match=r"model\.fusion \('concat' there, 'attention' here\)"):
+        train(cfg)
+
+
+# ---- 6: the tracking server down for a minute -----------------------------------------------
+
+OUTAGE_S = 60
+
+
+class _MlflowServer:
+    """A real `mlflow server` on loopback (sqlite store, proxied artifacts) that can be stopped
+    and started again on the same port with the same store."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root, self.proc = root, None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def test_mlflow_server_down_for_a_minute_loses_no_metric(ray_local, synthetic_data, tmp_path,
+                                                         monkeypatch):
+    import threading
+    import time
+
+    server = _MlflowServer(tmp_path)
+    server.start()
+    # Our retries are the ones under test; MLflow's own exponential backoff would only add
+    # minutes of waiting on top of them.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # ~1 s per step: training outlives the first half of the outage and ends inside it, so
+    # both the buffered metrics and the final flush + registration meet a dead server.
+    monkeypatch.setenv("MMDIST_FAULT_STEP_SLEEP", "1.0")
+    outage: dict[str, float] = {}
+
+    def take_server_down() -> None:
+        client = MlflowClient(server.uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until the run logs its first loss
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                filter_string="tags.`mmdist.run_name` = 'outage'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+                break
+            time.sleep(0.5)
+        server.stop()
+        outage["down"] = time.monotonic()
+        time.sleep(OUTAGE_S)
+        server.start()
+        outage["up"] = time.monotonic()
+
+    chaos = threading.Thread(target=take_server_down, daemon=True)
+    chaos.start()
+    try:
+        s = train(load_config("tiny", [
+            f"data.path={synthetic_data}", f"tracking.tracking_uri={server.uri}",
+            f"train.storage_path={tmp_path / 'runs'}", "train.run_name=outage",
+            "train.num_workers=1", "train.max_steps=40", "train.log_every=1",
+            "train.eval_every=20", "train.checkpoint_every=20",
+            "tracking.model_name=outage-model"]))
+        chaos.join(timeout=OUTAGE_S + 180)
+        assert outage["up"] - outage["down"] >= OUTAGE_S
+        assert s["mlflow_failed_flushes"] >= 1  # the worker did meet the dead server
+        client = MlflowClient(server.uri)
+        steps = [m.step for m in client.get_metric_history(s["run_id"], "train_loss")]
+        assert sorted(steps) == list(range(1, 41))  # every step's loss, once, none lost
+        val = client.get_metric_history(s["run_id"], "val_accuracy")
+        assert sorted(m.step for m in val) == [20, 40]
+        assert client.get_run(s["run_id"]).info.status == "FINISHED"
+        version = client.get_model_version_by_alias("outage-model", s["alias"])
+        assert s["model_uri"] == f"models:/outage-model/{version.version}"
+    finally:
+        server.stop()

@@ -1,5 +1,7 @@
 """Training pieces that need no cluster: the DeepSpeed config, the schedule, the data position."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -74,3 +76,46 @@ def test_state_and_ledgers_round_trip(tmp_path):
     assert (got.global_step, got.epoch, got.bad_steps_total) == (12, 1, 2)
     assert got.consumed == {1, 2, 3, 7, 8} and got.order_hash == "def"
     assert ck.update_order_hash("", [1, 2]) != ck.update_order_hash("", [2, 1])
+
+
+# ---- checkpoint completeness -----------------------------------------------------------------
+
+
+def _fake_checkpoint(root, name, step, world=2):
+    d = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):  # what each rank writes into its own folder; Ray merges them
+        part = root.parent / "parts" / f"{name}-rank{rank}"
+        (part / "ds").mkdir(parents=True)
+        (part / "ds" / f"shard_{rank}.pt").write_bytes(b"x" * (100 + rank))
+        if rank == 0:
+            ck.write_state(part, ck.TrainState(global_step=step), {
+                "world_size": world, "zero_stage": 2, "config": {"model": {"fusion": "concat"}}})
+        ck.write_file_list(part, rank)
+        shutil.copytree(part, d, dirs_exist_ok=True)
+    return d
+
+
+def test_choose_checkpoint_skips_incomplete_ones_and_says_why(tmp_path):
+    tmp_path = tmp_path / "run"
+    old = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
+    new = _fake_checkpoint(tmp_path, "checkpoint_b", 8)
+    assert ck.choose_checkpoint(tmp_path) == (new, [])
+    (new / "ds" / "shard_1.pt").write_bytes(b"x" * 7)  # truncated
+    chosen, skipped = ck.choose_checkpoint(tmp_path)
+    assert chosen == old
+    assert skipped == ["checkpoint_b (step 8): ds/shard_1.pt (rank 1) has 7 bytes, "
+                       "101 were written"]
+    (old / "files_rank1.json").unlink()  # rank 1 never finished its upload
+    chosen, skipped = ck.choose_checkpoint(tmp_path)
+    assert chosen is None and "files_rank1.json is missing" in skipped[1]
+
+
+def test_check_resume_refuses_another_world_size_or_model(tmp_path):
+    tmp_path = tmp_path / "run"
+    d = _fake_checkpoint(tmp_path, "checkpoint_a", 4)
+    ck.check_resume(d, 2, 2, {"fusion": "concat", "compile": True})  # runtime keys may change
+    with pytest.raises(ValueError, match=r"written by 2 worker\(s\) and this run has 1"):
+        ck.check_resume(d, 1, 2, {"fusion": "concat"})
+    with pytest.raises(ValueError, match=r"model\.fusion \('concat' there, 'film' here\)"):
+        ck.check_resume(d, 2, 2, {"fusion": "film"})
