@@ -5,7 +5,8 @@
 Checks, each printed as one OK/FAIL line:
 
 - resources: the cluster (or, with no cluster, this machine) has the CPUs and GPUs the Ray Train
-  workers ask for, one CPU left for Ray Data's read tasks, and a node big enough for one worker;
+  workers ask for, ``data.cpus_per_task`` left for a Ray Data read task, and a node big enough
+  for one worker;
 - storage: the checkpoint folder (``train.storage_path``, else ``./runs``) is writable from a
   Ray worker (a tiny task writes and deletes a file there);
 - mlflow: the tracking server answers ``/health`` (and accepts the credentials, if any), or a
@@ -15,6 +16,9 @@ Checks, each printed as one OK/FAIL line:
 - deepspeed: the DeepSpeed config is valid for the world size.
 
 Every problem is collected; the command fails once, with one line per problem.
+
+`mmdist train` runs the same resource and data-size rules (:func:`require_startable`) once Ray
+is up, so a run that could never start fails at once instead of waiting for workers forever.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from typing import Any
 
 from mmdist.config import Config, load_config
 
-DATA_CPUS = 1.0  # Ray Data's read/map tasks each ask for one CPU beside the train workers
 TRIAL_CPUS = 0.01  # the CPU a sweep trial's driver function reserves (mmdist.tune)
 
 
@@ -153,21 +156,24 @@ def _local_resources(cfg: Config) -> tuple[dict[str, float], list[dict[str, floa
 
 def check_resources(cfg: Config, total: dict[str, float], nodes: list[dict[str, float]],
                     where: str = "the cluster", sweep: bool = False) -> Check:
-    """Enough CPUs/GPUs in all, one CPU left for Ray Data, and a node that fits one worker."""
+    """Enough CPUs/GPUs in all, ``data.cpus_per_task`` left for a Ray Data task, and a node that
+    fits one worker."""
     t = cfg.train
     trials = cfg.tune.max_concurrent_trials if sweep else 1
+    data_cpus = cfg.data.cpus_per_task  # what each Ray Data read+preprocess task reserves
     worker_cpus = t.num_workers * t.cpus_per_worker * trials
-    need_cpu = worker_cpus + DATA_CPUS + (TRIAL_CPUS * trials if sweep else 0.0)
+    need_cpu = worker_cpus + data_cpus + (TRIAL_CPUS * trials if sweep else 0.0)
     need_gpu = float(t.num_workers * trials) if t.use_gpu else 0.0
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     per_trial = f" x {trials} concurrent trials (tune.max_concurrent_trials)" if sweep else ""
     asks = (f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g}"
-            f"{per_trial} = {worker_cpus:g} CPUs for workers + {DATA_CPUS:g} for Ray Data"
+            f"{per_trial} = {worker_cpus:g} CPUs for workers + data.cpus_per_task="
+            f"{data_cpus:g} for Ray Data"
             + (f" + {TRIAL_CPUS * trials:g} for trial drivers" if sweep else "")
             + f" = {need_cpu:g} CPUs" + (f", {need_gpu:g} GPUs (train.use_gpu=true)" if need_gpu else ""))
     has = f"{where} has {have_cpu:g} CPUs, {have_gpu:g} GPUs"
     problems = []
-    if have_cpu < need_cpu:
+    if have_cpu + 1e-9 < need_cpu:
         problems.append(f"needs {need_cpu:g} CPUs, {has}")
     if have_gpu < need_gpu:
         problems.append(f"needs {need_gpu:g} GPUs, {has}")
@@ -182,6 +188,55 @@ def check_resources(cfg: Config, total: dict[str, float], nodes: list[dict[str, 
     if problems:
         return Check("resources", False, "; ".join(problems) + f" ({asks})")
     return Check("resources", True, f"{has}; the config asks {asks}")
+
+
+def data_size_problems(cfg: Config, counts: dict[str, Any], where: str) -> list[str]:
+    """Problems with the row counts of a shard set (``manifest["counts"]``) for ``cfg``: a
+    train split too small for one optimizer step, no val rows."""
+    t = cfg.train
+    train_rows, val_rows = int(counts.get("train_rows", 0)), int(counts.get("val_rows", 0))
+    accum = cfg.resolve()["grad_accum_steps"]
+    per_step = t.micro_batch_size * t.num_workers * accum
+    problems = []
+    if train_rows < per_step:
+        problems.append(
+            f"{where}: the train split has {train_rows} rows, fewer than one optimizer step "
+            f"needs ({per_step} = train.micro_batch_size={t.micro_batch_size} x "
+            f"train.num_workers={t.num_workers}" + (f" x {accum} accumulation steps" if accum > 1
+                                                   else "")
+            + "); prepare more rows or lower train.micro_batch_size")
+    if val_rows < 1:
+        problems.append(f"{where}: the val split has no rows (prepare with --val-fraction > 0 "
+                        "and at least two rows)")
+    return problems
+
+
+def require_startable(cfg: Config, data_dir: str | Path) -> None:
+    """Refuse a training run that could never start, once Ray is up and before any worker is
+    asked for: more CPUs/GPUs than the connected cluster has (Ray Train would wait for them
+    forever) or a shard set too small for one step. Every problem is listed at once.
+
+    On an autoscaling cluster that will grow to fit, set ``MMDIST_SKIP_RESOURCE_CHECK=1``.
+
+    Raises:
+        CommandError: naming the keys, the resources asked for and what the cluster has.
+    """
+    import ray
+
+    from mmdist.cli import CommandError
+    from mmdist.data.shards import read_manifest
+
+    problems = []
+    if not os.environ.get("MMDIST_SKIP_RESOURCE_CHECK"):
+        res = check_resources(cfg, *_cluster_resources(ray))
+        if not res.ok:
+            problems.append(f"resources: {res.detail} (an autoscaling cluster that will grow: "
+                            "set MMDIST_SKIP_RESOURCE_CHECK=1)")
+    manifest = read_manifest(data_dir)
+    problems += data_size_problems(cfg, manifest.get("counts") or {}, f"data {data_dir}")
+    if problems:
+        raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
+                           + "\n".join(f"  - {p}" for p in problems))
 
 
 # ---- storage and data, checked from a worker ---------------------------------------------------
@@ -289,6 +344,9 @@ def check_data(cfg: Config, ray=None, on_cluster: bool = False, timeout: float =
     if not isinstance(m, dict):
         return Check("data", False, f"data.path={path}: {manifest} is not a JSON object")
     counts = m.get("counts") or {}
+    too_small = data_size_problems(cfg, counts, f"data.path={path}") if counts else []
+    if too_small:
+        return Check("data", False, "; ".join(too_small))
     rows = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.endswith("rows"))
     return Check("data", True, f"{manifest} parses" + (f" ({rows})" if rows else ""))
 

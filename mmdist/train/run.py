@@ -206,6 +206,8 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
 
     init_ray(address, num_cpus)
+    from mmdist.preflight import require_startable  # resources + data size, or refuse now
+    require_startable(cfg, data_dir)
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
     trainer = build_trainer(cfg, job, datasets, run_name, storage)
     try:

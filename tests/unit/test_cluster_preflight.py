@@ -29,7 +29,7 @@ def test_more_workers_than_the_cluster_has_fails_naming_the_resources(ray_two_cp
         run(_args(tmp_path, "train.num_workers=8", "train.cpus_per_worker=1"))
     msg = str(e.value)
     assert "1 problem(s)" in msg
-    assert "resources: needs 9 CPUs, the cluster (1 node(s)) has 2 CPUs" in msg
+    assert "resources: needs 8.5 CPUs, the cluster (1 node(s)) has 2 CPUs" in msg
     assert "train.num_workers=8 x train.cpus_per_worker=1" in msg
     out = capsys.readouterr().out
     assert "FAIL  resources" in out
