@@ -96,12 +96,18 @@ def emit_json(summary: dict[str, Any]) -> None:
 
 
 def run_command(module: Any, args: argparse.Namespace) -> int:
-    """Run one command module with user-facing error handling; used by cli and jobs/."""
+    """Run one command module with user-facing error handling; used by cli and jobs/.
+
+    Errors about the user's input (config, files, shard sets, data sources) print one
+    ``error: ...`` message naming the problem and exit 1, without a traceback.
+    """
     from mmdist.config import ConfigError
+    from mmdist.data.shards import ManifestError
+    from mmdist.data.sources import SourceError
 
     try:
         summary = module.run(args) or {}
-    except (ConfigError, CommandError, FileNotFoundError) as e:
+    except (ConfigError, CommandError, FileNotFoundError, ManifestError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         if getattr(args, "json", False):
             emit_json({"error": str(e), "ok": False})

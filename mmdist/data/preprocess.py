@@ -106,7 +106,7 @@ def decode_image(data: bytes, size: int, augment: bool = False,
     # for 224 -> 64); no effect on other formats.
     img.draft("RGB", (size, size))
     if img.mode != "RGB":
-        img = img.convert("RGB")
+        img = to_rgb(img)
     w, h = img.size
     side = min(w, h)
     if augment:
@@ -123,6 +123,24 @@ def decode_image(data: bytes, size: int, augment: bool = False,
     if augment and rng.random() < 0.5:
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB. PIL's own convert clips 16/32-bit and float pixels to 255
+    (a 16-bit scan comes out nearly white), so those are rescaled to 0..255 first; palette and
+    alpha images are converted as PIL does (alpha dropped), CMYK/1-bit/LA likewise."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            hi = 65535.0
+        elif img.mode == "F":
+            hi = 1.0 if a.size and a.max() <= 1.0 else 255.0
+        else:
+            hi = 65535.0 if not a.size or a.max() <= 65535 else float(a.max())
+        img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).round().astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 # ---- audio ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,31 +42,44 @@ class RowError(ValueError):
 
 
 def check_image(data: bytes) -> None:
-    """Fully decode image bytes; raise RowError when PIL cannot."""
+    """Decode image bytes the way training will (any mode -> 8-bit RGB, see
+    ``preprocess.decode_image``); raise RowError when that fails, so a row that passes here
+    never turns into a missing image at training time."""
     from PIL import Image
 
+    from mmdist.data.preprocess import decode_image
+
+    mode = None
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (64, 64))  # still parses the whole JPEG bitstream
-            img.load()
             if img.size[0] < 1 or img.size[1] < 1:
-                raise RowError(f"image has size {img.size}")
+                raise RowError(f"empty image: size {img.size}")
+            mode = img.mode
+        decode_image(data, 8)  # parses the whole bitstream and converts the mode
     except RowError:
         raise
     except Exception as e:
-        raise RowError(f"undecodable image: {type(e).__name__}: {e}") from None
+        raise RowError(f"undecodable image{f' (mode {mode})' if mode else ''}: "
+                       f"{type(e).__name__}: {e}") from None
 
 
 def check_audio(data: bytes) -> None:
     """Fully decode WAV/FLAC bytes; raise RowError when soundfile cannot or it is empty."""
+    import numpy as np
     import soundfile as sf
 
+    if not data:
+        raise RowError("undecodable audio: empty file (0 bytes)")
     try:
-        wav, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as e:
-        raise RowError(f"undecodable audio: {type(e).__name__}: {e}") from None
-    if wav.shape[0] == 0:
-        raise RowError("audio has no samples")
+        # soundfile names the in-memory buffer (<_io.BytesIO object at 0x...>); drop that
+        msg = re.sub(r"Error opening <_io\.BytesIO object at 0x[0-9a-f]+>: ", "", str(e))
+        raise RowError(f"undecodable audio: {type(e).__name__}: {msg}") from None
+    if wav.shape[0] == 0 or wav.shape[1] == 0:
+        raise RowError(f"empty audio: 0 samples ({wav.shape[1]} channel(s) at {rate} Hz)")
+    if not np.isfinite(wav).all():
+        raise RowError("bad audio: samples are NaN or infinite")
 
 
 def read_file(path: str | Path, what: str) -> bytes:
@@ -163,6 +177,8 @@ class CocoSource:
         for img in data.get("images") or []:
             if isinstance(img, dict) and "id" in img and "file_name" in img:
                 files[img["id"]] = img["file_name"]
+        if not data["annotations"]:
+            raise SourceError(f"--captions {self.captions}: no rows ('annotations' is empty)")
         for i, ann in enumerate(data["annotations"]):
             rec = {"sample_id": i, "origin": f"{self.captions}: annotations[{i}]",
                    "group": f"annotation {i}"}
@@ -232,6 +248,9 @@ class JsonlSource:
                 rec["group"] = rec.get("image_path") or rec["audio_path"]
             rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"))
             yield rec
+        if i == 0:
+            raise SourceError(f"--manifest {path}: no rows (the file is empty or blank); "
+                              "expected one JSON object per line")
 
     def load(self, record: dict[str, Any]) -> dict[str, Any]:
         if "error" in record:
@@ -285,6 +304,8 @@ class AudioCapsSource:
                 else:
                     rec["audio_path"] = self._resolve(name)
                 yield rec
+        if i == 0:
+            raise SourceError(f"--captions {path}: no rows (a header and no captions)")
 
     def _resolve(self, name: str) -> str:
         p = Path(self.audio) / name

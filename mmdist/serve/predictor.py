@@ -15,22 +15,49 @@ import torch
 
 from mmdist.config import Config
 
+INPUT_COLUMNS = ("text", "image", "audio")
+
+
+def _absent(value: Any) -> bool:
+    """None, NaN (pandas' missing value) and "" mean the modality is not given."""
+    return (value is None or (isinstance(value, float) and math.isnan(value))
+            or (isinstance(value, str) and not value))
+
 
 def _read_input(value: Any, column: str, row: int) -> bytes | None:
-    """A file path or the file's bytes -> bytes; None/NaN -> None (the modality is absent)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A file path or the file's bytes -> bytes; None/NaN/"" -> None (the modality is absent).
+
+    Raises:
+        ValueError: naming the row and column (no such file, unreadable, wrong type).
+    """
+    if _absent(value):
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        if not value:
-            return None
+        data = bytes(value)
+    elif isinstance(value, str):
         p = Path(value)
         if not p.is_file():
-            raise FileNotFoundError(f"row {row}, column {column!r}: no such file {value!r}")
-        return p.read_bytes()
-    raise TypeError(f"row {row}, column {column!r}: expected a file path or bytes, "
-                    f"got {type(value).__name__}")
+            raise ValueError(f"row {row}, column {column!r}: no such file {value!r}")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ValueError(f"row {row}, column {column!r}: cannot read {value!r}: "
+                             f"{e.strerror or e}") from None
+    else:
+        raise ValueError(f"row {row}, column {column!r}: expected a file path or bytes, "
+                         f"got {type(value).__name__} {value!r:.60}")
+    if not data:
+        raise ValueError(f"row {row}, column {column!r}: the {column} is empty (0 bytes)")
+    return data
+
+
+def _text_input(value: Any, row: int) -> str | None:
+    if _absent(value):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"row {row}, column 'text': expected a string, got "
+                         f"{type(value).__name__} {value!r:.60}")
+    return value
 
 
 class Predictor:
@@ -62,29 +89,46 @@ class Predictor:
     def batch_from_rows(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Raw rows (text, image/audio as path or bytes) -> a model batch on the device."""
         from mmdist.data.preprocess import preprocess_batch
+        from mmdist.data.sources import check_audio, check_image
 
         known = set(self.cfg.model.modalities)
         cols: dict[str, list] = {"sample_id": list(range(len(rows)))}
         for c in ("text", "target", "label", "image", "audio"):
             cols[c] = []
         for i, r in enumerate(rows):
-            extra = {k for k, v in r.items() if v is not None and k in ("image", "audio", "text")
-                     and not (isinstance(v, float) and math.isnan(v))} - known
+            if not isinstance(r, dict):
+                raise ValueError(f"row {i}: expected a mapping of {list(INPUT_COLUMNS)}, got "
+                                 f"{type(r).__name__}")
+            given = {k for k in INPUT_COLUMNS if not _absent(r.get(k))}
+            extra = given - known
             if extra:
                 raise ValueError(f"row {i}: the model was trained on {sorted(known)} and does "
                                  f"not take {sorted(extra)}")
-            text = r.get("text")
-            cols["text"].append(text if isinstance(text, str) and text else None)
+            if not given:
+                raise ValueError(f"row {i}: no input; give at least one of {sorted(known)}")
+            cols["text"].append(_text_input(r.get("text"), i))
             cols["target"].append(None)
             cols["label"].append(r.get("label") if isinstance(r.get("label"), int) else None)
             cols["image"].append(_read_input(r.get("image"), "image", i))
-            cols["audio"].append(_read_input(r.get("audio"), "audio", i))
+            audio = _read_input(r.get("audio"), "audio", i)
+            if audio is not None:
+                try:  # preprocessing would zero-pad an empty clip into silence
+                    check_audio(audio)
+                except ValueError as e:
+                    raise ValueError(f"row {i}, column 'audio': {e}") from None
+            cols["audio"].append(audio)
         batch = preprocess_batch({k: np.array(v, dtype=object) for k, v in cols.items()},
                                  self.spec, self.tokenizer)
         for i in range(len(rows)):  # bytes that do not decode are an error at inference
-            for m in ("image", "audio"):
-                if cols[m][i] is not None and not batch[f"has_{m}"][i]:
-                    raise ValueError(f"row {i}, column {m!r}: cannot decode the {m}")
+            if cols["image"][i] is not None and not batch["has_image"][i]:
+                try:
+                    check_image(cols["image"][i])
+                    reason = "cannot decode the image"
+                except ValueError as e:
+                    reason = str(e)
+                raise ValueError(f"row {i}, column 'image': {reason}")
+            if cols["audio"][i] is not None and not batch["has_audio"][i]:
+                raise ValueError(f"row {i}, column 'audio': cannot decode the audio")
         return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
@@ -119,11 +163,19 @@ class Predictor:
         import pandas as pd
 
         if not isinstance(df, pd.DataFrame):
-            df = pd.DataFrame(df)
-        unknown = set(df.columns) - {"text", "image", "audio"}
+            try:
+                df = pd.DataFrame(df)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"expected a DataFrame (or records) with any of the columns "
+                                 f"{list(INPUT_COLUMNS)}; got {type(df).__name__}: {e}") from None
+        unknown = set(df.columns) - set(INPUT_COLUMNS)
         if unknown:
             raise ValueError(f"unknown input columns {sorted(unknown)}; "
                              "use any of text, image, audio")
+        known = [c for c in INPUT_COLUMNS if c in self.cfg.model.modalities]
+        if not any(c in df.columns for c in known):
+            raise ValueError(f"the input has none of the columns {known} this model takes "
+                             f"(columns given: {sorted(map(str, df.columns))})")
         rows = df.to_dict(orient="records")
         answers = []
         for i in range(0, len(rows), 64):
