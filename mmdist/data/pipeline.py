@@ -67,6 +67,8 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     """
     import ray.data
 
+    from mmdist.data import ray_cold_start
+
     # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
     # files into 2 blocks and took 19-42 s for 160 MB, where the V1 reader made 16 blocks in
     # 0.8 s (one block per shard file lets the map stream and run in parallel). The flag is
@@ -83,9 +85,11 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
     # into one task (a map with a batch size waits for bundles of that many rows and is not
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows.
-    return ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
-                          batch_size=None, batch_format="numpy", zero_copy_batch=True,
-                          udf_modifying_row_count=False, num_cpus=cpus_per_task)
+    ds = ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
+                        batch_size=None, batch_format="numpy", zero_copy_batch=True,
+                        udf_modifying_row_count=False, num_cpus=cpus_per_task)
+    # Without it every execution (every epoch) runs one task at a time for its first second.
+    return ray_cold_start.add_to(ds)
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:

@@ -89,6 +89,53 @@ def test_ray_and_dataloader_paths_agree(ray_cluster, shards):
     assert load_tokenizer(shards).vocab_size > 6
 
 
+def test_build_dataset_carries_the_cold_start_callback(ray_cluster, shards):
+    """Ray 2.60 runs one task at a time for the first second of every execution (its resource
+    limits start at zero); build_dataset registers RefreshLimitsUntilKnown on the dataset's own
+    context, and the executor still has the attributes the callback relies on."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    from mmdist.data import ray_cold_start
+
+    ds = build_datasets(shards, CFG)["train"]
+    assert ray_cold_start.RefreshLimitsUntilKnown in ds.context.custom_execution_callback_classes
+    assert (ray_cold_start.RefreshLimitsUntilKnown
+            not in ray.data.DataContext.get_current().custom_execution_callback_classes)
+    seen = []
+
+    class Probe(ExecutionCallback):
+        def on_execution_step(self, executor):
+            rm = executor._resource_manager
+            seen.append((hasattr(rm, "_global_limits_last_update_time"),
+                         rm.get_global_limits().cpu))
+
+    ds.context.custom_execution_callback_classes.append(Probe)
+    assert sum(len(b["sample_id"]) for b in ds.iter_batches(batch_size=None)) == 36
+    assert seen and all(has for has, _ in seen)
+
+
+def test_streaming_split_carries_the_callback(ray_cluster, shards):
+    """Ray Train's get_dataset_shard runs the dataset in a split coordinator actor: the callback
+    must unpickle there and the splits must still deliver every row once."""
+    import threading
+
+    ds = build_datasets(shards, CFG)["train"]
+    splits = ds.streaming_split(2, equal=False)
+    ids = [[], []]
+
+    def consume(i):
+        for b in splits[i].iter_batches(batch_size=4):
+            ids[i].extend(b["sample_id"].tolist())
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    got = ids[0] + ids[1]
+    assert len(got) == len(set(got)) == 36
+
+
 def test_tampered_shard_is_refused(ray_cluster, tmp_path):
     out = tmp_path / "s"
     prepare_synthetic(out, CFG, seed=3)
