@@ -146,4 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mmdist.cli`: run the imported module's main, so CommandError raised by command
+    # modules (which import mmdist.cli) is the class run_command catches, not __main__'s copy.
+    from mmdist.cli import main as _main
+
+    sys.exit(_main())
