@@ -220,7 +220,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     from mmdist import tracking
     from mmdist.cli import CommandError
     from mmdist.train.register import register_model
-    from mmdist.train.run import ensure_data, init_ray
+    from mmdist.train.run import check_data, ensure_data, init_ray
 
     t0 = time.perf_counter()
     space = resolve_space(cfg, space_args or [])
@@ -230,6 +230,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     if resume and not tune.Tuner.can_restore(str(Path(storage) / name / "tune")):
         raise CommandError(f"--resume {name}: no sweep of that name under {storage}")
     data_dir = ensure_data(cfg, data_cache)
+    check_data(data_dir)
     resolved = cfg.resolve()
     metric, mode = resolved["primary_metric"], resolved["metric_mode"]
     uri = tracking.tracking_uri(cfg)
@@ -268,6 +269,12 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1))
     grid = tuner.fit()
+    unfinished = _unfinished_trials(Path(tune_path) / "tune")
+    if unfinished:  # Ctrl+C: Tune saved its state and returned early
+        raise CommandError(
+            f"sweep {name} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished; "
+            f"its state is saved under {tune_path}. Resume it with the same --config and "
+            f"overrides: mmdist sweep --resume {name}")
 
     rows = _trial_rows(grid, metric, mode, report_dir)
     valid = [r for r in rows if not r["invalid"] and r["metric"] is not None]
@@ -297,6 +304,19 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     }
     _print_summary(summary, rows)
     return summary
+
+
+def _unfinished_trials(tune_dir: Path) -> int:
+    """Trials the saved experiment state lists as neither finished nor failed.
+
+    After Ctrl+C, Tune saves its state one last time (trials still PENDING or RUNNING there)
+    and then returns the grid with those trials stopped, which looks like a finished sweep;
+    the saved state tells the two apart.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(tune_dir))
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
 
 
 def _retry_log_artifact(uri: str, run_id: str, path: Path) -> None:

@@ -68,3 +68,59 @@ def test_cli_space_error_names_key():
     assert r.returncode == 1
     assert "choice 'nope' is invalid" in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["ok"] is False
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, synthetic_data,
+                                                                      tmp_path):
+    """Ctrl+C a `mmdist sweep` after its first trial, then `--resume` it: the finished trial is
+    kept, the rest run, one parent run with one child per trial, the best model registered."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.path={synthetic_data}", f"tracking.tracking_uri={uri}",
+                 f"train.storage_path={tmp_path / 'runs'}", "train.num_workers=1",
+                 "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
+                 "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                 "tracking.model_name=resumed-sweep"]
+    space = ["--space", "model.fusion=concat,add", "--space", "model.fusion_stage=mid",
+             "--space", "train.lr=0.003"]
+    done = tmp_path / "runs" / "resumable" / "report" / "trials"
+    gcs = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmdist.cli", "sweep", "--config", "tiny", "--name",
+             "resumable", *space, "--address", gcs, *overrides],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": gcs})
+    try:
+        deadline = time.monotonic() + 400
+        while not (done.exists() and any(done.glob("*.json"))):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first trial never finished"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl+C does
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 1, f"see {log}"
+    assert "mmdist sweep --resume resumable" in out
+    first = {p.name: p.stat().st_mtime for p in done.glob("*.json")}
+    assert len(first) == 1
+
+    s = sweep(load_config("tiny", overrides), space_args=[a for a in space if a != "--space"],
+              name="resumable", resume=True)
+    assert s["trials"] == 2 and s["model_uri"] == "models:/resumed-sweep/1"
+    after = {p.name: p.stat().st_mtime for p in done.glob("*.json")}
+    assert len(after) == 2 and all(after[k] == v for k, v in first.items())  # not re-run
+    client = MlflowClient(uri)
+    exp = client.get_run(s["parent_run_id"]).info.experiment_id
+    assert len(client.search_runs([exp], filter_string="tags.`mmdist.sweep` = 'true'")) == 1
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{s['parent_run_id']}'")
+    assert len(children) == 2
+    assert Path(s["report_dir"], "heatmap.png").stat().st_size > 0
