@@ -9,10 +9,12 @@ files with the same batch size and the same number of CPU workers, in one run:
 * Ray Data: ``ray.init(num_cpus=cpus)``, then the training pipeline of
   :func:`mmdist.data.pipeline.build_dataset` consumed with ``iter_torch_batches``.
 
-Throughput is measured from the first batch to the last (start-up is reported separately);
-the breakdown says where the Ray side spends its time: the cost of the preprocessing itself
-(measured in one process), the ideal rate on ``cpus`` cores, the operator times from Ray
-Data's stats and the time the consumer spent waiting for batches.
+Throughput is measured two ways: from the first batch to the last (start-up reported
+separately) and over the whole epoch (``iter()`` to the last batch, each side's per-epoch
+start included). The breakdown says where the Ray side spends its time: the cost of the
+preprocessing itself (measured in one process), the ideal rate on ``cpus`` cores, the operator
+times from Ray Data's stats, the share of ``cpus`` x time its tasks were running, the CPU of
+its workers vs the driver vs Ray's daemons, and the time the consumer spent waiting.
 
 Without ``--data`` it writes realistic shards once into ``.cache/bench_ingest/``: 224-pixel
 JPEGs, 2-5 s of 22.05 kHz audio, sentence captions.
@@ -31,6 +33,17 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
    execution and cost ~2 CPU-s each while importing; a long job pays that once, so the bench
    warms up before timing (cold start is reported separately).
 5. uint8 images across the object store; progress bars off in the bench.
+6. Ray Data 2.60 starts every execution (every epoch) with zero resource limits for 1 s (the
+   autoscaling coordinator's first answer is an empty cache, kept for 1 s), so one task ran
+   at a time: the second worker idled for the first ~1.3 s of a 2.8 s run.
+   ``mmdist.data.ray_cold_start`` re-asks each scheduling step until the limits are known.
+   The warm-up also waits for that coordinator actor (it starts with the first execution).
+
+Not used in the bench: ``data.cpus_per_task=0.5`` (training's default, so data tasks fit
+beside train workers) runs 4 task workers on 2 CPUs, more than Ray's idle-worker soft limit
+(= CPUs), and Ray kept killing and restarting workers (2-3 new processes per 1024 rows, 1-5 CPU-s
+of imports each: 70-100 samples/s); with ``RAY_num_workers_soft_limit=6`` set before Ray starts
+it ran 830 samples/s. The bench gives each side ``cpus`` worker processes (1 CPU per task).
 
 On a shared machine wall-clock rates swing with other tenants (and a side with more runnable
 processes gets a larger share), so the bench also reports CPU milliseconds per sample summed
@@ -113,16 +126,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   args.map_batch_size or args.batch_size))
     dl = _median(dls) if dls else None
     ray_res = _median(rays)
+    # epoch rates: their own medians over the rounds
+    dl_epoch = _median(dls, "epoch_samples_per_s")["epoch_samples_per_s"] if dls else None
+    ray_epoch = _median(rays, "epoch_samples_per_s")["epoch_samples_per_s"]
+    load_after = os.getloadavg()[0]
     if len(rays) > 1:
-        print("  rounds (samples/s): DataLoader "
-              f"{[round(r['samples_per_s']) for r in dls]}, Ray Data "
-              f"{[round(r['samples_per_s']) for r in rays]}")
+        for key in ("samples_per_s", "epoch_samples_per_s"):
+            print(f"  rounds ({key}): DataLoader {[round(r[key]) for r in dls]}, Ray Data "
+                  f"{[round(r[key]) for r in rays]}")
 
     ideal = args.cpus / fn_cost
     summary = {
         "ray_data_samples_per_s": round(ray_res["samples_per_s"], 1),
         "dataloader_samples_per_s": round(dl["samples_per_s"], 1) if dl else None,
         "ratio": round(ray_res["samples_per_s"] / dl["samples_per_s"], 3) if dl else None,
+        "ray_data_epoch_samples_per_s": round(ray_epoch, 1),
+        "dataloader_epoch_samples_per_s": round(dl_epoch, 1) if dl else None,
+        "epoch_ratio": round(ray_epoch / dl_epoch, 3) if dl else None,
         "rows": rows, "batch_size": args.batch_size, "cpus": args.cpus, "data": str(data_dir),
         "preprocess_ms_per_sample": round(fn_cost * 1e3, 3),
         "ideal_samples_per_s": round(ideal, 1),
@@ -135,23 +155,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_data_cpu_ms_per_sample": _cpu_ms_per_sample(ray_res),
         "dataloader_cpu_ms_per_sample": _cpu_ms_per_sample(dl) if dl else None,
         "loadavg_1m_before": round(load_before, 2),
+        "loadavg_1m_after": round(load_after, 2),
     }
     print(f"  preprocess_batch alone: {fn_cost * 1e3:.2f} ms/sample in one process -> ideal "
           f"{ideal:.0f} samples/s on {args.cpus} CPU(s)")
     if dl:
-        print(f"  DataLoader ({args.cpus} workers): {dl['samples_per_s']:.0f} samples/s "
-              f"(first batch after {dl['startup_s']:.1f} s)")
-    print(f"  Ray Data (num_cpus={args.cpus}):   {ray_res['samples_per_s']:.0f} samples/s "
-          f"(first batch after {ray_res['startup_s']:.1f} s, after a {ray_res['warmup_s']:.1f} s "
-          "warm-up run)")
-    print(f"  CPU ms per sample (all processes, from the first batch on): DataLoader "
+        print(f"  DataLoader ({args.cpus} workers): {dl['samples_per_s']:.0f} samples/s from the "
+              f"first batch (after {dl['startup_s']:.1f} s), {dl_epoch:.0f} over the epoch")
+    print(f"  Ray Data (num_cpus={args.cpus}):   {ray_res['samples_per_s']:.0f} samples/s from the "
+          f"first batch (after {ray_res['startup_s']:.1f} s), {ray_epoch:.0f} over the epoch; "
+          f"{ray_res['warmup_s']:.1f} s warm-up before")
+    print(f"  CPU ms per sample (all processes, iter() to the last batch): DataLoader "
           f"{summary['dataloader_cpu_ms_per_sample']}, Ray Data "
-          f"{summary['ray_data_cpu_ms_per_sample']}; load average before: {load_before:.1f}")
+          f"{summary['ray_data_cpu_ms_per_sample']}; load average before/after: "
+          f"{load_before:.1f}/{load_after:.1f}")
     if dl:
         print(f"    DataLoader CPU s by process: {dl['cpu_s']}")
     print(f"    Ray Data CPU s by process:   {ray_res['cpu_s']}")
     if dl:
-        print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x")
+        print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x from the first batch, "
+              f"{summary['epoch_ratio']:.2f}x over the epoch")
     print("  where the Ray Data side spends its time:")
     for k, v in ray_res["breakdown"].items():
         print(f"    {k}: {v}")
@@ -188,7 +211,12 @@ class CpuMeter:
     """CPU seconds used by this process and all its descendants (Ray's GCS, raylet and workers,
     DataLoader workers) while running, grouped by process kind. Unlike wall time this does not
     depend on what else the machine is running, so it shows the cost of each side honestly on
-    a shared box."""
+    a shared box.
+
+    Processes are polled every ``interval`` seconds; a direct child that exits and is reaped
+    while the meter runs (DataLoader workers at the end of the epoch) is counted in full from
+    the kernel's totals for reaped children, not just up to the last poll before it exited.
+    """
 
     def __init__(self, interval: float = 0.2):
         import psutil
@@ -196,31 +224,57 @@ class CpuMeter:
         self._psutil, self.interval = psutil, interval
         self._base: dict[int, float] = {}
         self._last: dict[int, tuple[str, float]] = {}
+        self._parent: dict[int, int] = {}
+        self._alive: set[int] = set()
+        self._reaped = 0.0
         self._stop = None
         self._thread = None
 
     def _poll(self) -> None:
         psutil = self._psutil
         me = psutil.Process()
+        alive = set()
         for p in [me, *me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                name = p.name()
-                if name.startswith("ray::") or name in ("python", "python3"):
-                    # ray::IDLE / ray::ReadParquet->MapBatches(...) / Ray's helper daemons
-                    cmd = p.cmdline()
-                    name = (cmd[0] if name.startswith("ray::") else
-                            Path(next((c for c in cmd[1:] if c.endswith(".py")), name)).stem)
-                    name = name.split("(")[0][:40]
+                # The kind is read once per process (a Ray worker's title changes with the task
+                # it runs, its kind does not); polling stays ~3 ms of CPU per call.
+                if p.pid not in self._last:
+                    self._parent[p.pid] = p.ppid()
+                name = self._last[p.pid][0] if p.pid in self._last else self._kind(p)
                 self._last[p.pid] = (name, t.user + t.system)
+                alive.add(p.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+        self._alive = alive
+
+    @staticmethod
+    def _kind(p: Any) -> str:
+        name = p.name()
+        if name.startswith("ray::") or name in ("python", "python3"):
+            cmd = p.cmdline()
+            if name.startswith("ray::"):
+                # actors keep their class as title (ray::_StatsActor.method, ray::DashboardAgent);
+                # task workers show ray::IDLE or the task running (ray::ReadParquet->...)
+                title = cmd[0].split("(")[0].split(".")[0]
+                actor = title.startswith("ray::_") or title.endswith(("Actor", "Agent"))
+                name = title if actor else "ray::worker"
+            else:  # Ray's helper daemons (dashboard, log_monitor, ...)
+                name = Path(next((c for c in cmd[1:] if c.endswith(".py")), name)).stem
+            name = name[:40]
+        return name
+
+    @staticmethod
+    def _reaped_children_s() -> float:
+        t = os.times()
+        return t.children_user + t.children_system
 
     def __enter__(self) -> CpuMeter:
         import threading
 
         self._poll()
         self._base = {pid: v for pid, (_, v) in self._last.items()}
+        self._reaped = self._reaped_children_s()
         self._stop = threading.Event()
 
         def loop():
@@ -235,29 +289,47 @@ class CpuMeter:
         self._stop.set()
         self._thread.join()
         self._poll()
+        self._reaped = self._reaped_children_s() - self._reaped
 
     def by_kind(self) -> dict[str, float]:
-        import os
-
+        me = os.getpid()
         out: dict[str, float] = {}
+        gone: dict[str, float] = {}  # direct children that exited: CPU seen up to their last poll
         for pid, (name, v) in self._last.items():
-            kind = "driver" if pid == os.getpid() else name
-            out[kind] = out.get(kind, 0.0) + v - self._base.get(pid, 0.0)
+            kind = "driver" if pid == me else name
+            used = v - self._base.get(pid, 0.0)
+            out[kind] = out.get(kind, 0.0) + used
+            if pid not in self._alive and self._parent.get(pid) == me:
+                gone[kind] = gone.get(kind, 0.0) + v  # reaped totals count from their start
+        unseen = self._reaped - sum(gone.values())
+        if unseen > 0 and gone:  # what they used after their last poll
+            kind = max(gone, key=gone.get)
+            out[kind] = out.get(kind, 0.0) + unseen
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
 def _cpu_ms_per_sample(res: dict[str, Any]) -> float:
-    return round(sum(res["cpu_s"].values()) / max(res["samples"], 1) * 1e3, 3)
+    # the meter runs from iter() to the last batch, so divide by every row delivered
+    return round(sum(res["cpu_s"].values()) / max(res["epoch_samples"], 1) * 1e3, 3)
 
 
-def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return sorted(results, key=lambda r: r["samples_per_s"])[len(results) // 2]
+def _median(results: list[dict[str, Any]], key: str = "samples_per_s") -> dict[str, Any]:
+    return sorted(results, key=lambda r: r[key])[len(results) // 2]
 
 
 def _consume(it, limit: int | None) -> dict[str, float]:
+    """Drain ``it``. ``samples_per_s`` counts from the first batch on (steady state, start-up
+    excluded); ``epoch_samples_per_s`` counts every row from ``iter()`` to the last batch.
+
+    The first is slightly kind to whichever side hands over more finished rows at once when the
+    first batch arrives (a Ray task returns its whole 64-row block; a DataLoader worker one
+    32-row batch), the second charges each side its per-epoch start (forking workers, starting
+    an execution); with short runs report both.
+    """
     t_start = time.perf_counter()
     first = next(it)
     t_first = time.perf_counter()
+    first_rows = len(first["sample_id"])
     n, batches, wait = 0, 0, 0.0
     del first
     while limit is None or batches < limit:
@@ -269,9 +341,12 @@ def _consume(it, limit: int | None) -> dict[str, float]:
         wait += time.perf_counter() - t
         n += len(b["sample_id"])
         batches += 1
-    elapsed = time.perf_counter() - t_first
+    t_end = time.perf_counter()
+    elapsed = t_end - t_first
     return {"samples_per_s": n / max(elapsed, 1e-9), "startup_s": t_first - t_start,
-            "elapsed_s": elapsed, "wait_s": wait, "samples": n}
+            "elapsed_s": elapsed, "wait_s": wait, "samples": n,
+            "epoch_samples": n + first_rows,
+            "epoch_samples_per_s": (n + first_rows) / max(t_end - t_start, 1e-9)}
 
 
 def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus: int,
@@ -302,17 +377,20 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         # Warm-up, not timed: the first execution starts Ray Data's stats and autoscaling
         # actors and worker processes that import ray.data, numpy, PIL (seconds of CPU each
         # on 2 cores, once per job). DataLoader workers are forks that already hold them.
+        # Two tasks per CPU so every worker runs one; then wait until the autoscaling
+        # coordinator answers (until it does, executions see zero CPUs and run one task).
         t0 = time.perf_counter()
         ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).materialize()
-        for _ in build_dataset(paths[:cpus], spec, tok, mbs).iter_batches(batch_size=None):
+        for _ in build_dataset(paths[:2 * cpus], spec, tok, mbs).iter_batches(batch_size=None):
             pass
+        _wait_for_ray_data_coordinator()
         warmup_s = time.perf_counter() - t0
         ds = build_dataset(paths, spec, tok, map_batch_size=mbs)
         with CpuMeter() as cpu:
             res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
                                                       device="cpu")), limit)
         res["cpu_s"] = cpu.by_kind()
-        res["breakdown"] = _ray_breakdown(ds, res)
+        res["breakdown"] = _ray_breakdown(ds, res, cpus)
         res["warmup_s"] = warmup_s
         if os.environ.get("MMDIST_BENCH_STATS"):
             print(ds.stats())
@@ -322,12 +400,28 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     return res
 
 
-def _ray_breakdown(ds: Any, res: dict[str, float]) -> dict[str, Any]:
+def _wait_for_ray_data_coordinator() -> None:
+    """Block until Ray Data's autoscaling coordinator actor answers (internal API: skipped
+    when it moves)."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    except ImportError:  # pragma: no cover
+        return
+    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("bench-warm-up"),
+            timeout=120)
+
+
+def _ray_breakdown(ds: Any, res: dict[str, Any], cpus: int) -> dict[str, Any]:
     """Seconds spent per stage of the Ray Data path, from Ray's own stats and our consumer.
 
     ``task_*`` sums are over all tasks (two run at once on two CPUs); ``udf_s`` is the time
-    inside ``preprocess_batch``; ``iter_*`` are the consumer side in the driver (waiting for
-    blocks, slicing/formatting them into batches, converting to torch).
+    inside ``preprocess_batch``; ``tasks_busy_share`` is ``tasks_wall_s`` over ``cpus`` x the
+    whole iteration (what is missing to 1.0 is CPU time with no task running: scheduling gaps
+    between tasks, start and tail); ``iter_*`` are the consumer side in the driver (waiting for
+    blocks, slicing/formatting them into batches, converting to torch). ``cpu_*`` split the
+    measured CPU seconds into the read+preprocess workers and everything else Ray runs.
     """
 
     def total(x: Any) -> float | None:
@@ -338,15 +432,24 @@ def _ray_breakdown(ds: Any, res: dict[str, float]) -> dict[str, Any]:
             v = x.get()
         return round(float(v), 2) if v is not None else None
 
+    cpu = res.get("cpu_s", {})
+    workers = cpu.get("ray::worker", 0.0)
     out: dict[str, Any] = {"consumer_elapsed_s": round(res["elapsed_s"], 2),
-                           "consumer_wait_s": round(res["wait_s"], 2)}
+                           "consumer_wait_s": round(res["wait_s"], 2),
+                           "cpu_workers_s": round(workers, 2),
+                           "cpu_driver_s": cpu.get("driver", 0.0),
+                           "cpu_ray_daemons_s": round(sum(cpu.values()) - workers
+                                                      - cpu.get("driver", 0.0), 2)}
     try:
         summary = ds._get_stats_summary()
         for op in summary.operators_stats:
+            wall = total(op.wall_time)
             out[f"op {op.operator_name}"] = {
-                "tasks_wall_s": total(op.wall_time), "tasks_cpu_s": total(op.cpu_time),
+                "tasks_wall_s": wall, "tasks_cpu_s": total(op.cpu_time),
                 "udf_s": total(op.function_body_time),
-                "output_build_s": total(op.output_build_time)}
+                "output_build_s": total(op.output_build_time),
+                "tasks_busy_share": (round(wall / (cpus * (res["startup_s"] + res["elapsed_s"])),
+                                           2) if wall else None)}
         it = summary.iter_stats
         for name in ("time_to_first_batch", "wait_time", "get_time", "format_time",
                      "collate_time", "finalize_batch_time", "blocked_production_wait_time"):
