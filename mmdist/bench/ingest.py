@@ -42,8 +42,9 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
 Not used in the bench: ``data.cpus_per_task=0.5`` (training's default, so data tasks fit
 beside train workers) runs 4 task workers on 2 CPUs, more than Ray's idle-worker soft limit
 (= CPUs), and Ray kept killing and restarting workers (2-3 new processes per 1024 rows, 1-5 CPU-s
-of imports each: 70-100 samples/s); with ``RAY_num_workers_soft_limit=6`` set before Ray starts
-it ran 830 samples/s. The bench gives each side ``cpus`` worker processes (1 CPU per task).
+of imports each; 70-100 samples/s at load average 13-16); with ``RAY_num_workers_soft_limit=6``
+set before Ray started, no new workers after the first round (830 samples/s at load 8). The
+bench gives each side ``cpus`` worker processes (1 CPU per task).
 
 On a shared machine wall-clock rates swing with other tenants (and a side with more runnable
 processes gets a larger share), so the bench also reports CPU milliseconds per sample summed
