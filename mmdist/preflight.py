@@ -165,7 +165,8 @@ def check_resources(cfg: Config, total: dict[str, float], nodes: list[dict[str, 
     need_cpu = worker_cpus + data_cpus + (TRIAL_CPUS * trials if sweep else 0.0)
     need_gpu = float(t.num_workers * trials) if t.use_gpu else 0.0
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    per_trial = f" x {trials} concurrent trials (tune.max_concurrent_trials)" if sweep else ""
+    per_trial = (f" x {trials} concurrent trials (tune.max_concurrent_trials)"
+                 if sweep and trials > 1 else "")
     asks = (f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g}"
             f"{per_trial} = {worker_cpus:g} CPUs for workers + data.cpus_per_task="
             f"{data_cpus:g} for Ray Data"

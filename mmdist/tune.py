@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config import FUSION_STAGES, FUSIONS, Config, ConfigError, load_config
-
-TRIAL_FN_CPUS = 0.01  # the Tune function trainable only drives its TorchTrainer
+from mmdist.preflight import TRIAL_CPUS  # the CPU a trial's driver function reserves
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -165,32 +164,30 @@ def trial_fn(config: dict[str, Any]) -> None:
 # ---- the sweep ----------------------------------------------------------------------------
 
 
-def check_fits(cfg: Config) -> None:
-    """Refuse before start when one trial needs more than the cluster has (no PENDING forever)."""
+def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
+    """Refuse before start when one trial needs more than the cluster has (no PENDING forever)
+    or the shards are too small for one step: the checks of ``mmdist preflight``."""
     import ray
 
     from mmdist.cli import CommandError
+    from mmdist.data.shards import read_manifest
+    from mmdist.preflight import _cluster_resources, check_resources, data_size_problems
 
-    total = ray.cluster_resources()
-    t = cfg.train
-    need_cpu = trial_cpus(cfg) + cfg.data.cpus_per_task
-    need_gpu = t.num_workers if t.use_gpu else 0
     problems = []
-    if need_cpu > total.get("CPU", 0) + 1e-9:
-        problems.append(f"one trial needs {need_cpu:g} CPUs (train.num_workers={t.num_workers} x "
-                        f"train.cpus_per_worker={t.cpus_per_worker:g} + 0.01 for the trial + "
-                        f"data.cpus_per_task={cfg.data.cpus_per_task:g} for its data) but the "
-                        f"cluster has {total.get('CPU', 0):g}")
-    if need_gpu > total.get("GPU", 0):
-        problems.append(f"one trial needs {need_gpu} GPUs (train.num_workers={t.num_workers}, "
-                        f"train.use_gpu=true) but the cluster has {total.get('GPU', 0):g}")
+    one_trial = cfg.override({"tune.max_concurrent_trials": 1})
+    res = check_resources(one_trial, *_cluster_resources(ray), sweep=True)
+    if not res.ok:
+        problems.append(f"one trial {res.detail}")
+    if data_dir is not None:
+        counts = read_manifest(data_dir).get("counts") or {}
+        problems += data_size_problems(cfg, counts, f"data {data_dir}")
     if problems:
         raise CommandError("this sweep cannot start: " + "; ".join(problems))
 
 
 def trial_cpus(cfg: Config) -> float:
     """CPUs one trial holds while it runs: its workers and the trial function itself."""
-    return cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_FN_CPUS
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_CPUS
 
 
 def concurrent_trials(cfg: Config, cluster_cpus: float) -> int:
@@ -233,6 +230,8 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     check_data(data_dir)
     resolved = cfg.resolve()
     metric, mode = resolved["primary_metric"], resolved["metric_mode"]
+    init_ray(address, num_cpus, dashboard=True)
+    check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none
     uri = tracking.tracking_uri(cfg)
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
                                         tags={"mmdist.sweep": "true"})
@@ -241,8 +240,6 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     print(f"[mmdist] sweep {name}: space {json.dumps(space)}; metric {metric} ({mode})",
           flush=True)
 
-    init_ray(address, num_cpus, dashboard=True)
-    check_fits(cfg)
     tune_space = to_tune_space(space, cfg.tune.search)
     tune_space["_sweep"] = {"cfg": cfg.to_dict(), "name": name, "tracking_uri": uri,
                             "parent_run_id": parent, "data_dir": str(data_dir),
@@ -250,7 +247,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     scheduler = (ASHAScheduler(grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor, max_t=10**6)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
-    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_FN_CPUS})
+    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPUS})
     concurrency = concurrent_trials(cfg, ray.cluster_resources().get("CPU", 0))
     if concurrency < cfg.tune.max_concurrent_trials:
         print(f"[mmdist] running {concurrency} trial(s) at a time, not "

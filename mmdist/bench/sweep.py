@@ -15,14 +15,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, default="tiny")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                         help="search dimensions as in `mmdist sweep --space` (default: "
-                             "model.fusion=concat,add and train.lr=0.003,0.00001)")
+                             "model.fusion=concat,add, model.fusion_stage=mid and "
+                             "train.lr=0.003,0.00001: 4 trials)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmdist.config import load_config
     from mmdist.tune import sweep
 
-    space = args.space or ["model.fusion=concat,add", "train.lr=0.003,0.00001"]
+    space = args.space or ["model.fusion=concat,add", "model.fusion_stage=mid",
+                           "train.lr=0.003,0.00001"]
     cfg = load_config(args.config, args.overrides)
     tag = uuid.uuid4().hex[:6]
     asha = sweep(cfg.override({"tune.scheduler": "asha"}), space, name=f"bench-asha-{tag}",

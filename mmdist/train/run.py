@@ -197,6 +197,10 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)
+    init_ray(address, num_cpus)
+    from mmdist.preflight import require_startable  # resources + data size, or refuse now
+    require_startable(cfg, data_dir)
+
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
     resolved = cfg.resolve()
@@ -204,10 +208,6 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
-
-    init_ray(address, num_cpus)
-    from mmdist.preflight import require_startable  # resources + data size, or refuse now
-    require_startable(cfg, data_dir)
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
     trainer = build_trainer(cfg, job, datasets, run_name, storage)
     try:

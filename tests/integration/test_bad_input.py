@@ -332,7 +332,7 @@ def test_sweep_that_cannot_fit_is_refused(ray_local, small_shards, tmp_path, cap
     args.space, args.name, args.resume = [], None, None
     rc, out, err = _capture(sweep_command, args, capsys)
     assert_clean_error(rc, out, err, "this sweep cannot start", "train.num_workers=64",
-                       "the cluster has 2")
+                       "has 2 CPUs")
 
 
 def test_evaluate_on_a_folder_that_is_not_a_shard_set(ray_local, tiny_model, tmp_path, capsys):
