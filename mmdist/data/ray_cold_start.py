@@ -20,27 +20,35 @@ If Ray's internals change it does nothing at all.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 
 class RefreshLimitsUntilKnown(ExecutionCallback):
-    """Re-read the cluster's resource limits each scheduling step until they are non-zero."""
+    """Re-read the cluster's resource limits each scheduling step until they are non-zero
+    (for at most ``GIVE_UP_S``: limits that stay zero, e.g. train workers holding every CPU,
+    are then left to Ray's own refresh once a second)."""
+
+    GIVE_UP_S = 10.0
 
     def __init__(self) -> None:
-        self._known = False
+        self._done = False
+        self._since: float | None = None
 
     def _refresh(self, executor: Any) -> None:
-        if self._known:
+        if self._done:
             return
         rm = getattr(executor, "_resource_manager", None)
         if rm is None or not hasattr(rm, "_global_limits_last_update_time"):
-            self._known = True  # not the Ray we know: leave it alone
+            self._done = True  # not the Ray we know: leave it alone
             return
+        now = time.monotonic()
+        self._since = now if self._since is None else self._since
         limits = rm.get_global_limits()
-        if limits.cpu > 0 or limits.gpu > 0:
-            self._known = True
+        if limits.cpu > 0 or limits.gpu > 0 or now - self._since > self.GIVE_UP_S:
+            self._done = True
         else:
             rm._global_limits_last_update_time = 0  # the next call asks the coordinator again
 

@@ -38,3 +38,18 @@ def test_asks_again_until_the_limits_are_known_then_stops():
 def test_leaves_an_unknown_ray_alone():
     RefreshLimitsUntilKnown().on_execution_step(SimpleNamespace())  # no resource manager
     RefreshLimitsUntilKnown().on_execution_step(SimpleNamespace(_resource_manager=object()))
+
+
+def test_gives_up_on_limits_that_stay_zero(monkeypatch):
+    import mmdist.data.ray_cold_start as mod
+
+    clock = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
+    rm = FakeResourceManager([0.0] * 100)
+    cb, ex = RefreshLimitsUntilKnown(), SimpleNamespace(_resource_manager=rm)
+    cb.on_execution_step(ex)
+    clock[0] += RefreshLimitsUntilKnown.GIVE_UP_S + 1
+    cb.on_execution_step(ex)
+    asked = rm.refreshes
+    cb.on_execution_step(ex)
+    assert rm.refreshes == asked  # no longer re-armed
