@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mmdist.cli import CommandError
 from mmdist.config import load_config
+from mmdist.train.checkpoint import choose_checkpoint
 from mmdist.train.run import train
 
 
@@ -68,6 +69,57 @@ def test_corrupted_shard_is_refused_before_training(ray_local, synthetic_data, t
     shard.write_bytes(bytes(data))
     with pytest.raises(CommandError, match=shard.name):
         train(_cfg(bad, tmp_path, "train.max_steps=2"))
+
+
+def test_killed_driver_then_same_run_name_continues_checkpoint_and_mlflow_run(
+        ray_local, synthetic_data, tmp_path):
+    """SIGKILL a `mmdist train` driver after its first checkpoint, run the same command again:
+    it continues from that checkpoint, in the same MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.path={synthetic_data}", f"tracking.tracking_uri={uri}",
+                 f"train.storage_path={tmp_path / 'runs'}", "train.run_name=driver-killed",
+                 "train.num_workers=1", "train.max_steps=12", "train.checkpoint_every=4",
+                 "train.eval_every=4", "train.log_every=2", "tracking.register=false"]
+    gcs = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:  # slow steps so the driver is surely killed mid-run
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "mmdist.cli", "train", "--config", "tiny", "--address", gcs,
+             *overrides], stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "RAY_ADDRESS": gcs, "MMDIST_FAULT_STEP_SLEEP": "1.0"})
+    run_dir = tmp_path / "runs" / "driver-killed"
+    try:
+        deadline = time.monotonic() + 300
+        while choose_checkpoint(run_dir)[0] is None:  # until one is complete on storage
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    # Ray reaps the dead driver's workers; wait until their CPUs are free again.
+    deadline = time.monotonic() + 120
+    while ray_local.available_resources().get("CPU", 0) < 2 - 1e-6:
+        assert time.monotonic() < deadline, ray_local.available_resources()
+        time.sleep(1)
+    killed_run = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("mmdist-tiny").experiment_id])
+    assert len(killed_run) == 1 and killed_run[0].info.status == "RUNNING"
+
+    s = train(load_config("tiny", overrides))
+    assert s["global_step"] == 12
+    assert s["run_id"] == killed_run[0].info.run_id  # the same MLflow run, not a new one
+    resumed = s["resumes"][-1]
+    assert resumed["from_step"] >= 4 and resumed["from_step"] % 4 == 0
+    assert MlflowClient(uri).get_run(s["run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(s["run_id"], "train_loss")]
+    assert max(steps) == 12 and set(range(2, 13, 2)) <= set(steps)
 
 
 # ---- 4 and 5: determinism, truncated checkpoints, another world size --------------------------

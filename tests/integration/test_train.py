@@ -94,16 +94,3 @@ def test_zero3_two_ranks_with_mixed_modalities(ray_local, tmp_path, store):
     s = train(cfg)
     assert s["global_step"] == 6
     assert 0.0 <= s["metrics"]["val_accuracy"] <= 1.0
-
-
-def test_resume_continues_steps_and_mlflow_run(ray_local, data_dir, store):
-    uri, _ = store
-    common = ["train.num_workers=1", "train.checkpoint_every=4", "train.eval_every=4",
-              "train.run_name=resume-me", "tracking.register=false"]
-    first = train(_cfg(data_dir, store, "train.max_steps=8", *common))
-    assert first["global_step"] == 8
-    second = train(_cfg(data_dir, store, "train.max_steps=12", *common))
-    assert second["global_step"] == 12
-    assert second["run_id"] == first["run_id"]
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(first["run_id"], "train_loss")]
-    assert max(steps) == 12 and len(steps) == len(set(steps))  # no step logged twice
