@@ -226,6 +226,7 @@ class CpuMeter:
         self._base: dict[int, float] = {}
         self._last: dict[int, tuple[str, float]] = {}
         self._parent: dict[int, int] = {}
+        self._kinds: dict[tuple[int, str], str] = {}
         self._alive: set[int] = set()
         self._reaped = 0.0
         self._stop = None
@@ -238,12 +239,15 @@ class CpuMeter:
         for p in [me, *me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                # The kind is read once per process (a Ray worker's title changes with the task
-                # it runs, its kind does not); polling stays ~3 ms of CPU per call.
+                # A Ray worker's title changes with the task it runs, its kind does not: the
+                # kind is derived once per (process, name); a forked DataLoader worker is
+                # "python" until torch renames it, so the name is part of the key.
                 if p.pid not in self._last:
                     self._parent[p.pid] = p.ppid()
-                name = self._last[p.pid][0] if p.pid in self._last else self._kind(p)
-                self._last[p.pid] = (name, t.user + t.system)
+                key = (p.pid, p.name())
+                if key not in self._kinds:
+                    self._kinds[key] = self._kind(p)
+                self._last[p.pid] = (self._kinds[key], t.user + t.system)
                 alive.add(p.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
