@@ -32,10 +32,21 @@ if [[ "$RAY_ADDRESS" == *"://127.0.0.1:"* && " $* " != *" train.storage_path="* 
   set -- "$@" "train.storage_path=$ROOT/runs"
 fi
 if [[ "${MMDIST_SKIP_PREFLIGHT:-0}" != 1 ]]; then
+  # preflight takes the config part only: --config and KEY=VALUE overrides, not the job's own
+  # flags (--space KEY=SPEC, --name, --resume, --json, ...) or their values.
   preflight_args=()
+  args=("$@")
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+      --config) preflight_args+=(--config "${args[i + 1]:-}"); i=$((i + 1)) ;;
+      --json|--*=*) ;;
+      --*) i=$((i + 1)) ;;  # a job flag and its value
+      *=*) preflight_args+=("${args[i]}") ;;
+    esac
+  done
   [[ "$(basename "$ENTRY")" == sweep.py ]] && preflight_args+=(--sweep)
-  echo "[submit] mmdist preflight $* ${preflight_args[*]}"
-  "$BIN/mmdist" preflight "$@" "${preflight_args[@]}" \
+  echo "[submit] mmdist preflight ${preflight_args[*]}"
+  "$BIN/mmdist" preflight "${preflight_args[@]}" \
     || die "preflight failed: fix the problems above (or MMDIST_SKIP_PREFLIGHT=1 to submit anyway)"
 fi
 

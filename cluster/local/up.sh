@@ -131,6 +131,12 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
     auth_args=(--app-name basic-auth)
     touch "$CLUSTER_DIR/mlflow_auth"
+    # The auth app signs its CSRF tokens with this key and refuses to start without one.
+    SECRET_FILE="$CLUSTER_DIR/mlflow_flask_secret"
+    [[ -s "$SECRET_FILE" ]] || \
+      "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32), end="")' > "$SECRET_FILE"
+    chmod 600 "$SECRET_FILE"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$SECRET_FILE")"
   fi
   MLFLOW_AUTH_CONFIG_PATH="$CLUSTER_DIR/mlflow_auth.ini" MLFLOW_DISABLE_TELEMETRY=true \
     setsid "$MLFLOW" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
