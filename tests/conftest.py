@@ -21,11 +21,8 @@ def ray_local():
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
-                                       "MLFLOW_DISABLE_TELEMETRY": "true",
-                                       "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    from mmdist.ray_env import local_init_kwargs
+
+    ray.init(**local_init_kwargs(num_cpus=2, dashboard=True))  # the local Ray users get
     yield ray
     ray.shutdown()

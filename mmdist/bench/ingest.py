@@ -374,7 +374,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _node_ip_address="127.0.0.1")
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         tok = load_tokenizer(data_dir)

@@ -272,7 +272,12 @@ def _load_with_ray(source: Any, records: list[dict[str, Any]]):
 
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:  # a local Ray bound to 127.0.0.1, like every other command's
+            from mmdist.ray_env import local_init_kwargs
+
+            ray.init(**local_init_kwargs(), log_to_driver=False)
         started = True
     try:
         ctx = ray.data.DataContext.get_current()

@@ -85,19 +85,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY",
-                                      "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
-           if k in os.environ}
-    # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
-    env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    runtime_env = {"env_vars": env}
     if address:
         # A submitted job already carries its runtime env (cluster/runtime_env.yaml); passing
         # another one here would be refused as a conflicting merge.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env, _node_ip_address="127.0.0.1")
+        from mmdist.ray_env import local_init_kwargs
+
+        ray.init(**local_init_kwargs(num_cpus, dashboard))
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:

@@ -1,0 +1,49 @@
+"""How mmdist starts a local Ray: one place for the options every local ``ray.init`` needs.
+
+Used by :func:`mmdist.train.run.init_ray` (train, sweep, evaluate, predict, benches) and by the
+test suite's Ray fixture, so tests run on the Ray that users get.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Forwarded from the driver's environment to every Ray worker when set.
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM",
+                 "HF_HUB_OFFLINE")
+# Ray keeps about num_cpus idle worker processes and kills the rest. Ray Data tasks of
+# data.cpus_per_task=0.5 beside the train workers need more than that, so Ray killed and
+# restarted them all the time (2-3 new processes per 1,024 rows, 1-5 CPU-s of imports each;
+# seen with `mmdist bench ingest` on 2 cores). The raylet reads this when it starts.
+WORKERS_SOFT_LIMIT = "RAY_num_workers_soft_limit"
+
+
+def pin_ray_address() -> None:
+    """``worker_process_setup_hook``: point Ray's own address lookups at this cluster.
+
+    Ray Train's placement-group cleaner (a detached actor) asks the state API whether a
+    controller is alive, and the state API finds its cluster by scanning the machine. With two
+    Ray instances on one host (a `make cluster-up` cluster and a local `mmdist sweep`, or two
+    test sessions) it fails ("Found multiple active Ray instances"), the placement group of
+    every trial ASHA stops leaks, and the next trials wait forever for CPUs.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = False,
+                      env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``ray.init`` starting a local Ray bound to 127.0.0.1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = num_cpus or cores or 1
+    os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, int(4 * cpus))))
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
+    env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    env.update(env_vars or {})
+    return {"num_cpus": num_cpus, "include_dashboard": dashboard,
+            "dashboard_host": "127.0.0.1", "_node_ip_address": "127.0.0.1",
+            "runtime_env": {"env_vars": env,
+                            "worker_process_setup_hook": "mmdist.ray_env.pin_ray_address"}}
