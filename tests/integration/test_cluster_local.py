@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,7 +68,8 @@ def cluster():
     state = Path(tempfile.mkdtemp(prefix="mmc", dir="/tmp"))
     env = _clean_env(MMDIST_CLUSTER_DIR=str(state), MMDIST_RAY_PORT=str(_free_port()),
                      MMDIST_DASHBOARD_PORT=str(_free_port()),
-                     MMDIST_MLFLOW_PORT=str(_free_port()), MMDIST_CLUSTER_CPUS="2")
+                     MMDIST_MLFLOW_PORT=str(_free_port()), MMDIST_CLUSTER_CPUS="2",
+                     MMDIST_MLFLOW_AUTH="1")  # MLflow's basic-auth app, generated password
     try:
         t0 = time.perf_counter()
         up = subprocess.run([str(ROOT / "cluster/local/up.sh")], env=env, cwd=ROOT,
@@ -108,9 +110,24 @@ def test_up_is_idempotent_and_the_env_file_names_both_services(cluster):
     assert "already running" in again.stdout
 
 
-def test_mlflow_server_is_healthy(cluster):
-    with urllib.request.urlopen(cluster.vars["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
+def test_mlflow_server_is_healthy_and_refuses_requests_without_the_password(cluster):
+    uri = cluster.vars["MLFLOW_TRACKING_URI"]
+    with urllib.request.urlopen(uri + "/health", timeout=10) as r:
         assert r.status == 200
+    api = uri + "/api/2.0/mlflow/experiments/search?max_results=1"
+    password = cluster.vars["MLFLOW_TRACKING_PASSWORD"]
+    assert len(password) >= 24 and (cluster.state / "mlflow_admin_password").stat().st_mode \
+        & 0o077 == 0
+    for user, pw in ((None, None), ("admin", "password"), ("admin", password[:-1])):
+        req = urllib.request.Request(api)
+        if user:
+            import base64
+
+            req.add_header("Authorization", "Basic " + base64.b64encode(
+                f"{user}:{pw}".encode()).decode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 401
 
 
 def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_path):
@@ -137,7 +154,7 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
 
 
 @pytest.mark.timeout(1500)
-def test_submit_train_finds_run_and_registered_model_on_the_server(cluster):
+def test_submit_train_finds_run_and_registered_model_on_the_server(cluster, monkeypatch):
     """`cluster/submit.sh jobs/train.py --config tiny --json` (what `make submit-train` runs):
     preflight, ray job submit, SUCCEEDED, then the run and the model are on the MLflow server."""
     from mlflow.tracking import MlflowClient
@@ -163,8 +180,12 @@ def test_submit_train_finds_run_and_registered_model_on_the_server(cluster):
     assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
     assert s["tracking_uri"] == cluster.vars["MLFLOW_TRACKING_URI"]
 
+    assert cluster.vars["MLFLOW_TRACKING_PASSWORD"] not in out  # no secret in the job's logs
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, cluster.vars[k])
     client = MlflowClient(cluster.vars["MLFLOW_TRACKING_URI"])
     run = client.get_run(s["run_id"])
+    assert cluster.vars["MLFLOW_TRACKING_PASSWORD"] not in json.dumps(run.data.params)
     assert run.info.status == "FINISHED"
     assert run.data.metrics, "the run on the server has no metrics"
     version = client.get_model_version_by_alias("cluster-tiny", s["alias"])
