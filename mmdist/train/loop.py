@@ -216,7 +216,6 @@ def _restore(engine, cfg: Config, run_dir: str, rank: int, world: int) -> TrainS
     return state
 
 
-
 def _say(rank: int, msg: str) -> None:
     if rank == 0:
         print(f"[mmdist] {msg}", flush=True)
