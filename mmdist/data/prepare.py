@@ -222,7 +222,13 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {**counts, "shards": len(shards), "out": str(out),
+    warnings = []
+    if data.val_fraction > 0 and counts["val_rows"] == 0:
+        n_val = sum(1 for v in splits.values() if v == "val")
+        warnings.append(f"the val split is empty: its {n_val} group(s) of rows were all "
+                        "quarantined or there were too few groups; training needs val rows "
+                        "(fix the quarantined rows, add rows or raise --val-fraction)")
+    return {**counts, "shards": len(shards), "out": str(out), "warnings": warnings,
             "train_shards": len(writers["train"].shards), "val_shards": len(writers["val"].shards),
             "quarantine_reasons": quarantine.reasons, "tokenizer": str(out / TOKENIZER_DIR),
             "vocab_size": tokenizer.vocab_size, "manifest_sha256": manifest["manifest_sha256"],
@@ -311,6 +317,8 @@ def print_summary(s: dict[str, Any]) -> None:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["quarantine_reasons"].items()))
         print(f"  quarantined: {reasons} (details in {Path(s['out']) / 'quarantine.jsonl'})")
     print(f"  tokenizer: {s['tokenizer']} (vocab {s['vocab_size']})")
+    for w in s.get("warnings", ()):
+        print(f"  warning: {w}")
 
 
 # ---- the synthetic default of `mmdist train` ----------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -245,7 +246,9 @@ class JsonlSource:
                     break
                 rec[f"{key}_path"] = str(base / v)
             if "image_path" in rec or "audio_path" in rec:
-                rec["group"] = rec.get("image_path") or rec["audio_path"]
+                # rows sharing a media file share a split; its path as the manifest writes it,
+                # not where the dataset lies today, so a moved dataset splits the same way
+                rec["group"] = posixpath.normpath(obj["image" if "image_path" in rec else "audio"])
             rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"))
             yield rec
         if i == 0:

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import wave
@@ -25,6 +26,7 @@ from PIL import Image
 
 from mmdist.config import load_config
 from mmdist.data.prepare import convert
+from mmdist.data.shards import read_manifest
 from mmdist.data.sources import JsonlSource, SyntheticSource
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -285,8 +287,15 @@ def test_wrong_image_modes_convert_and_empty_audio_is_quarantined(files, tmp_pat
     assert by_line["7"].startswith("undecodable image")  # truncated.png
     assert by_line["9"].startswith("empty audio: 0 samples")  # zero_frames.wav
     assert by_line["10"].startswith("undecodable audio: empty file (0 bytes)")  # zero_bytes.wav
+    # the split does not depend on where the dataset lies: a copy elsewhere splits the same way
+    moved = tmp_path / "moved"
+    shutil.copytree(files, moved)
+    s2 = convert(JsonlSource(str(moved / "mixed.jsonl")), tmp_path / "shards2", cfg.data,
+                 parallel="local")
+    assert (s2["train_rows"], s2["val_rows"]) == (s["train_rows"], s["val_rows"])
     # every wrong-mode image was kept and decodes to 8-bit RGB as training will read it
-    rows = pd.concat([pd.read_parquet(out / split) for split in ("train", "val")])
+    shards = read_manifest(out)["shards"]
+    rows = pd.concat([pd.read_parquet(out / sh["path"]) for sh in shards])
     images = rows[rows["image"].notna()]
     assert len(images) == 6
     for data in images["image"]:
@@ -295,6 +304,23 @@ def test_wrong_image_modes_convert_and_empty_audio_is_quarantined(files, tmp_pat
     gray16 = (files / "gray16.png").read_bytes()
     # 20000/65535 of full scale, not clipped to white as a plain PIL convert would
     assert abs(int(decode_image(gray16, 16).mean()) - round(20000 / 65535 * 255)) <= 1
+
+
+def test_an_empty_val_split_is_named_in_the_summary(files, tmp_path):
+    from mmdist.data.shards import split_of_groups
+
+    cfg = load_config("tiny", ["data.val_fraction=0.5"])
+    # two rows, one per image; make the one the split sends to val the broken one
+    names = ["a.png", "b.png"]
+    val_name = next(g for g, sp in split_of_groups(names, 0.5, 0).items() if sp == "val")
+    shutil.copy(files / "ok.png", tmp_path / (set(names) - {val_name}).pop())
+    (tmp_path / val_name).write_bytes(b"not a png")
+    (tmp_path / "m.jsonl").write_text("".join(
+        json.dumps({"image": n, "text": "a red square"}) + "\n" for n in names))
+    s = convert(JsonlSource(str(tmp_path / "m.jsonl")), tmp_path / "out", cfg.data,
+                parallel="local")
+    assert (s["train_rows"], s["val_rows"], s["rows_quarantined"]) == (1, 0, 1)
+    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith("the val split is empty")
 
 
 # ---- training, sweeps and evaluation refuse bad setups before anything starts -----------------
