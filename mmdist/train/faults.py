@@ -5,8 +5,9 @@ Set on the driver before `mmdist train`; the values travel to the workers with t
     MMDIST_FAULT_KILL_AT_STEP=N   rank MMDIST_FAULT_RANK (default 0) SIGKILLs itself right after
                                   optimizer step N, once (a marker file under the run's storage
                                   folder makes the restarted attempt carry on)
-    MMDIST_FAULT_NAN_BATCHES=A-B  the loss of micro-batches A..B (1-based, inclusive, counted
-                                  from the start of each attempt) is NaN
+    MMDIST_FAULT_NAN_BATCHES=A-B[,C-D...]
+                                  the loss of micro-batches A..B (1-based, inclusive, counted
+                                  from the start of each attempt) is NaN; a lone N is N-N
     MMDIST_FAULT_STEP_SLEEP=S     every rank sleeps S seconds after each optimizer step (a slow
                                   run without burning CPU, to rehearse a tracking outage)
 
@@ -33,8 +34,7 @@ def from_environ() -> dict[str, str]:
 class Faults:
     kill_at_step: int = 0
     kill_rank: int = 0
-    nan_from: int = 0
-    nan_to: int = -1
+    nan_ranges: tuple[tuple[int, int], ...] = ()
     step_sleep: float = 0.0
     marker: Path | None = None
 
@@ -46,15 +46,18 @@ class Faults:
             f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
             f.marker = Path(marker_dir) / f".fault-killed-at-{f.kill_at_step}"
         if env.get(PREFIX + "NAN_BATCHES"):
-            a, _, b = env[PREFIX + "NAN_BATCHES"].partition("-")
-            f.nan_from, f.nan_to = int(a), int(b or a)
+            ranges = []
+            for part in env[PREFIX + "NAN_BATCHES"].split(","):
+                a, _, b = part.strip().partition("-")
+                ranges.append((int(a), int(b or a)))
+            f.nan_ranges = tuple(ranges)
         if env.get(PREFIX + "STEP_SLEEP"):
             f.step_sleep = float(env[PREFIX + "STEP_SLEEP"])
         return f
 
     def loss(self, loss, batch_number: int):
         """NaN for the micro-batches named in MMDIST_FAULT_NAN_BATCHES."""
-        if self.nan_from <= batch_number <= self.nan_to:
+        if any(a <= batch_number <= b for a, b in self.nan_ranges):
             return loss * float("nan")
         return loss
 
