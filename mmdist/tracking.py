@@ -127,12 +127,17 @@ class MetricsLogger:
         return [(m.key, m.value, m.timestamp, m.step) for m in self._buffer]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         ts = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        self.add([(k, v, ts, step) for k, v in metrics.items()])
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
+
+    def add(self, rows: list[tuple[str, float, int, int]]) -> None:
+        """Buffer ``(key, value, timestamp_ms, step)`` rows (e.g. another logger's
+        :meth:`pending`) for the next flush."""
+        from mlflow.entities import Metric
+
+        self._buffer.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows)
 
     def flush(self, raise_on_error: bool = False) -> bool:
         from mlflow.tracking import MlflowClient
@@ -159,12 +164,10 @@ class MetricsLogger:
 def deliver_pending(uri: str, run_id: str, rows: list) -> int:
     """Send metric values a worker could not deliver (``MetricsLogger.pending()``), retrying
     while the tracking server is down. Returns how many were sent."""
-    from mlflow.entities import Metric
-
     if not rows:
         return 0
     logger = MetricsLogger(uri, run_id)
-    logger._buffer = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows]
+    logger.add(rows)
     retry(lambda: logger.flush(raise_on_error=True),
           f"delivering {len(rows)} buffered metric values to MLflow")
     return len(rows)

@@ -123,10 +123,6 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def world_size_of(ckpt_dir: str | Path) -> int:
-    return int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["world_size"])
-
-
 def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
                  model_cfg: dict[str, Any]) -> None:
     """Refuse a resume DeepSpeed would load wrongly or fail on deep inside.

@@ -119,3 +119,28 @@ def test_check_resume_refuses_another_world_size_or_model(tmp_path):
         ck.check_resume(d, 1, 2, {"fusion": "concat"})
     with pytest.raises(ValueError, match=r"model\.fusion \('concat' there, 'film' here\)"):
         ck.check_resume(d, 2, 2, {"fusion": "film"})
+
+
+def test_undelivered_metrics_are_handed_over_and_delivered(tmp_path):
+    """A logger that cannot reach its server keeps every value in pending(); another process
+    delivers exactly those rows (same values, steps and timestamps) once the store answers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mmdist.tracking import MetricsLogger, deliver_pending
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    dead = MetricsLogger("sqlite:////nonexistent-dir/x.db", run_id, flush_every_s=0)
+    dead.log({"train_loss": 1.5}, step=1)
+    dead.log({"train_loss": 1.25, "lr": 0.1}, step=2)
+    assert dead.failed_flushes == 2
+    rows = dead.pending()
+    assert sorted((k, v, s) for k, v, _, s in rows) == [
+        ("lr", 0.1, 2), ("train_loss", 1.25, 2), ("train_loss", 1.5, 1)]
+    assert deliver_pending(uri, run_id, rows) == 3
+    hist = MlflowClient(uri).get_metric_history(run_id, "train_loss")
+    assert sorted((m.step, m.value, m.timestamp) for m in hist) == sorted(
+        (s, v, ts) for k, v, ts, s in rows if k == "train_loss")
