@@ -133,7 +133,8 @@ def test_undelivered_metrics_are_handed_over_and_delivered(tmp_path):
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-    dead = MetricsLogger("sqlite:////nonexistent-dir/x.db", run_id, flush_every_s=0)
+    (tmp_path / "file").write_text("")  # a store below a plain file can never open
+    dead = MetricsLogger(f"sqlite:///{tmp_path / 'file' / 'x.db'}", run_id, flush_every_s=0)
     dead.log({"train_loss": 1.5}, step=1)
     dead.log({"train_loss": 1.25, "lr": 0.1}, step=2)
     assert dead.failed_flushes == 2
