@@ -198,10 +198,15 @@ def concurrent_trials(cfg: Config, cluster_cpus: float) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mmdist.train.run import release_ray
+
     cfg = load_config(args.config, args.overrides)
-    return sweep(cfg, space_args=args.space, name=args.resume or args.name,
-                 resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus,
-                 data_cache=args.data_cache)
+    summary = sweep(cfg, space_args=args.space, name=args.resume or args.name,
+                    resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus,
+                    data_cache=args.data_cache)
+    release_ray()
+    _print_summary(summary)
+    return summary
 
 
 def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = None,
@@ -299,7 +304,6 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
         "report_dir": str(report_dir), "trial_steps": sum(r["steps"] for r in rows),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    _print_summary(summary, rows)
     return summary
 
 
@@ -445,7 +449,7 @@ def _has_tabulate() -> bool:
         return False
 
 
-def _print_summary(s: dict[str, Any], rows: list[dict]) -> None:
+def _print_summary(s: dict[str, Any]) -> None:
     print("\n" + "=" * 72)
     print(f"sweep        {s['name']}  (MLflow parent run {s['parent_run_id']})")
     print(f"trials       {s['trials']}  stopped early {s['stopped_early']}  "

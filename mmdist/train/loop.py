@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -218,7 +219,9 @@ def _restore(engine, cfg: Config, run_dir: str, rank: int, world: int) -> TrainS
 
 def _say(rank: int, msg: str) -> None:
     if rank == 0:
-        print(f"[mmdist] {msg}", flush=True)
+        # the process's real stdout: Ray Train patches print() to log *and*, once anything has
+        # wrapped sys.stdout, print as well, so every line reached the driver twice
+        print(f"[mmdist] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
                     data_cache=args.data_cache)
+    release_ray()
     _print_summary(summary)
     return summary
 
@@ -73,6 +74,10 @@ def check_data(data_dir: Path) -> None:
         raise CommandError(str(e)) from None
 
 
+# the driver job id of the connection init_ray made (a caller's own ray.init is left alone)
+_RAY_OWNED: str | None = None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              dashboard: bool = False) -> None:
     """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
@@ -82,6 +87,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     """
     import ray
 
+    global _RAY_OWNED
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -93,6 +99,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         from mmdist.ray_env import local_init_kwargs
 
         ray.init(**local_init_kwargs(num_cpus, dashboard))
+    _RAY_OWNED = ray.get_runtime_context().get_job_id()
+
+
+def release_ray() -> None:
+    """Disconnect from Ray if :func:`init_ray` connected, before the closing summary: worker
+    output still in flight (Ray forwards it with a delay) would otherwise print after, and
+    bury, the summary."""
+    import ray
+
+    global _RAY_OWNED
+    if (_RAY_OWNED and ray.is_initialized()
+            and ray.get_runtime_context().get_job_id() == _RAY_OWNED):
+        ray.shutdown()
+    _RAY_OWNED = None
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:

@@ -7,6 +7,7 @@ user has up (or another test session's).
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -177,6 +178,10 @@ def test_submit_train_finds_run_and_registered_model_on_the_server(cluster, monk
             summaries.append(json.loads(line[start:].strip()))
     assert summaries, "the job printed no --json summary with run_id:\n" + job.stdout[-4000:]
     s = summaries[-1]
+    # a readable log: no Ray Data progress bars, each of rank 0's step lines once
+    assert "row/s" not in out
+    steps = re.findall(r"\[mmdist\] step \d+/\d+ ", out)
+    assert steps and len(steps) == len(set(steps)), steps
     assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
     assert s["tracking_uri"] == cluster.vars["MLFLOW_TRACKING_URI"]
 
