@@ -79,7 +79,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     try:
         ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
                                    override_num_blocks=override_num_blocks or len(paths),
-                                   ray_remote_args={"num_cpus": cpus_per_task})
+                                   num_cpus=cpus_per_task)
     finally:
         ctx.use_datasource_v2 = use_v2
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
