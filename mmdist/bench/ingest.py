@@ -328,7 +328,7 @@ def _consume(it, limit: int | None) -> dict[str, float]:
     excluded); ``epoch_samples_per_s`` counts every row from ``iter()`` to the last batch.
 
     The first is slightly kind to whichever side hands over more finished rows at once when the
-    first batch arrives (a Ray task returns its whole 64-row block; a DataLoader worker one
+    first batch arrives (a Ray task returns its whole shard as one block; a DataLoader worker one
     32-row batch), the second charges each side its per-epoch start (forking workers, starting
     an execution); with short runs report both.
     """
