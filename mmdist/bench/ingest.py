@@ -3,7 +3,7 @@
 Both sides run the same :func:`mmdist.data.preprocess.preprocess_batch` on the same shard
 files with the same batch size and the same number of CPU workers, in one run:
 
-* DataLoader: ``DataLoader(ShardBatches(...), batch_size=None, num_workers=cpus)``; each worker
+* DataLoader: ``DataLoader(ShardBatches(...), batch_size=None, num_workers=workers)``; each worker
   reads whole shard files and yields preprocessed batches. It runs first, before Ray starts,
   so Ray's own processes cannot slow it down.
 * Ray Data: ``ray.init(num_cpus=cpus)``, then the training pipeline of
@@ -36,15 +36,19 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
 6. Ray Data 2.60 starts every execution (every epoch) with zero resource limits for 1 s (the
    autoscaling coordinator's first answer is an empty cache, kept for 1 s), so one task ran
    at a time: the second worker idled for the first ~1.3 s of a 2.8 s run.
-   ``mmdist.data.ray_cold_start`` re-asks each scheduling step until the limits are known.
+   ``mmdist.data.ray_scheduling`` re-asks each scheduling step until the limits are known.
    The warm-up also waits for that coordinator actor (it starts with the first execution).
+7. Each scheduling step of Ray Data's executor waits 0.1 s for running tasks, and a finished
+   task is often noticed only one or two steps later: each worker idled 0.15-0.4 s between
+   0.4 s tasks (tasks busy 67-69 % of 2 CPUs x time). ``mmdist.data.ray_scheduling`` makes
+   the wait 20 ms: busy 85 %, the driver spends ~0.2 CPU-s more per 4,096 rows.
 
-Not used in the bench: ``data.cpus_per_task=0.5`` (training's default, so data tasks fit
-beside train workers) runs 4 task workers on 2 CPUs, more than Ray's idle-worker soft limit
-(= CPUs), and Ray kept killing and restarting workers (2-3 new processes per 1024 rows, 1-5 CPU-s
-of imports each; 70-100 samples/s at load average 13-16); with ``RAY_num_workers_soft_limit=6``
-set before Ray started, no new workers after the first round (830 samples/s at load 8). The
-bench gives each side ``cpus`` worker processes (1 CPU per task).
+``--workers N`` runs N worker processes on each side on the same ``--cpus``: N DataLoader
+workers, and N Ray Data tasks in flight (each reserving cpus/N CPUs, as training's
+``data.cpus_per_task=0.5`` does with 2 per CPU). More processes than cores hide Ray's gap
+between tasks but delay the first batch (every task runs at a fraction of a core). Ray keeps
+only about num_cpus idle workers by default and restarts the rest (1-5 CPU-s of imports
+each), so the bench raises ``RAY_num_workers_soft_limit`` as every local Ray mmdist starts.
 
 On a shared machine wall-clock rates swing with other tenants (and a side with more runnable
 processes gets a larger share), so the bench also reports CPU milliseconds per sample summed
@@ -77,6 +81,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, default=2,
                         help="CPU workers on each side: DataLoader workers and Ray's num_cpus "
                              "(default: 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes on each side: DataLoader num_workers, and Ray "
+                             "Data tasks in flight (each reserves --cpus/--workers CPUs) "
+                             "(default: --cpus)")
     parser.add_argument("--rows", type=int, default=4096,
                         help="rows of the generated realistic shards (default: 4096)")
     parser.add_argument("--shard-rows", type=int, default=256,
@@ -111,8 +119,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = PreprocessSpec.from_config(cfg.data, augment=False)
     rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == args.split)
     limit = args.num_batches or None
+    workers = args.workers or args.cpus
+    if workers < 1:
+        raise CommandError(f"--workers={workers} must be >= 1")
     print(f"bench ingest: {rows} rows in {len(paths)} shard(s) of {data_dir}, batch "
-          f"{args.batch_size}, {args.cpus} CPU(s); images -> {spec.image_size}px uint8, audio -> "
+          f"{args.batch_size}, {args.cpus} CPU(s), {workers} worker process(es) a side; images -> {spec.image_size}px uint8, audio -> "
           f"{spec.n_mels}x{spec.frames} log-mel")
 
     load_before = os.getloadavg()[0]
@@ -121,11 +132,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(max(1, args.repeat)):
         # The DataLoader runs while Ray is down, so Ray's processes never slow the baseline.
         if not args.skip_dataloader:
-            dls.append(time_dataloader(data_dir, args.split, spec, args.batch_size, args.cpus,
+            dls.append(time_dataloader(data_dir, args.split, spec, args.batch_size, workers,
                                        limit))
         # Same preprocess_batch calls on both sides: Ray's map chunks = the DataLoader batch.
         rays.append(time_ray_data(paths, spec, data_dir, args.batch_size, args.cpus, limit,
-                                  args.map_batch_size or args.batch_size))
+                                  args.map_batch_size or args.batch_size, workers))
     dl = _median(dls) if dls else None
     ray_res = _median(rays)
     # epoch rates: their own medians over the rounds
@@ -145,7 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_data_epoch_samples_per_s": round(ray_epoch, 1),
         "dataloader_epoch_samples_per_s": round(dl_epoch, 1) if dl else None,
         "epoch_ratio": round(ray_epoch / dl_epoch, 3) if dl else None,
-        "rows": rows, "batch_size": args.batch_size, "cpus": args.cpus, "data": str(data_dir),
+        "rows": rows, "batch_size": args.batch_size, "cpus": args.cpus, "workers": workers,
+        "data": str(data_dir),
         "preprocess_ms_per_sample": round(fn_cost * 1e3, 3),
         "ideal_samples_per_s": round(ideal, 1),
         "ray_data_startup_s": round(ray_res["startup_s"], 2),
@@ -162,9 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  preprocess_batch alone: {fn_cost * 1e3:.2f} ms/sample in one process -> ideal "
           f"{ideal:.0f} samples/s on {args.cpus} CPU(s)")
     if dl:
-        print(f"  DataLoader ({args.cpus} workers): {dl['samples_per_s']:.0f} samples/s from the "
+        print(f"  DataLoader ({workers} workers): {dl['samples_per_s']:.0f} samples/s from the "
               f"first batch (after {dl['startup_s']:.1f} s), {dl_epoch:.0f} over the epoch")
-    print(f"  Ray Data (num_cpus={args.cpus}):   {ray_res['samples_per_s']:.0f} samples/s from the "
+    print(f"  Ray Data (num_cpus={args.cpus}, {workers} tasks in flight): {ray_res['samples_per_s']:.0f} samples/s from the "
           f"first batch (after {ray_res['startup_s']:.1f} s), {ray_epoch:.0f} over the epoch; "
           f"{ray_res['warmup_s']:.1f} s warm-up before")
     print(f"  CPU ms per sample (all processes, iter() to the last batch): DataLoader "
@@ -367,13 +379,18 @@ def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus
 
 
 def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, cpus: int,
-                  limit: int | None, map_batch_size: int | None) -> dict[str, Any]:
+                  limit: int | None, map_batch_size: int | None,
+                  workers: int | None = None) -> dict[str, Any]:
     import ray
 
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
 
+    from mmdist.ray_env import WORKERS_SOFT_LIMIT
+
     started = not ray.is_initialized()
     if started:
+        # as every local Ray mmdist starts: keep more idle workers than CPUs (see ray_env)
+        os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, 4 * cpus)))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, _node_ip_address="127.0.0.1")
     try:
@@ -387,11 +404,15 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         # coordinator answers (until it does, executions see zero CPUs and run one task).
         t0 = time.perf_counter()
         ray.data.range(8, override_num_blocks=2).map_batches(lambda b: b).materialize()
-        for _ in build_dataset(paths[:2 * cpus], spec, tok, mbs).iter_batches(batch_size=None):
+        workers = workers or cpus
+        # Ray counts resources in 1/10000ths: 2/3 must round down or 3 x 0.6667 > 2 CPUs
+        per_task = int(cpus / workers * 10_000) / 10_000
+        for _ in build_dataset(paths[:2 * workers], spec, tok, mbs, cpus_per_task=per_task
+                               ).iter_batches(batch_size=None):
             pass
         _wait_for_ray_data_coordinator()
         warmup_s = time.perf_counter() - t0
-        ds = build_dataset(paths, spec, tok, map_batch_size=mbs)
+        ds = build_dataset(paths, spec, tok, map_batch_size=mbs, cpus_per_task=per_task)
         with CpuMeter() as cpu:
             res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
                                                       device="cpu")), limit)

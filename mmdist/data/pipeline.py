@@ -67,7 +67,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     """
     import ray.data
 
-    from mmdist.data import ray_cold_start
+    from mmdist.data import ray_scheduling
 
     # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
     # files into 2 blocks and took 19-42 s for 160 MB, where the V1 reader made 16 blocks in
@@ -88,8 +88,8 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     ds = ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
                         batch_size=None, batch_format="numpy", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
-    # Without it every execution (every epoch) runs one task at a time for its first second.
-    return ray_cold_start.add_to(ds)
+    # Every CPU busy from the first task on, and no idle worker between tasks (see the module).
+    return ray_scheduling.add_to(ds)
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:

@@ -89,29 +89,33 @@ def test_ray_and_dataloader_paths_agree(ray_cluster, shards):
     assert load_tokenizer(shards).vocab_size > 6
 
 
-def test_build_dataset_carries_the_cold_start_callback(ray_cluster, shards):
+def test_build_dataset_carries_the_scheduling_callbacks(ray_cluster, shards):
     """Ray 2.60 runs one task at a time for the first second of every execution (its resource
-    limits start at zero); build_dataset registers RefreshLimitsUntilKnown on the dataset's own
-    context, and the executor still has the attributes the callback relies on."""
+    limits start at zero) and notices finished tasks up to 0.1 s late; build_dataset registers
+    both fixes on the dataset's own context (not the global one), and the executor still has
+    the attributes and the module constant the callbacks rely on."""
+    from ray.data._internal.execution import streaming_executor_state as ses
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-    from mmdist.data import ray_cold_start
+    from mmdist.data import ray_scheduling
 
     ds = build_datasets(shards, CFG)["train"]
-    assert ray_cold_start.RefreshLimitsUntilKnown in ds.context.custom_execution_callback_classes
-    assert (ray_cold_start.RefreshLimitsUntilKnown
-            not in ray.data.DataContext.get_current().custom_execution_callback_classes)
+    global_classes = ray.data.DataContext.get_current().custom_execution_callback_classes
+    for cls in ray_scheduling.CALLBACKS:
+        assert cls in ds.context.custom_execution_callback_classes
+        assert cls not in global_classes
     seen = []
 
     class Probe(ExecutionCallback):
         def on_execution_step(self, executor):
             rm = executor._resource_manager
             seen.append((hasattr(rm, "_global_limits_last_update_time"),
-                         rm.get_global_limits().cpu))
+                         ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S))
 
     ds.context.custom_execution_callback_classes.append(Probe)
     assert sum(len(b["sample_id"]) for b in ds.iter_batches(batch_size=None)) == 36
     assert seen and all(has for has, _ in seen)
+    assert {wait for _, wait in seen} == {ray_scheduling.POLL_S}
 
 
 def test_streaming_split_carries_the_callback(ray_cluster, shards):
@@ -176,9 +180,11 @@ def test_bench_ingest_runs_tiny(ray_cluster, shards):
 
     parser = argparse.ArgumentParser()
     ingest.configure_parser(parser)
+    # two worker processes a side on one CPU: DataLoader workers=2, Ray tasks of 0.5 CPU
     args = parser.parse_args(["--data", str(shards), "--batch-size", "6", "--cpus", "1",
-                              "--config", "tiny"])
+                              "--workers", "2", "--config", "tiny"])
     s = ingest.run(args)
+    assert s["workers"] == 2 and s["cpus"] == 1
     for k in ("ray_data_samples_per_s", "dataloader_samples_per_s", "ratio"):
         assert s[k] > 0, k
     assert np.isfinite(s["ratio"]) and s["ray_data_breakdown"]

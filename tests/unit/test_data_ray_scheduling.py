@@ -1,9 +1,10 @@
-"""RefreshLimitsUntilKnown with a stand-in executor: it re-asks while the limits are zero and
-stops once they are known (timing on a real cluster is measured by `mmdist bench ingest`)."""
+"""The Ray Data scheduling callbacks with stand-in executors: RefreshLimitsUntilKnown re-asks
+while the limits are zero and stops once they are known; PollTasksOften shortens the executor's
+wait for tasks and never lengthens it (timing on a real cluster: `mmdist bench ingest`)."""
 
 from types import SimpleNamespace
 
-from mmdist.data.ray_cold_start import RefreshLimitsUntilKnown
+from mmdist.data.ray_scheduling import POLL_S, PollTasksOften, RefreshLimitsUntilKnown
 
 
 class FakeResourceManager:
@@ -41,7 +42,7 @@ def test_leaves_an_unknown_ray_alone():
 
 
 def test_gives_up_on_limits_that_stay_zero(monkeypatch):
-    import mmdist.data.ray_cold_start as mod
+    import mmdist.data.ray_scheduling as mod
 
     clock = [100.0]
     monkeypatch.setattr(mod.time, "monotonic", lambda: clock[0])
@@ -53,3 +54,14 @@ def test_gives_up_on_limits_that_stay_zero(monkeypatch):
     asked = rm.refreshes
     cb.on_execution_step(ex)
     assert rm.refreshes == asked  # no longer re-armed
+
+
+def test_poll_tasks_often_shortens_the_wait_and_never_lengthens_it(monkeypatch):
+    from ray.data._internal.execution import streaming_executor_state as ses
+
+    monkeypatch.setattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.1)  # Ray's own
+    PollTasksOften().before_execution_starts(SimpleNamespace())
+    assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == POLL_S < 0.1
+    monkeypatch.setattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.005)  # someone's shorter
+    PollTasksOften().before_execution_starts(SimpleNamespace())
+    assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.005

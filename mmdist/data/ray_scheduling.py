@@ -1,0 +1,103 @@
+"""Ray Data execution callbacks that keep every CPU busy on short read+preprocess tasks.
+
+Both fix scheduler latencies of Ray Data 2.60 that cost little on a large cluster with long
+tasks and a lot on a small node whose tasks take a fraction of a second (one shard file of
+realistic rows, ~0.4 s): measured with ``mmdist bench ingest`` on 2 CPUs.
+
+1. Cold start. Ray Data learns how many CPUs an execution may use from the autoscaling
+   coordinator actor. Its client returns the last cached answer and asks again in the
+   background, and the first answer of each execution is empty (Ray's own comment in
+   ``DefaultClusterAutoscalerV2`` calls it the cold start). ``ResourceManager.get_global_limits``
+   then caches those zero limits for 1 s. With zero limits only the executor's liveness rule
+   (one task when nothing runs) keeps data flowing: for the first second of every execution,
+   and so of every training epoch, one task ran on a 2-CPU node instead of two.
+   :class:`RefreshLimitsUntilKnown` asks again after every scheduling step while the limits
+   are still zero; the coordinator answers within milliseconds.
+
+2. Completion polling. Each scheduling step waits in ``ray.wait(all running tasks,
+   timeout=0.1 s)`` and returns at the timeout unless every task finished, and a task's
+   output block and its end of stream are often picked up one step apart. A worker whose task
+   had finished therefore idled 0.15-0.4 s before the executor noticed and sent the next one:
+   tasks ran 67-69 % of 2 CPUs x time. :class:`PollTasksOften` shortens that wait to
+   :data:`POLL_S` in the process that runs the executor (measured: about 800 -> 1,000
+   samples/s over a 4,096-row epoch at one task per CPU; the driver's extra scheduling steps
+   cost a few per cent of one CPU).
+
+The callbacks live in a module of their own (numpy-free, torch-free) because the process that
+executes the dataset imports it: the driver for ``iter_batches``, Ray Train's split
+coordinator actor for ``get_dataset_shard``. If Ray's internals change they do nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+# Seconds each scheduling step waits for running tasks (Ray Data's own: 0.1).
+POLL_S = 0.02
+
+
+class RefreshLimitsUntilKnown(ExecutionCallback):
+    """Re-read the cluster's resource limits each scheduling step until they are non-zero
+    (for at most ``GIVE_UP_S``: limits that stay zero, e.g. train workers holding every CPU,
+    are then left to Ray's own refresh once a second)."""
+
+    GIVE_UP_S = 10.0
+
+    def __init__(self) -> None:
+        self._done = False
+        self._since: float | None = None
+
+    def _refresh(self, executor: Any) -> None:
+        if self._done:
+            return
+        rm = getattr(executor, "_resource_manager", None)
+        if rm is None or not hasattr(rm, "_global_limits_last_update_time"):
+            self._done = True  # not the Ray we know: leave it alone
+            return
+        now = time.monotonic()
+        self._since = now if self._since is None else self._since
+        limits = rm.get_global_limits()
+        if limits.cpu > 0 or limits.gpu > 0 or now - self._since > self.GIVE_UP_S:
+            self._done = True
+        else:
+            rm._global_limits_last_update_time = 0  # the next call asks the coordinator again
+
+    def before_execution_starts(self, executor: Any) -> None:
+        self._refresh(executor)
+
+    def on_execution_step(self, executor: Any) -> None:
+        self._refresh(executor)
+
+
+class PollTasksOften(ExecutionCallback):
+    """Make the executor's per-step wait for task completions :data:`POLL_S` instead of 0.1 s.
+
+    The wait is a module constant of Ray Data's ``streaming_executor_state``, read on every
+    step, so this sets it for every execution in this process (all of them are mmdist's: the
+    driver or Ray Train's split coordinator). Never lengthens a shorter wait someone set.
+    """
+
+    def before_execution_starts(self, executor: Any) -> None:
+        try:
+            from ray.data._internal.execution import streaming_executor_state as ses
+        except ImportError:  # pragma: no cover - not the Ray we know
+            return
+        current = getattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", None)
+        if isinstance(current, (int, float)) and current > POLL_S:
+            ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = POLL_S
+
+
+CALLBACKS = (RefreshLimitsUntilKnown, PollTasksOften)
+
+
+def add_to(ds: Any) -> Any:
+    """Register :data:`CALLBACKS` on ``ds``'s own DataContext (not the global one) and return
+    ``ds``; the callbacks travel with the dataset to whatever process runs it."""
+    classes = ds.context.custom_execution_callback_classes
+    for cls in CALLBACKS:
+        if cls not in classes:
+            classes.append(cls)
+    return ds
