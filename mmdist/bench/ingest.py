@@ -384,7 +384,6 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     import ray
 
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
-
     from mmdist.ray_env import WORKERS_SOFT_LIMIT
 
     started = not ray.is_initialized()
