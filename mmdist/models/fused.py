@@ -30,8 +30,8 @@ from mmdist.models.heads import ContrastiveHead, MLPHead
 from mmdist.models.image_encoder import build_image_encoder
 from mmdist.models.input_embeddings import FrameEmbedding, PatchEmbedding, TextEmbedding
 from mmdist.models.sizes import size_spec
-from mmdist.models.text_encoder import BertConfig, BertModel, BertTextEncoder, build_text_encoder
-from mmdist.models.transformers_init import build_transformers_model
+from mmdist.models.text_encoder import BertTextEncoder, build_text_encoder
+from mmdist.models.transformers_init import build_transformers_model, hf
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -454,7 +454,7 @@ def _rebuild_extra(cfg: Config) -> dict[str, Any]:
     m = cfg.model
     if m.text_pretrained and m.text_encoder == "bert" and "text" in m.modalities \
             and m.fusion_stage != "early":
-        return {"bert_config": BertConfig.from_pretrained(m.text_pretrained).to_dict()}
+        return {"bert_config": hf("BertConfig").from_pretrained(m.text_pretrained).to_dict()}
     return {}
 
 
@@ -548,7 +548,7 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
 def _build_text(kind: str, vocab_size: int, spec, max_len: int, pad_id: int,
                 pretrained: str | None, bert_config: dict | None) -> nn.Module:
     if kind == "bert" and bert_config and not pretrained:
-        bert = build_transformers_model(BertModel, BertConfig.from_dict(bert_config),
+        bert = build_transformers_model(hf("BertModel"), hf("BertConfig").from_dict(bert_config),
                                         add_pooling_layer=False)
         return BertTextEncoder(bert, spec.hidden)
     return build_text_encoder(kind, vocab_size, spec.hidden, spec.enc_layers, spec.heads,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision.models as tvm
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torchvision.models.vision_transformer import interpolate_embeddings
+
+from mmdist.models.transformers_init import importable_here
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +121,8 @@ def load_torchvision_weights(model: nn.Module, path: str, image_size: int) -> No
         raise ValueError(f"model.image_pretrained={path!r}: not a safetensors file ({e}); "
                          "mmdist never loads pickled weights") from None
     if hasattr(model, "encoder") and hasattr(model, "patch_size"):
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
         state = interpolate_embeddings(image_size, model.patch_size, state)
     try:
         model.load_state_dict(state)
@@ -134,6 +136,9 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     ``pretrained`` names a local safetensors file of torchvision weights)."""
     if kind == "cnn":
         return CNNImageEncoder(channels, dim)
+    importable_here("torchvision.models")
+    import torchvision.models as tvm  # on first use: it imports torch._dynamo (~4 s)
+
     if kind in ("resnet18", "resnet50"):
         net = getattr(tvm, kind)(weights=None)
     elif kind == "vit_b_16":

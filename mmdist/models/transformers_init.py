@@ -5,15 +5,58 @@ parameters are partitioned (emptied) as soon as it is constructed, so the weight
 transformers model runs at the end of its constructor would index empty tensors. There the
 model is built with its init switched off, then initialised by transformers' ZeRO-3 routine
 that gathers each module's parameters first.
+
+transformers is imported on first use, not with ``mmdist.models``: its model modules cost ~8 s
+of start-up per process on a 2-core box (measured: ``import deepspeed, mlflow, ray.train``
+9.1-9.4 s, plus ``mmdist.models`` with the eager imports 17.3-18.0 s), which every training
+worker of an LSTM/GRU + CNN model (the demo's) paid for nothing; torchvision's models likewise
+(they import ``torch._dynamo``). Importing those modules inside an open ``zero.Init`` fails
+(DeepSpeed's patched tensor constructors break them), so code that opens one calls
+:func:`preload` first; a build inside ``zero.Init`` without it stops with an error saying so.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from torch import nn
-from transformers import initialization as hf_init
-from transformers.integrations.deepspeed import initialize_weights_zero3
+
+# the transformers classes mmdist builds models from -> the model family they belong to
+HF_NAMES = {"BertConfig": "bert", "BertModel": "bert", "GPT2Config": "gpt2",
+            "GPT2LMHeadModel": "gpt2", "LlamaConfig": "llama", "LlamaForCausalLM": "llama"}
+
+
+def importable_here(module: str) -> None:
+    """Raise a clear error if ``module`` is not imported yet and a ``zero.Init`` is open."""
+    if module not in sys.modules and inside_zero_init():
+        raise RuntimeError(
+            f"{module} cannot be imported inside deepspeed.zero.Init (DeepSpeed's patched tensor "
+            "constructors break it): call mmdist.models.transformers_init.preload() before "
+            "opening zero.Init, as mmdist's trainer does")
+
+
+def hf(name: str) -> Any:
+    """``transformers.<name>`` for one of :data:`HF_NAMES`, imported on first use."""
+    if name not in HF_NAMES:
+        raise KeyError(f"{name!r} is not one of the transformers classes mmdist uses: "
+                       f"{sorted(HF_NAMES)}")
+    family = HF_NAMES[name]
+    importable_here(f"transformers.models.{family}.modeling_{family}")
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def preload() -> None:
+    """Import every optional model library a build may need (transformers' model classes and
+    ZeRO-3 init, torchvision's models): call before opening ``deepspeed.zero.Init``."""
+    import torchvision.models  # noqa: F401
+    from transformers import initialization  # noqa: F401
+    from transformers.integrations.deepspeed import initialize_weights_zero3  # noqa: F401
+
+    for name in HF_NAMES:
+        hf(name)
 
 
 def inside_zero_init() -> bool:
@@ -26,6 +69,9 @@ def build_transformers_model(cls: type, config, **kwargs) -> nn.Module:
     """``cls(config, **kwargs)`` with correct weight init inside or outside ``zero.Init``."""
     if not inside_zero_init():
         return cls(config, **kwargs)
+    from transformers import initialization as hf_init
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
     with hf_init.no_init_weights():
         model = cls(config, **kwargs)
     initialize_weights_zero3(model)

@@ -32,6 +32,9 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     if t.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
+        from mmdist.models.transformers_init import preload
+
+        preload()  # model libraries cannot be imported inside zero.Init
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(cfg, **vocab)

@@ -20,11 +20,13 @@ SCRIPT = textwrap.dedent('''
     from transformers.integrations import HfDeepSpeedConfig
     from tests.unit.synthetic_mm import tiny_config, make_batch, VOCAB
     from mmdist.models import build_model
+    from mmdist.models.transformers_init import preload
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
     cfg = tiny_config("model.task=multitask", "model.text_encoder=bert",
                       "model.task_weights={itm: 1, contrastive: 1, classify: 1, lm: 1}")
     keep = HfDeepSpeedConfig(ds)
+    preload()  # transformers' model modules cannot be imported inside zero.Init
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = build_model(cfg, VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
