@@ -225,9 +225,10 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
     warnings = []
     if data.val_fraction > 0 and counts["val_rows"] == 0:
         n_val = sum(1 for v in splits.values() if v == "val")
-        warnings.append(f"the val split is empty: its {n_val} group(s) of rows were all "
-                        "quarantined or there were too few groups; training needs val rows "
-                        "(fix the quarantined rows, add rows or raise --val-fraction)")
+        why = (f"its {n_val} group(s) of rows were all quarantined (fix those rows)" if n_val
+               else f"none of the {len(splits)} group(s) of rows went to it at --val-fraction "
+                    f"{data.val_fraction} (add rows or raise --val-fraction)")
+        warnings.append(f"the val split is empty: {why}; training needs val rows")
     return {**counts, "shards": len(shards), "out": str(out), "warnings": warnings,
             "train_shards": len(writers["train"].shards), "val_shards": len(writers["val"].shards),
             "quarantine_reasons": quarantine.reasons, "tokenizer": str(out / TOKENIZER_DIR),

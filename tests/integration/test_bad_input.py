@@ -320,7 +320,8 @@ def test_an_empty_val_split_is_named_in_the_summary(files, tmp_path):
     s = convert(JsonlSource(str(tmp_path / "m.jsonl")), tmp_path / "out", cfg.data,
                 parallel="local")
     assert (s["train_rows"], s["val_rows"], s["rows_quarantined"]) == (1, 0, 1)
-    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith("the val split is empty")
+    assert s["warnings"] == ["the val split is empty: its 1 group(s) of rows were all "
+                             "quarantined (fix those rows); training needs val rows"]
 
 
 # ---- training, sweeps and evaluation refuse bad setups before anything starts -----------------
