@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if workers < 1:
         raise CommandError(f"--workers={workers} must be >= 1")
     print(f"bench ingest: {rows} rows in {len(paths)} shard(s) of {data_dir}, batch "
-          f"{args.batch_size}, {args.cpus} CPU(s), {workers} worker process(es) a side; images -> {spec.image_size}px uint8, audio -> "
-          f"{spec.n_mels}x{spec.frames} log-mel")
+          f"{args.batch_size}, {args.cpus} CPU(s), {workers} worker process(es) a side; images -> "
+          f"{spec.image_size}px uint8, audio -> {spec.n_mels}x{spec.frames} log-mel")
 
     load_before = os.getloadavg()[0]
     fn_cost = preprocess_cost(paths[0], spec, data_dir, args.batch_size)
@@ -176,8 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dl:
         print(f"  DataLoader ({workers} workers): {dl['samples_per_s']:.0f} samples/s from the "
               f"first batch (after {dl['startup_s']:.1f} s), {dl_epoch:.0f} over the epoch")
-    print(f"  Ray Data (num_cpus={args.cpus}, {workers} tasks in flight): {ray_res['samples_per_s']:.0f} samples/s from the "
-          f"first batch (after {ray_res['startup_s']:.1f} s), {ray_epoch:.0f} over the epoch; "
+    print(f"  Ray Data (num_cpus={args.cpus}, {workers} tasks in flight): "
+          f"{ray_res['samples_per_s']:.0f} samples/s from the first batch (after "
+          f"{ray_res['startup_s']:.1f} s), {ray_epoch:.0f} over the epoch; "
           f"{ray_res['warmup_s']:.1f} s warm-up before")
     print(f"  CPU ms per sample (all processes, iter() to the last batch): DataLoader "
           f"{summary['dataloader_cpu_ms_per_sample']}, Ray Data "

@@ -100,22 +100,23 @@ def build_decoder(kind: str, vocab_size: int, width: int, layers: int, heads: in
     if kind == "lstm":
         return LSTMDecoder(vocab_size, width, layers, memory_dim, conditioning, pad_id)
     if kind == "gpt2":
-        config = hf("GPT2Config")(vocab_size=vocab_size, n_embd=width, n_layer=layers, n_head=heads,
-                            n_positions=max_len, n_inner=4 * width,
-                            add_cross_attention=conditioning == "cross_attention",
-                            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = hf("GPT2Config")(
+            vocab_size=vocab_size, n_embd=width, n_layer=layers, n_head=heads,
+            n_positions=max_len, n_inner=4 * width,
+            add_cross_attention=conditioning == "cross_attention",
+            bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return HFDecoder(build_transformers_model(hf("GPT2LMHeadModel"), config), memory_dim,
                          conditioning)
     if kind == "llama":
         if conditioning != "prefix":
             raise ValueError("model.decoder=llama: transformers' Llama has no cross-attention "
                              "layers; use model.lm_conditioning=prefix or model.decoder=gpt2")
-        config = hf("LlamaConfig")(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=heads,
-                             intermediate_size=ffn, max_position_embeddings=max_len,
-                             bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-                             tie_word_embeddings=False)
+        config = hf("LlamaConfig")(
+            vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=ffn,
+            max_position_embeddings=max_len, bos_token_id=bos_id, eos_token_id=eos_id,
+            pad_token_id=pad_id, tie_word_embeddings=False)
         return HFDecoder(build_transformers_model(hf("LlamaForCausalLM"), config), memory_dim,
                          conditioning)
     raise ValueError(f"unknown decoder {kind!r}; choose from ['gpt2', 'llama', 'lstm']")
