@@ -82,8 +82,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              dashboard: bool = False) -> None:
     """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
 
-    Sweeps want the dashboard: without it, trials stopped by ASHA leak their placement group
-    and the next trial hangs (Ray issue 54305, see shared/STACK.md).
+    Training and sweeps want the dashboard: Ray Train's placement-group cleaner asks the state
+    API (served by the dashboard) whether the controller lives. Without it, trials stopped by
+    ASHA leak their placement group and the next trial hangs (Ray issue 54305, see
+    shared/STACK.md), and a training run printed "Failed to query Ray Train Controller actor
+    state" every few seconds (73 of the 222 lines `make demo` printed). It costs ~2 s at start
+    (ray.init 7.1-8.0 s -> 9.3-9.5 s here) and binds 127.0.0.1 like the rest.
     """
     import ray
 
@@ -212,7 +216,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)
-    init_ray(address, num_cpus)
+    init_ray(address, num_cpus, dashboard=True)
     from mmdist.preflight import require_startable  # resources + data size, or refuse now
     require_startable(cfg, data_dir)
 
