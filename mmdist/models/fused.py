@@ -548,8 +548,8 @@ def _build(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_i
 def _build_text(kind: str, vocab_size: int, spec, max_len: int, pad_id: int,
                 pretrained: str | None, bert_config: dict | None) -> nn.Module:
     if kind == "bert" and bert_config and not pretrained:
-        bert = build_transformers_model(hf("BertModel"), hf("BertConfig").from_dict(bert_config),
-                                        add_pooling_layer=False)
+        config = hf("BertConfig").from_dict(bert_config)
+        bert = build_transformers_model(hf("BertModel"), config, add_pooling_layer=False)
         return BertTextEncoder(bert, spec.hidden)
     return build_text_encoder(kind, vocab_size, spec.hidden, spec.enc_layers, spec.heads,
                               max_len, pad_id, pretrained)

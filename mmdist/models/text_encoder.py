@@ -66,15 +66,16 @@ def build_bert(vocab_size: int, width: int, layers: int, heads: int, max_len: in
         if not Path(pretrained).is_dir():
             raise FileNotFoundError(f"model.text_pretrained={pretrained!r}: not a directory")
         bert = hf("BertModel").from_pretrained(pretrained, add_pooling_layer=False,
-                                         use_safetensors=True)
+                                               use_safetensors=True)
         if bert.config.vocab_size < vocab_size:
             raise ValueError(f"model.text_pretrained={pretrained!r}: its vocabulary has "
                              f"{bert.config.vocab_size} tokens but the tokenizer has {vocab_size};"
                              " use the tokenizer saved with it (data.tokenizer)")
         return bert
-    config = hf("BertConfig")(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * width,
-                        max_position_embeddings=max(max_len, 64), pad_token_id=pad_id)
+    config = hf("BertConfig")(
+        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=4 * width,
+        max_position_embeddings=max(max_len, 64), pad_token_id=pad_id)
     return build_transformers_model(hf("BertModel"), config, add_pooling_layer=False)
 
 
