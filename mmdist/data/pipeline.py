@@ -17,7 +17,8 @@ for the DataLoader baseline, evaluation and inference).
 Why the Ray Data settings below (measured by ``mmdist bench ingest``, see its docstring):
 read and preprocess fuse into one task per shard file when both are plain tasks with the same
 resources; ``preprocess_batch`` is vectorised per batch, so the batch size is large enough to
-amortise per-call overhead but stays far below a block so memory per task stays small.
+amortise per-call overhead but stays far below a block so memory per task stays small; each
+block of about 128 rows leaves the task as soon as it is made (``ray_scheduling``).
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
     # into one task (a map with a batch size waits for bundles of that many rows and is not
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows.
-    ds = ds.map_batches(BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size),
-                        batch_size=None, batch_format="numpy", zero_copy_batch=True,
+    fn = BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size)
+    ds = ds.map_batches(fn, batch_size=None, batch_format="numpy", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
-    # Every CPU busy from the first task on, and no idle worker between tasks (see the module).
-    return ray_scheduling.add_to(ds)
+    # Every CPU busy from the first task on, no idle worker between tasks, and blocks of whole
+    # chunks (~BLOCK_ROWS rows) leave each task as soon as they are preprocessed.
+    block_rows = max(fn.chunk_rows, ray_scheduling.BLOCK_ROWS)
+    return ray_scheduling.add_to(ds, block_bytes=block_rows * fn.row_bytes())
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:

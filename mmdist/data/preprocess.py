@@ -342,6 +342,12 @@ class BatchPreprocessor:
     def __init__(self, spec: PreprocessSpec, tokenizer: TextTokenizer, chunk_rows: int = 64):
         self.spec, self.tokenizer, self.chunk_rows = spec, tokenizer, max(1, int(chunk_rows))
 
+    def row_bytes(self) -> int:
+        """Bytes of one preprocessed row (every output array has a fixed size per row)."""
+        row = preprocess_batch({"sample_id": np.zeros(1, dtype=np.int64)}, self.spec,
+                               self.tokenizer)
+        return sum(v.nbytes for v in row.values())
+
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
         n = len(batch["sample_id"])
         for start in range(0, n, self.chunk_rows):

@@ -118,6 +118,30 @@ def test_build_dataset_carries_the_scheduling_callbacks(ray_cluster, shards):
     assert {wait for _, wait in seen} == {ray_scheduling.POLL_S}
 
 
+def test_preprocessed_chunks_leave_the_task_as_blocks_of_their_own(ray_cluster, shards,
+                                                                   monkeypatch):
+    """Ray Data keeps what a map yields until 128 MiB, so a shard came out as one block when its
+    task ended; StreamBlocks makes each block ~BLOCK_ROWS rows of whole chunks (4 here, to see
+    it on 12-row shards), and without the size the blocks are whole shards again."""
+    from mmdist.data import ray_scheduling
+    from mmdist.data.pipeline import build_dataset
+    from mmdist.data.preprocess import PreprocessSpec
+    from mmdist.data.shards import shard_paths, verify_manifest
+
+    monkeypatch.setattr(ray_scheduling, "BLOCK_ROWS", 4)
+    paths = shard_paths(shards, verify_manifest(shards), "train")
+    spec, tok = PreprocessSpec.from_config(CFG.data, augment=False), load_tokenizer(shards)
+    ds = build_dataset(paths, spec, tok, map_batch_size=4)
+    assert ds.context.get_config(ray_scheduling.BLOCK_BYTES_KEY) > 0
+    streamed = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+    whole = build_dataset(paths, spec, tok, map_batch_size=4)
+    whole.context.set_config(ray_scheduling.BLOCK_BYTES_KEY, None)
+    unstreamed = [b.num_rows() for b in whole.iter_internal_ref_bundles()]
+    assert sum(streamed) == sum(unstreamed) == 36
+    assert sorted(unstreamed) == [12, 12, 12]  # one block per 12-row shard
+    assert streamed == [4] * 9
+
+
 def test_streaming_split_carries_the_callback(ray_cluster, shards):
     """Ray Train's get_dataset_shard runs the dataset in a split coordinator actor: the callback
     must unpickle there and the splits must still deliver every row once."""

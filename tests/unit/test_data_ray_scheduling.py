@@ -1,10 +1,18 @@
 """The Ray Data scheduling callbacks with stand-in executors: RefreshLimitsUntilKnown re-asks
 while the limits are zero and stops once they are known; PollTasksOften shortens the executor's
-wait for tasks and never lengthens it (timing on a real cluster: `mmdist bench ingest`)."""
+wait for tasks and never lengthens it; StreamBlocks re-blocks the read+preprocess operator only
+(timing on a real cluster: `mmdist bench ingest`)."""
 
 from types import SimpleNamespace
 
-from mmdist.data.ray_scheduling import POLL_S, PollTasksOften, RefreshLimitsUntilKnown
+from mmdist.data.ray_scheduling import (
+    BLOCK_BYTES_KEY,
+    CHUNK_SHARE,
+    POLL_S,
+    PollTasksOften,
+    RefreshLimitsUntilKnown,
+    StreamBlocks,
+)
 
 
 class FakeResourceManager:
@@ -65,3 +73,28 @@ def test_poll_tasks_often_shortens_the_wait_and_never_lengthens_it(monkeypatch):
     monkeypatch.setattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.005)  # someone's shorter
     PollTasksOften().before_execution_starts(SimpleNamespace())
     assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.005
+
+
+class FakeOp:
+    def __init__(self, name):
+        self.name, self.target = name, None
+
+    def override_target_max_block_size(self, size):
+        self.target = size
+
+
+def test_stream_blocks_sets_the_target_of_the_preprocess_operator_only():
+    ops = [FakeOp("Input"), FakeOp("ReadParquet->MapBatches(BatchPreprocessor)"),
+           FakeOp("MapBatches(<lambda>)")]
+    ctx = SimpleNamespace(get_config=lambda key: {BLOCK_BYTES_KEY: 1000}.get(key))
+    StreamBlocks().before_execution_starts(
+        SimpleNamespace(_data_context=ctx, _topology={op: None for op in ops}))
+    assert [op.target for op in ops] == [None, int(CHUNK_SHARE * 1000), None]
+
+
+def test_stream_blocks_without_a_size_or_an_executor_it_knows_does_nothing():
+    op = FakeOp("ReadParquet->MapBatches(BatchPreprocessor)")
+    ctx = SimpleNamespace(get_config=lambda key: None)
+    StreamBlocks().before_execution_starts(SimpleNamespace(_data_context=ctx, _topology=[op]))
+    StreamBlocks().before_execution_starts(SimpleNamespace())
+    assert op.target is None
