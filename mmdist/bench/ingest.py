@@ -42,6 +42,10 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
    task is often noticed only one or two steps later: each worker idled 0.15-0.4 s between
    0.4 s tasks (tasks busy 67-69 % of 2 CPUs x time). ``mmdist.data.ray_scheduling`` makes
    the wait 20 ms: busy 85 %, the driver spends ~0.2 CPU-s more per 4,096 rows.
+8. A map's output buffer keeps what the function yields until 128 MiB, so each task handed over
+   its whole shard as one block when it ended and the first batch waited for a shard (0.9 s at
+   ``--workers 4``, 4.3 s with 1,024-row shards). ``mmdist.data.ray_scheduling`` gives the
+   read+preprocess operator alone a target of ~128 preprocessed rows: 0.5 s and 0.7 s.
 
 ``--workers N`` runs N worker processes on each side on the same ``--cpus``: N DataLoader
 workers, and N Ray Data tasks in flight (each reserving cpus/N CPUs, as training's
