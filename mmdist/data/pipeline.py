@@ -85,9 +85,10 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
         ctx.use_datasource_v2 = use_v2
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
     # into one task (a map with a batch size waits for bundles of that many rows and is not
-    # fused with a read); the UDF itself works in chunks of `map_batch_size` rows.
+    # fused with a read); the UDF itself works in chunks of `map_batch_size` rows, and takes
+    # the block as Arrow so each chunk is converted to numpy on its own (see BatchPreprocessor).
     fn = BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size)
-    ds = ds.map_batches(fn, batch_size=None, batch_format="numpy", zero_copy_batch=True,
+    ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
     # Every CPU busy from the first task on, no idle worker between tasks, and blocks of whole
     # chunks (~BLOCK_ROWS rows) leave each task as soon as they are preprocessed.
