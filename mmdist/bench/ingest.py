@@ -49,7 +49,8 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
 9. ``batch_format="numpy"`` converted a whole shard of encoded JPEG/WAV bytes to object arrays
    before the first chunk (hundreds of MB of fresh arrays per task; the DataLoader converts
    32-row record batches). The UDF takes the Arrow block and converts each chunk on its own:
-   8-10 % less worker CPU, 1031 -> 1117 samples/s on 1,024-row shards.
+   8-10 % less worker CPU, 1031 -> 1117 samples/s on 1,024-row shards (both variants
+   alternated inside one Ray session: separate runs of this bench swing by ~10 %).
 
 ``--workers N`` runs N worker processes on each side on the same ``--cpus``: N DataLoader
 workers, and N Ray Data tasks in flight (each reserving cpus/N CPUs, as training's

@@ -334,8 +334,8 @@ class BatchPreprocessor:
     pyarrow Table (``batch_format="pyarrow"``, what the training pipeline uses) it converts
     each chunk's columns to numpy on their own, as the DataLoader path converts each record
     batch: converting a whole shard of encoded images and audio at once (``"numpy"``) made
-    hundreds of MB of fresh arrays per task and cost ~10 % more worker CPU (`mmdist bench
-    ingest`). It lives here (numpy only) rather than beside the torch code so Ray workers
+    hundreds of MB of fresh arrays per task and cost 8-10 % more worker CPU (both variants
+    alternated inside one Ray session). It lives here (numpy only) rather than beside the torch code so Ray workers
     unpickling it skip torch.
 
     Args:
