@@ -271,10 +271,11 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1))
     grid = tuner.fit()
-    unfinished = _unfinished_trials(Path(tune_path) / "tune")
+    expected = expected_trials(space, cfg.tune.search, cfg.tune.num_samples)
+    unfinished = _unfinished_trials(Path(tune_path) / "tune", expected)
     if unfinished:  # Ctrl+C: Tune saved its state and returned early
         raise CommandError(
-            f"sweep {name} was interrupted with {unfinished} of {len(grid)} trial(s) unfinished; "
+            f"sweep {name} was interrupted with {unfinished} of {expected} trial(s) unfinished; "
             f"its state is saved under {tune_path}. Resume it with the same --config and "
             f"overrides: mmdist sweep --resume {name}")
 
@@ -307,17 +308,31 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     return summary
 
 
-def _unfinished_trials(tune_dir: Path) -> int:
-    """Trials the saved experiment state lists as neither finished nor failed.
+def expected_trials(space: dict[str, Any], search: str, num_samples: int) -> int:
+    """How many trials Tune makes of ``space``: every grid point ``num_samples`` times (a
+    random search draws ``num_samples`` in all)."""
+    n = num_samples
+    for spec in space.values():
+        if search == "grid" and not isinstance(spec, dict):
+            n *= len(spec)
+    return n
+
+
+def _unfinished_trials(tune_dir: Path, expected: int) -> int:
+    """Trials of ``expected`` that the saved experiment state does not list as finished or
+    failed.
 
     After Ctrl+C, Tune saves its state one last time (trials still PENDING or RUNNING there)
     and then returns the grid with those trials stopped, which looks like a finished sweep;
-    the saved state tells the two apart.
+    the saved state tells the two apart. Tune creates trials one at a time as slots free up,
+    so a Ctrl+C between one trial's end and the next one's creation leaves a state with only
+    finished trials in it: the ones never created count as unfinished too.
     """
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(tune_dir))
-    return sum(t.status not in ("TERMINATED", "ERROR") for t in analysis.trials)
+    trials = ExperimentAnalysis(str(tune_dir)).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    return max(expected - done, len(trials) - done)
 
 
 def _retry_log_artifact(uri: str, run_id: str, path: Path) -> None:
