@@ -271,7 +271,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1))
     grid = tuner.fit()
-    expected = expected_trials(space, cfg.tune.search, cfg.tune.num_samples)
+    expected = expected_trials(tune_space, cfg.tune.num_samples)
     unfinished = _unfinished_trials(Path(tune_path) / "tune", expected)
     if unfinished:  # Ctrl+C: Tune saved its state and returned early
         raise CommandError(
@@ -308,13 +308,13 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     return summary
 
 
-def expected_trials(space: dict[str, Any], search: str, num_samples: int) -> int:
-    """How many trials Tune makes of ``space``: every grid point ``num_samples`` times (a
-    random search draws ``num_samples`` in all)."""
+def expected_trials(tune_space: dict[str, Any], num_samples: int) -> int:
+    """How many trials Tune makes of ``tune_space`` (what :func:`to_tune_space` built): every
+    grid point ``num_samples`` times; sampled keys do not multiply."""
     n = num_samples
-    for spec in space.values():
-        if search == "grid" and not isinstance(spec, dict):
-            n *= len(spec)
+    for spec in tune_space.values():
+        if isinstance(spec, dict) and set(spec) == {"grid_search"}:
+            n *= len(spec["grid_search"])
     return n
 
 

@@ -93,7 +93,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # Every CPU busy from the first task on, no idle worker between tasks, and blocks of whole
     # chunks (~BLOCK_ROWS rows) leave each task as soon as they are preprocessed.
     block_rows = max(fn.chunk_rows, ray_scheduling.BLOCK_ROWS)
-    return ray_scheduling.add_to(ds, block_bytes=block_rows * fn.row_bytes())
+    return ray_scheduling.add_to(ds, udf=fn, block_bytes=block_rows * fn.row_bytes())
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:

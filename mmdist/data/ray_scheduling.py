@@ -104,49 +104,52 @@ class PollTasksOften(ExecutionCallback):
             ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = POLL_S
 
 
-# DataContext config key: bytes of BLOCK_ROWS preprocessed rows (set by `add_to`).
+# DataContext config key: {UDF class name: bytes of BLOCK_ROWS output rows} (set by `add_to`).
 BLOCK_BYTES_KEY = "mmdist.block_bytes"
 # Rows per block the read+preprocess operator emits (at least one preprocess chunk).
 BLOCK_ROWS = 128
-# The operator whose output StreamBlocks re-blocks: read+preprocess, fused or not.
-STREAMED_OP = "MapBatches(BatchPreprocessor)"
 # Target = this share of the bytes: a block is emitted once the chunks yielded exceed it, and
 # Ray slices only blocks over 1.5x the target, so whole chunks are never cut in pieces.
 CHUNK_SHARE = 0.75
 
 
 class StreamBlocks(ExecutionCallback):
-    """Give the read+preprocess operator a target block size of about :data:`BLOCK_ROWS` rows,
-    so its blocks leave the task as they are made (see the module). Other operators, and the
-    Parquet read inside the fused task, keep the context's target."""
+    """Give each ``map_batches`` operator named in the dataset's context (by its UDF's class,
+    fused with the read or not) a target block size of about :data:`BLOCK_ROWS` rows, so its
+    blocks leave the task as they are made (see the module). Other operators, and the Parquet
+    read inside the fused task, keep the context's target."""
 
     def before_execution_starts(self, executor: Any) -> None:
         ctx = getattr(executor, "_data_context", None)
-        size = ctx.get_config(BLOCK_BYTES_KEY) if hasattr(ctx, "get_config") else None
-        if not size:
+        sizes = ctx.get_config(BLOCK_BYTES_KEY) if hasattr(ctx, "get_config") else None
+        if not sizes:
             return
         for op in getattr(executor, "_topology", None) or ():
-            if STREAMED_OP in getattr(op, "name", "") and hasattr(
-                    op, "override_target_max_block_size"):
+            name = getattr(op, "name", "")
+            size = next((b for udf, b in sizes.items() if f"MapBatches({udf})" in name), None)
+            if size and hasattr(op, "override_target_max_block_size"):
                 op.override_target_max_block_size(max(1, int(CHUNK_SHARE * size)))
 
 
 CALLBACKS = (RefreshLimitsUntilKnown, PollTasksOften, StreamBlocks)
 
 
-def add_to(ds: Any, block_bytes: int | None = None) -> Any:
+def add_to(ds: Any, udf: Any = None, block_bytes: int | None = None) -> Any:
     """Register :data:`CALLBACKS` on ``ds``'s own DataContext (not the global one) and return
     ``ds``; the callbacks travel with the dataset to whatever process runs it.
 
     Args:
         ds: the dataset.
-        block_bytes: bytes of the blocks the read+preprocess operator should emit (whole
-            preprocess chunks of about BLOCK_ROWS rows); None leaves them as Ray makes them.
+        udf: the callable class instance given to ``map_batches`` whose blocks should stream.
+        block_bytes: bytes of the blocks that map should emit (whole preprocess chunks of
+            about BLOCK_ROWS rows); None leaves them as Ray makes them.
     """
     classes = ds.context.custom_execution_callback_classes
     for cls in CALLBACKS:
         if cls not in classes:
             classes.append(cls)
-    if block_bytes:
-        ds.context.set_config(BLOCK_BYTES_KEY, int(block_bytes))
+    if udf is not None and block_bytes:
+        sizes = dict(ds.context.get_config(BLOCK_BYTES_KEY) or {})
+        sizes[type(udf).__name__] = int(block_bytes)
+        ds.context.set_config(BLOCK_BYTES_KEY, sizes)
     return ds

@@ -132,7 +132,7 @@ def test_preprocessed_chunks_leave_the_task_as_blocks_of_their_own(ray_cluster, 
     paths = shard_paths(shards, verify_manifest(shards), "train")
     spec, tok = PreprocessSpec.from_config(CFG.data, augment=False), load_tokenizer(shards)
     ds = build_dataset(paths, spec, tok, map_batch_size=4)
-    assert ds.context.get_config(ray_scheduling.BLOCK_BYTES_KEY) > 0
+    assert ds.context.get_config(ray_scheduling.BLOCK_BYTES_KEY)["BatchPreprocessor"] > 0
     streamed = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
     whole = build_dataset(paths, spec, tok, map_batch_size=4)
     whole.context.set_config(ray_scheduling.BLOCK_BYTES_KEY, None)

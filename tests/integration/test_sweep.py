@@ -47,13 +47,16 @@ def test_sweep_asha_parent_children_report_and_registry(ray_local, synthetic_dat
 
 
 def test_expected_trials_counts_every_grid_point_num_samples_times():
-    from mmdist.tune import expected_trials
+    from mmdist.tune import expected_trials, to_tune_space
 
     space = {"model.fusion": ["concat", "add"], "train.lr": [0.003, 0.00001, 0.1]}
-    assert expected_trials(space, "grid", 1) == 6
-    assert expected_trials(space, "grid", 2) == 12
-    assert expected_trials({**space, "train.wd": {"loguniform": [1e-4, 1e-2]}}, "grid", 2) == 12
-    assert expected_trials(space, "random", 5) == 5
+    assert expected_trials(to_tune_space(space, "grid"), 1) == 6
+    assert expected_trials(to_tune_space(space, "grid"), 2) == 12
+    sampled = {**space, "train.wd": {"loguniform": [1e-4, 1e-2]}}
+    assert expected_trials(to_tune_space(sampled, "grid"), 2) == 12
+    assert expected_trials(to_tune_space(space, "random"), 5) == 5
+    # the sweep adds its own entry (a plain dict) to the space: it is not a grid
+    assert expected_trials({**to_tune_space(space, "grid"), "_sweep": {"name": "x"}}, 1) == 6
 
 
 def test_concurrency_leaves_room_for_data_tasks():

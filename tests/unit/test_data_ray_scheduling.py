@@ -86,7 +86,8 @@ class FakeOp:
 def test_stream_blocks_sets_the_target_of_the_preprocess_operator_only():
     ops = [FakeOp("Input"), FakeOp("ReadParquet->MapBatches(BatchPreprocessor)"),
            FakeOp("MapBatches(<lambda>)")]
-    ctx = SimpleNamespace(get_config=lambda key: {BLOCK_BYTES_KEY: 1000}.get(key))
+    sizes = {"BatchPreprocessor": 1000, "Other": 10}
+    ctx = SimpleNamespace(get_config=lambda key: {BLOCK_BYTES_KEY: sizes}.get(key))
     StreamBlocks().before_execution_starts(
         SimpleNamespace(_data_context=ctx, _topology={op: None for op in ops}))
     assert [op.target for op in ops] == [None, int(CHUNK_SHARE * 1000), None]
