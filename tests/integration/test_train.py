@@ -36,6 +36,11 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     losses = _loss_history(uri, s["run_id"])
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert s["alias"] == "champion" and s["model_uri"] == "models:/zero2-model/1"
+    # one local node: Ray Train started no preemption watcher (ray_env.LOCAL_TRAIN_ENV)
+    from ray.util.state import list_actors
+
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
+    assert list_actors(filters=[("class_name", "=", "TrainController")])  # the query works
 
     # The registered model loads without pickle and scores the val split like training did.
     import mlflow
