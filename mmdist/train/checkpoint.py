@@ -49,6 +49,9 @@ class TrainState:
     bad_steps_total: int = 0
     # One entry per resume: the step resumed from and the newer checkpoints skipped (and why).
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    # Metric values rank 0 could not deliver to MLflow by the checkpoint (server down), as
+    # ``(key, value, timestamp_ms, step)``: a resumed run sends them, so a crash loses none.
+    mlflow_pending: list[list[Any]] = field(default_factory=list)
 
 
 def ledger_path(ckpt_dir: str | Path, rank: int) -> Path:
@@ -63,7 +66,8 @@ def write_ledger(ckpt_dir: str | Path, rank: int, epoch: int, consumed: list[int
 
 def write_state(ckpt_dir: str | Path, state: TrainState, extra: dict) -> None:
     body = {"global_step": state.global_step, "epoch": state.epoch,
-            "bad_steps_total": state.bad_steps_total, "resumes": state.resumes, **extra}
+            "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
+            "mlflow_pending": state.mlflow_pending, **extra}
     (Path(ckpt_dir) / STATE_FILE).write_text(json.dumps(body, indent=1, default=str))
 
 
@@ -159,7 +163,8 @@ def read_state(ckpt_dir: str | Path, rank: int) -> TrainState:
     body = json.loads((d / STATE_FILE).read_text())
     state = TrainState(global_step=int(body["global_step"]), epoch=int(body["epoch"]),
                        bad_steps_total=int(body.get("bad_steps_total", 0)),
-                       resumes=list(body.get("resumes", [])))
+                       resumes=list(body.get("resumes", [])),
+                       mlflow_pending=[list(r) for r in body.get("mlflow_pending", [])])
     for p in sorted(d.glob("ledger_rank*.json")):
         ledger = json.loads(p.read_text())
         if int(ledger["epoch"]) == state.epoch:

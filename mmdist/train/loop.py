@@ -71,6 +71,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         from mmdist.tracking import MetricsLogger
 
         mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"], fail_fast=True)
+        mlflow_log.add(state.mlflow_pending)  # what the crashed attempt could not deliver
 
     from mmdist.train.faults import Faults
 
@@ -95,6 +96,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if final:
                 _save_consolidated(engine, cfg, vocab, job, Path(tmp) / ckpt_lib.MODEL_DIR, rank)
             if rank == 0:
+                if mlflow_log:  # metrics up to this step reach MLflow or the checkpoint
+                    mlflow_log.flush()
+                    state.mlflow_pending = [list(r) for r in mlflow_log.pending()]
                 ckpt_lib.write_state(tmp, state, {
                     "run_name": job["run_name"], "world_size": world,
                     "zero_stage": t.zero_stage, "config": cfg.to_dict(), "metrics": metrics})

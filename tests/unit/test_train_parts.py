@@ -68,13 +68,15 @@ def test_skip_consumed_drops_and_rebatches():
 
 
 def test_state_and_ledgers_round_trip(tmp_path):
-    state = ck.TrainState(global_step=12, epoch=1, bad_steps_total=2)
+    pending = [["train_loss", 0.5, 1700000000000, 12]]  # not delivered to MLflow yet
+    state = ck.TrainState(global_step=12, epoch=1, bad_steps_total=2, mlflow_pending=pending)
     ck.write_state(tmp_path, state, {"run_name": "r"})
     ck.write_ledger(tmp_path, 0, 1, [1, 2, 3], "abc")
     ck.write_ledger(tmp_path, 1, 1, [7, 8], "def")
     got = ck.read_state(tmp_path, rank=1)
     assert (got.global_step, got.epoch, got.bad_steps_total) == (12, 1, 2)
     assert got.consumed == {1, 2, 3, 7, 8} and got.order_hash == "def"
+    assert got.mlflow_pending == pending
     assert ck.update_order_hash("", [1, 2]) != ck.update_order_hash("", [2, 1])
 
 
