@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from mmdist.data.preprocess import BatchPreprocessor, PreprocessSpec, preprocess_batch
+from mmdist.data.preprocess import (
+    BatchPreprocessor,
+    PreprocessSpec,
+    arrow_to_numpy,
+    preprocess_batch,
+)
 from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 
@@ -158,7 +163,7 @@ def _shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]
     for path in paths:
         pf = pq.ParquetFile(path)
         for rb in pf.iter_batches(batch_size=batch_size, columns=list(SHARD_COLUMNS)):
-            yield {name: rb.column(name).to_numpy(zero_copy_only=False) for name in SHARD_COLUMNS}
+            yield arrow_to_numpy(rb)
 
 
 class ShardBatches(IterableDataset):

@@ -324,6 +324,12 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
     }
 
 
+def arrow_to_numpy(table: Any) -> dict[str, np.ndarray]:
+    """The columns of a pyarrow Table or RecordBatch as the numpy batch
+    :func:`preprocess_batch` takes (strings and bytes become object arrays)."""
+    return {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+
+
 class BatchPreprocessor:
     """:func:`preprocess_batch` bound to a spec and tokenizer: the picklable UDF that Ray Data
     and DataLoader workers call.
@@ -335,8 +341,8 @@ class BatchPreprocessor:
     each chunk's columns to numpy on their own, as the DataLoader path converts each record
     batch: converting a whole shard of encoded images and audio at once (``"numpy"``) made
     hundreds of MB of fresh arrays per task and cost 8-10 % more worker CPU (both variants
-    alternated inside one Ray session). It lives here (numpy only) rather than beside the torch code so Ray workers
-    unpickling it skip torch.
+    alternated inside one Ray session). It lives here (numpy only) rather than beside the torch
+    code so Ray workers unpickling it skip torch.
 
     Args:
         spec: preprocessing sizes and options.
@@ -357,9 +363,7 @@ class BatchPreprocessor:
         if hasattr(batch, "column_names"):  # a pyarrow Table
             for start in range(0, batch.num_rows, self.chunk_rows):
                 part = batch.slice(start, self.chunk_rows)
-                chunk = {k: part.column(k).to_numpy(zero_copy_only=False)
-                         for k in part.column_names}
-                yield preprocess_batch(chunk, self.spec, self.tokenizer)
+                yield preprocess_batch(arrow_to_numpy(part), self.spec, self.tokenizer)
             return
         n = len(batch["sample_id"])
         for start in range(0, n, self.chunk_rows):

@@ -177,8 +177,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     _say(rank, "final eval " + _fmt(last_metrics))
     if mlflow_log:
         mlflow_log.log(_only_val(last_metrics), state.global_step)
-        mlflow_log.flush()
-    report(dict(last_metrics), save=True, final=True)
+    report(dict(last_metrics), save=True, final=True)  # flushes rank 0's metrics first
     if rank == 0:
         return {"global_step": state.global_step, "metrics": _only_val(last_metrics),
                 "train_loss": last_metrics.get("train_loss"),
