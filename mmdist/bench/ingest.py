@@ -38,10 +38,11 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
    at a time: the second worker idled for the first ~1.3 s of a 2.8 s run.
    ``mmdist.data.ray_scheduling`` re-asks each scheduling step until the limits are known.
    The warm-up also waits for that coordinator actor (it starts with the first execution).
-7. Each scheduling step of Ray Data's executor waits 0.1 s for running tasks, and a finished
-   task is often noticed only one or two steps later: each worker idled 0.15-0.4 s between
-   0.4 s tasks (tasks busy 67-69 % of 2 CPUs x time). ``mmdist.data.ray_scheduling`` makes
-   the wait 20 ms: busy 85 %, the driver spends ~0.2 CPU-s more per 4,096 rows.
+7. Each scheduling step of Ray Data's executor waits up to 0.1 s for *all* running tasks, and
+   a finished task is often noticed only one or two steps later: each worker idled 0.15-0.4 s
+   between 0.4 s tasks (tasks busy 67-69 % of 2 CPUs x time). A 20 ms wait fixed that (busy
+   85 %) at ~0.2 CPU-s more in the driver per 4,096 rows; ``mmdist.data.ray_scheduling`` now
+   makes the wait return at the first task with output instead (driver 0.66 -> 0.57 CPU-s).
 8. A map's output buffer keeps what the function yields until 128 MiB, so each task handed over
    its whole shard as one block when it ended and the first batch waited for a shard (0.9 s at
    ``--workers 4``, 4.3 s with 1,024-row shards). ``mmdist.data.ray_scheduling`` gives the
@@ -51,6 +52,14 @@ What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
    32-row record batches). The UDF takes the Arrow block and converts each chunk on its own:
    8-10 % less worker CPU, 1031 -> 1117 samples/s on 1,024-row shards (both variants
    alternated inside one Ray session: separate runs of this bench swing by ~10 %).
+10. ``iter_torch_batches``' default collate converts every column on a pool of 4 threads; on 2
+    cores the hand-offs cost more than the zero-copy conversions: ``NumpyToTorch``
+    (``mmdist.data.torch_batches``), driver 0.80 -> 0.66 CPU-s per 4,096 rows.
+11. The first batch of every epoch waited for a second block: the prefetch window holds each
+    block back until the next one exists, pointless on one node where every block is local
+    (``prefetch_batches=0`` there), and block metadata was read on a thread whose result the
+    executor picked up a step later (Ray's inline reader on one node): first batch after
+    0.63 -> 0.33 s (medians of 4 alternating epochs in one Ray session).
 
 ``--workers N`` runs N worker processes on each side on the same ``--cpus``: N DataLoader
 workers, and N Ray Data tasks in flight (each reserving cpus/N CPUs, as training's
@@ -152,6 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dl_epoch = _median(dls, "epoch_samples_per_s")["epoch_samples_per_s"] if dls else None
     ray_epoch = _median(rays, "epoch_samples_per_s")["epoch_samples_per_s"]
     load_after = os.getloadavg()[0]
+    paired = [round(r["epoch_samples_per_s"] / d["epoch_samples_per_s"], 3)
+              for d, r in zip(dls, rays)]
     if len(rays) > 1:
         for key in ("samples_per_s", "epoch_samples_per_s"):
             print(f"  rounds ({key}): DataLoader {[round(r[key]) for r in dls]}, Ray Data "
@@ -165,6 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_data_epoch_samples_per_s": round(ray_epoch, 1),
         "dataloader_epoch_samples_per_s": round(dl_epoch, 1) if dl else None,
         "epoch_ratio": round(ray_epoch / dl_epoch, 3) if dl else None,
+        # each round's Ray epoch over the DataLoader epoch just before it: the machine's slow
+        # swings (other tenants) hit both halves of a pair alike, unlike separate medians
+        "epoch_ratio_by_round": paired,
+        "epoch_ratio_paired_median": _median_of(paired),
         "rows": rows, "batch_size": args.batch_size, "cpus": args.cpus, "workers": workers,
         "data": str(data_dir),
         "preprocess_ms_per_sample": round(fn_cost * 1e3, 3),
@@ -199,6 +214,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dl:
         print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x from the first batch, "
               f"{summary['epoch_ratio']:.2f}x over the epoch")
+        if len(paired) > 1:
+            print(f"  over the epoch, round by round: {paired}, median "
+                  f"{summary['epoch_ratio_paired_median']:.2f}x")
     print("  where the Ray Data side spends its time:")
     for k, v in ray_res["breakdown"].items():
         print(f"    {k}: {v}")
@@ -345,6 +363,14 @@ def _median(results: list[dict[str, Any]], key: str = "samples_per_s") -> dict[s
     return sorted(results, key=lambda r: r[key])[len(results) // 2]
 
 
+def _median_of(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return round(v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, 3)
+
+
 def _consume(it, limit: int | None) -> dict[str, float]:
     """Drain ``it``. ``samples_per_s`` counts from the first batch on (steady state, start-up
     excluded); ``epoch_samples_per_s`` counts every row from ``iter()`` to the last batch.
@@ -394,6 +420,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     import ray
 
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
+    from mmdist.data.torch_batches import iter_torch
     from mmdist.ray_env import WORKERS_SOFT_LIMIT
 
     started = not ray.is_initialized()
@@ -423,8 +450,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         warmup_s = time.perf_counter() - t0
         ds = build_dataset(paths, spec, tok, map_batch_size=mbs, cpus_per_task=per_task)
         with CpuMeter() as cpu:
-            res = _consume(iter(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
-                                                      device="cpu")), limit)
+            res = _consume(iter(iter_torch(ds, batch_size=batch_size, device="cpu")), limit)
         res["cpu_s"] = cpu.by_kind()
         res["breakdown"] = _ray_breakdown(ds, res, cpus)
         res["warmup_s"] = warmup_s

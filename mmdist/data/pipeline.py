@@ -133,9 +133,10 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
                        shuffle_buffer: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of training batches from a worker's dataset shard.
 
-    Wraps ``shard.iter_torch_batches`` with a local shuffle buffer seeded by ``(seed, epoch)``
-    (a different order every epoch, the same order for the same seed and epoch as far as Ray
-    delivers blocks in the same order) and ``drop_last=True`` so every step has a full batch.
+    :func:`mmdist.data.torch_batches.iter_torch` with a local shuffle buffer seeded by
+    ``(seed, epoch)`` (a different order every epoch, the same order for the same seed and epoch
+    as far as Ray delivers blocks in the same order) and ``drop_last=True`` so every step has a
+    full batch.
 
     Args:
         shard: ``ray.train.get_dataset_shard("train")`` (a DataIterator) or a Dataset.
@@ -147,14 +148,40 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
     Yields:
         Dicts of CPU torch tensors with the keys, dtypes and shapes of ``schema.BATCH_KEYS``.
     """
+    from mmdist.data.torch_batches import iter_torch
+
     buffer = shuffle_buffer or max(8 * batch_size, 256)
-    return iter(shard.iter_torch_batches(
-        batch_size=batch_size, local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True, prefetch_batches=2,
-        device="cpu"))
+    return iter(iter_torch(
+        shard, batch_size=batch_size, local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True, device="cpu"))
 
 
 # ---- the plain torch path -------------------------------------------------------------------
+
+
+def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A numpy batch of the contract -> CPU tensors sharing its memory (no copy).
+
+    Columns that are views of Arrow or object-store memory are read-only; nothing writes to a
+    batch, so torch's "not writable" warning (printed once by every worker) is silenced here.
+
+    Raises:
+        TypeError: a column holds Python objects; the message names it.
+    """
+    import warnings
+
+    import torch
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for key, value in batch.items():
+            if value.dtype == object:
+                raise TypeError(f"batch column {key!r} holds Python objects (ragged or "
+                                f"non-numeric rows); the batch contract is fixed-size numeric "
+                                f"arrays")
+            out[key] = torch.from_numpy(value)
+    return out
 
 
 def _shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -191,7 +218,6 @@ class ShardBatches(IterableDataset):
         self.batch_size, self.shuffle_seed = batch_size, shuffle_seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        import torch
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
@@ -205,8 +231,7 @@ class ShardBatches(IterableDataset):
                 order = np.random.default_rng([self.shuffle_seed, int(raw["sample_id"][0])]
                                               ).permutation(len(raw["sample_id"]))
                 raw = {k: v[order] for k, v in raw.items()}
-            out = preprocess_batch(raw, self.spec, self.tokenizer)
-            yield {k: torch.from_numpy(v) for k, v in out.items()}
+            yield as_tensors(preprocess_batch(raw, self.spec, self.tokenizer))
 
 
 def one_blas_thread(worker_id: int = 0) -> None:

@@ -309,11 +309,12 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
     the val split exactly as the run reported. Ranks without a batch in the last round run a
     throw-away forward so ZeRO-3 parameter gathers stay paired.
     """
+    from mmdist.data.torch_batches import iter_torch
     from mmdist.models.metrics import compute_metrics
 
     engine.eval()
     outputs: list[dict[str, torch.Tensor]] = []
-    it = val_shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False)
+    it = iter_torch(val_shard, batch_size=cfg.train.micro_batch_size, drop_last=False)
     group: list[dict] = []
 
     def run_group(group: list[dict]) -> None:

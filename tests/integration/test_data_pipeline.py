@@ -22,6 +22,7 @@ from mmdist.data.pipeline import (
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.schema import BATCH_KEYS
 from mmdist.data.shards import ManifestError
+from mmdist.data.torch_batches import iter_torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = load_config("tiny", ["data.synthetic_samples=48", "data.shard_rows=12",
@@ -67,13 +68,15 @@ def test_ray_datasets_yield_contract_batches(ray_cluster, shards):
         assert b["has_image"].all() and b["has_audio"].all() and b["has_text"].all()
     ids = torch.cat([b["sample_id"] for b in batches]).tolist()
     assert len(set(ids)) == len(ids)
-    val = list(ds["val"].iter_torch_batches(batch_size=32))
+    val = list(iter_torch(ds["val"], batch_size=32))
     assert sum(len(b["sample_id"]) for b in val) == 12
+    _check_contract(val[0], 12)
 
 
 def test_ray_and_dataloader_paths_agree(ray_cluster, shards):
+    """Batches made by NumpyToTorch (training's collate) hold what the DataLoader path makes."""
     ray_val = {}
-    for b in build_datasets(shards, CFG)["val"].iter_torch_batches(batch_size=5):
+    for b in iter_torch(build_datasets(shards, CFG)["val"], batch_size=5):
         for i, sid in enumerate(b["sample_id"].tolist()):
             ray_val[sid] = {k: v[i] for k, v in b.items()}
     spec_cfg = ShardBatches(shards, "val").spec  # from the manifest
@@ -91,11 +94,13 @@ def test_ray_and_dataloader_paths_agree(ray_cluster, shards):
 
 def test_build_dataset_carries_the_scheduling_callbacks(ray_cluster, shards):
     """Ray 2.60 runs one task at a time for the first second of every execution (its resource
-    limits start at zero) and notices finished tasks up to 0.1 s late; build_dataset registers
-    both fixes on the dataset's own context (not the global one), and the executor still has
-    the attributes and the module constant the callbacks rely on."""
+    limits start at zero), notices finished tasks up to 0.1 s late and emits blocks a step
+    after a thread read their metadata; build_dataset registers the fixes on the dataset's own
+    context (not the global one), and the executor still has the attributes and the module
+    global (its ``ray``) the callbacks rely on."""
     from ray.data._internal.execution import streaming_executor_state as ses
     from ray.data._internal.execution.execution_callback import ExecutionCallback
+    from ray.data._internal.execution.metadata_fetcher import InlineMetadataFetcher
 
     from mmdist.data import ray_scheduling
 
@@ -109,13 +114,38 @@ def test_build_dataset_carries_the_scheduling_callbacks(ray_cluster, shards):
     class Probe(ExecutionCallback):
         def on_execution_step(self, executor):
             rm = executor._resource_manager
-            seen.append((hasattr(rm, "_global_limits_last_update_time"),
-                         ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S))
+            seen.append((hasattr(rm, "_global_limits_last_update_time"), ses.ray,
+                         executor._metadata_fetcher))
 
     ds.context.custom_execution_callback_classes.append(Probe)
     assert sum(len(b["sample_id"]) for b in ds.iter_batches(batch_size=None)) == 36
-    assert seen and all(has for has, _ in seen)
-    assert {wait for _, wait in seen} == {ray_scheduling.POLL_S}
+    assert seen and all(has for has, _, _ in seen)
+    assert all(isinstance(r, ray_scheduling.WaitForFirst) and r._ray is ray for _, r, _ in seen)
+    assert ray_scheduling.one_node()  # the test's cluster
+    assert all(isinstance(f, InlineMetadataFetcher) for _, _, f in seen)
+
+
+def test_wait_for_first_returns_a_finished_task_while_another_still_runs(ray_cluster):
+    """The executor's wait for all its running tasks (num_returns=all) now returns with the
+    one that finished; Ray's own wait would hold it until the slow one ended too."""
+    import time
+
+    from mmdist.data.ray_scheduling import WaitForFirst
+
+    @ray.remote(num_cpus=0)
+    def sleep(s):
+        time.sleep(s)
+        return s
+
+    fast, slow = sleep.remote(0), sleep.remote(30)
+    try:
+        ray.get(fast)
+        # no timeout: Ray's own wait would return both, after 30 s
+        ready, rest = WaitForFirst(ray).wait([slow, fast], num_returns=2, timeout=None,
+                                             fetch_local=False)
+        assert ready == [fast] and rest == [slow]
+    finally:
+        ray.cancel(slow, force=True)
 
 
 def test_preprocessed_chunks_leave_the_task_as_blocks_of_their_own(ray_cluster, shards,
@@ -212,3 +242,4 @@ def test_bench_ingest_runs_tiny(ray_cluster, shards):
     for k in ("ray_data_samples_per_s", "dataloader_samples_per_s", "ratio"):
         assert s[k] > 0, k
     assert np.isfinite(s["ratio"]) and s["ray_data_breakdown"]
+    assert s["epoch_ratio_by_round"] == [s["epoch_ratio"]] == [s["epoch_ratio_paired_median"]]

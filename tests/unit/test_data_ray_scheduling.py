@@ -1,6 +1,7 @@
 """The Ray Data scheduling callbacks with stand-in executors: RefreshLimitsUntilKnown re-asks
-while the limits are zero and stops once they are known; PollTasksOften shortens the executor's
-wait for tasks and never lengthens it; StreamBlocks re-blocks the read+preprocess operator only
+while the limits are zero and stops once they are known; WaitForFirst returns the executor's
+wait at the first ready task with all that are ready; InlineMetadataOnOneNode swaps the
+metadata fetcher on one node only; StreamBlocks re-blocks the read+preprocess operator only
 (timing on a real cluster: `mmdist bench ingest`)."""
 
 from types import SimpleNamespace
@@ -8,10 +9,11 @@ from types import SimpleNamespace
 from mmdist.data.ray_scheduling import (
     BLOCK_BYTES_KEY,
     CHUNK_SHARE,
-    POLL_S,
-    PollTasksOften,
+    InlineMetadataOnOneNode,
     RefreshLimitsUntilKnown,
     StreamBlocks,
+    WaitForFirst,
+    WaitForFirstTask,
 )
 
 
@@ -64,15 +66,50 @@ def test_gives_up_on_limits_that_stay_zero(monkeypatch):
     assert rm.refreshes == asked  # no longer re-armed
 
 
-def test_poll_tasks_often_shortens_the_wait_and_never_lengthens_it(monkeypatch):
+class FakeRay:
+    """``ray.wait`` over refs that become ready in a given order: a wait for ``num_returns``
+    returns as soon as that many are ready, or at the timeout with those ready by then."""
+
+    def __init__(self, ready_now):
+        self.ready_now, self.calls = set(ready_now), []
+        self.put = "the real module's put"
+
+    def wait(self, refs, *, num_returns=1, timeout=None, fetch_local=True):
+        self.calls.append((list(refs), num_returns, timeout, fetch_local))
+        ready = [r for r in refs if r in self.ready_now]
+        if len(ready) >= num_returns:
+            ready = ready[:num_returns]
+        return ready, [r for r in refs if r not in ready]
+
+
+def test_wait_for_first_returns_every_ready_task_without_waiting_for_the_rest():
+    ray = FakeRay(ready_now={"b", "c"})
+    ready, rest = WaitForFirst(ray).wait(["a", "b", "c", "d"], num_returns=4, timeout=0.1,
+                                         fetch_local=False)
+    assert (ready, rest) == (["b", "c"], ["a", "d"])
+    # blocks (with the executor's timeout) for one, then only sweeps the rest
+    assert [(n, t, f) for _, n, t, f in ray.calls] == [(1, 0.1, False), (3, 0, False)]
+
+
+def test_wait_for_first_keeps_ray_semantics_when_nothing_or_one_is_asked():
+    ray = FakeRay(ready_now=set())
+    assert WaitForFirst(ray).wait(["a", "b"], num_returns=2, timeout=0.1) == ([], ["a", "b"])
+    assert len(ray.calls) == 1  # timed out: no second call
+    ray = FakeRay(ready_now={"a", "b"})
+    assert WaitForFirst(ray).wait(["a", "b"], num_returns=1) == (["a"], ["b"])
+    assert WaitForFirst(ray).put == "the real module's put"
+
+
+def test_wait_for_first_task_installs_itself_once(monkeypatch):
     from ray.data._internal.execution import streaming_executor_state as ses
 
-    monkeypatch.setattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.1)  # Ray's own
-    PollTasksOften().before_execution_starts(SimpleNamespace())
-    assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == POLL_S < 0.1
-    monkeypatch.setattr(ses, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.005)  # someone's shorter
-    PollTasksOften().before_execution_starts(SimpleNamespace())
-    assert ses.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == 0.005
+    real = FakeRay(ready_now=set())
+    monkeypatch.setattr(ses, "ray", real)
+    WaitForFirstTask().before_execution_starts(SimpleNamespace())
+    installed = ses.ray
+    assert isinstance(installed, WaitForFirst) and installed._ray is real
+    WaitForFirstTask().before_execution_starts(SimpleNamespace())
+    assert ses.ray is installed  # not wrapped twice
 
 
 class FakeOp:
@@ -99,3 +136,37 @@ def test_stream_blocks_without_a_size_or_an_executor_it_knows_does_nothing():
     StreamBlocks().before_execution_starts(SimpleNamespace(_data_context=ctx, _topology=[op]))
     StreamBlocks().before_execution_starts(SimpleNamespace())
     assert op.target is None
+
+
+
+def test_inline_metadata_only_on_one_node(monkeypatch):
+    from ray.data._internal.execution.metadata_fetcher import (
+        InlineMetadataFetcher,
+        ThreadedMetadataFetcher,
+    )
+
+    from mmdist.data import ray_scheduling
+
+    for nodes, expected in ((1, InlineMetadataFetcher), (3, ThreadedMetadataFetcher)):
+        monkeypatch.setattr(ray_scheduling, "one_node", lambda n=nodes: n == 1)
+        ex = SimpleNamespace(_metadata_fetcher=ThreadedMetadataFetcher())
+        InlineMetadataOnOneNode().before_execution_starts(ex)
+        assert type(ex._metadata_fetcher) is expected
+    InlineMetadataOnOneNode().before_execution_starts(SimpleNamespace())  # unknown: no-op
+
+
+def test_one_node_counts_live_nodes_and_assumes_a_cluster_when_it_cannot_ask(monkeypatch):
+    import ray
+
+    from mmdist.data import ray_scheduling
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    assert ray_scheduling.one_node()
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    assert not ray_scheduling.one_node()
+
+    def not_connected():
+        raise RuntimeError("Ray has not been started yet")
+
+    monkeypatch.setattr(ray, "nodes", not_connected)
+    assert not ray_scheduling.one_node()
