@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataloader_startup_s": round(dl["startup_s"], 2) if dl else None,
         "ray_data_breakdown": ray_res["breakdown"],
         "ray_data_cpu_s": ray_res["cpu_s"],
+        "ray_data_idle_cpu_s_per_s": ray_res["idle_cpu_s_per_s"],
         "dataloader_cpu_s": dl["cpu_s"] if dl else None,
         "ray_data_cpu_ms_per_sample": _cpu_ms_per_sample(ray_res),
         "dataloader_cpu_ms_per_sample": _cpu_ms_per_sample(dl) if dl else None,
@@ -211,6 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if dl:
         print(f"    DataLoader CPU s by process: {dl['cpu_s']}")
     print(f"    Ray Data CPU s by process:   {ray_res['cpu_s']}")
+    idle = ray_res["idle_cpu_s_per_s"]
+    print(f"    the same Ray idle, CPU s per s: {round(sum(idle.values()), 3)} {idle} (over the "
+          f"epoch: {ray_res['breakdown']['cpu_idle_background_s']} CPU-s of background)")
     if dl:
         print(f"  ratio Ray Data / DataLoader: {summary['ratio']:.2f}x from the first batch, "
               f"{summary['epoch_ratio']:.2f}x over the epoch")
@@ -452,10 +456,16 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
             pass
         _wait_for_ray_data_coordinator()
         warmup_s = time.perf_counter() - t0
+        # What Ray costs while nothing runs (its processes' timers and polls), to tell that
+        # background from the cost of the work in the breakdown.
+        with CpuMeter() as idle:
+            time.sleep(IDLE_S)
+        idle_cpu = idle.by_kind()
         ds = build_dataset(paths, spec, tok, map_batch_size=mbs, cpus_per_task=per_task)
         with CpuMeter() as cpu:
             res = _consume(iter(iter_torch(ds, batch_size=batch_size, device="cpu")), limit)
         res["cpu_s"] = cpu.by_kind()
+        res["idle_cpu_s_per_s"] = {k: round(v / IDLE_S, 3) for k, v in idle_cpu.items()}
         res["breakdown"] = _ray_breakdown(ds, res, cpus)
         res["warmup_s"] = warmup_s
         if os.environ.get("MMDIST_BENCH_STATS"):
@@ -464,6 +474,9 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         if started:
             ray.shutdown()
     return res
+
+
+IDLE_S = 3.0  # seconds of idle Ray measured before each timed epoch
 
 
 def _wait_for_ray_data_coordinator() -> None:
@@ -487,7 +500,10 @@ def _ray_breakdown(ds: Any, res: dict[str, Any], cpus: int) -> dict[str, Any]:
     whole iteration (what is missing to 1.0 is CPU time with no task running: scheduling gaps
     between tasks, start and tail); ``iter_*`` are the consumer side in the driver (waiting for
     blocks, slicing/formatting them into batches, converting to torch). ``cpu_*`` split the
-    measured CPU seconds into the read+preprocess workers and everything else Ray runs.
+    measured CPU seconds into the read+preprocess workers and everything else Ray runs;
+    ``cpu_idle_background_s`` is what the same Ray used per second while nothing ran (measured
+    for :data:`IDLE_S` before the epoch) times the epoch's length: the part of Ray's extra CPU
+    that is not work.
     """
 
     def total(x: Any) -> float | None:
@@ -504,6 +520,9 @@ def _ray_breakdown(ds: Any, res: dict[str, Any], cpus: int) -> dict[str, Any]:
                            "consumer_wait_s": round(res["wait_s"], 2),
                            "cpu_workers_s": round(workers, 2),
                            "cpu_driver_s": cpu.get("driver", 0.0),
+                           "cpu_idle_background_s": round(
+                               sum(res.get("idle_cpu_s_per_s", {}).values())
+                               * (res["startup_s"] + res["elapsed_s"]), 2),
                            "cpu_ray_daemons_s": round(sum(cpu.values()) - workers
                                                       - cpu.get("driver", 0.0), 2)}
     try:

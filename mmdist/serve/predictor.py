@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mmdist.config import Config
+from mmdist.data.pipeline import as_tensors
 
 INPUT_COLUMNS = ("text", "image", "audio")
 
@@ -129,7 +130,7 @@ class Predictor:
                 raise ValueError(f"row {i}, column 'image': {reason}")
             if cols["audio"][i] is not None and not batch["has_audio"][i]:
                 raise ValueError(f"row {i}, column 'audio': cannot decode the audio")
-        return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in as_tensors(batch).items()}
 
     @torch.no_grad()
     def predict_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,7 +189,7 @@ class Predictor:
         from mmdist.data.preprocess import preprocess_batch
 
         batch = preprocess_batch(rows, self.spec, self.tokenizer)
-        batch = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in as_tensors(batch).items()}
         n = len(rows["sample_id"])
         return {k: v.detach().cpu() for k, v in self.model(batch, mode="eval").items()
                 if v.ndim >= 1 and v.shape[0] == n}

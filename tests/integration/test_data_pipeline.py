@@ -243,3 +243,6 @@ def test_bench_ingest_runs_tiny(ray_cluster, shards):
         assert s[k] > 0, k
     assert np.isfinite(s["ratio"]) and s["ray_data_breakdown"]
     assert s["epoch_ratio_by_round"] == [s["epoch_ratio"]] == [s["epoch_ratio_paired_median"]]
+    # Ray's own processes use CPU while nothing runs; the breakdown charges it to the epoch
+    assert sum(s["ray_data_idle_cpu_s_per_s"].values()) > 0
+    assert s["ray_data_breakdown"]["cpu_idle_background_s"] > 0
