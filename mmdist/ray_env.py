@@ -45,12 +45,18 @@ def pin_ray_address() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
+def keep_idle_workers(cpus: int | float) -> None:
+    """Let the raylet about to start keep max(8, 4 x cpus) idle workers (see
+    :data:`WORKERS_SOFT_LIMIT`; a user's own value wins)."""
+    os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, int(4 * cpus))))
+
+
 def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = False,
                       env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``ray.init`` starting a local Ray bound to 127.0.0.1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = num_cpus or cores or 1
-    os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, int(4 * cpus))))
+    keep_idle_workers(cpus)
     for key, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}

@@ -83,6 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+IDLE_S = 3.0  # seconds of idle Ray measured before each timed epoch
 _WORDS = ("a dog runs across the green field while children play near the old wooden fence "
           "under a bright sky with clouds and a man holds an umbrella on the busy street as "
           "cars pass by the red building next to the river where birds sing loudly").split()
@@ -429,12 +430,12 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
 
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
     from mmdist.data.torch_batches import iter_torch
-    from mmdist.ray_env import WORKERS_SOFT_LIMIT
+    from mmdist.ray_env import keep_idle_workers
 
     started = not ray.is_initialized()
     if started:
         # as every local Ray mmdist starts: keep more idle workers than CPUs (see ray_env)
-        os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, 4 * cpus)))
+        keep_idle_workers(cpus)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, _node_ip_address="127.0.0.1")
     try:
@@ -474,9 +475,6 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         if started:
             ray.shutdown()
     return res
-
-
-IDLE_S = 3.0  # seconds of idle Ray measured before each timed epoch
 
 
 def _wait_for_ray_data_coordinator() -> None:
