@@ -18,7 +18,8 @@ Why the Ray Data settings below (measured by ``mmdist bench ingest``, see its do
 read and preprocess fuse into one task per shard file when both are plain tasks with the same
 resources; ``preprocess_batch`` is vectorised per batch, so the batch size is large enough to
 amortise per-call overhead but stays far below a block so memory per task stays small; each
-block of about 128 rows leaves the task as soon as it is made (``ray_scheduling``).
+task hands its shard over as one block (up to ``BLOCK_MAX_BYTES``), and the tasks that start an
+epoch hand their first chunk over on its own first (``BatchPreprocessor``, ``ray_scheduling``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mmdist.data.preprocess import (
     PreprocessSpec,
     arrow_to_numpy,
     preprocess_batch,
+    reuse_freed_memory,
 )
 from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
 
 SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
 MAP_BATCH_SIZE = 64  # rows per preprocess_batch call inside Ray Data
+# Most bytes per block after each task's first (see BatchPreprocessor): Ray's own default target
+# is 128 MiB; half of it bounds what a task holds before handing it over.
+BLOCK_MAX_BYTES = 64 * 1024 * 1024
 
 
 def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
@@ -71,6 +76,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
             workers hold whole or half CPUs; a data task asking for a full CPU can then never be
             scheduled and training waits forever (seen with 2 sweep trials on 2 CPUs).
     """
+    import ray
     import ray.data
 
     from mmdist.data import ray_scheduling
@@ -92,13 +98,15 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # into one task (a map with a batch size waits for bundles of that many rows and is not
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows, and takes
     # the block as Arrow so each chunk is converted to numpy on its own (see BatchPreprocessor).
-    fn = BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size)
+    # One early first chunk from each task of the first wave: as many tasks as fit at once.
+    first_wave = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus_per_task, 1e-4)))
+    fn = BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size,
+                           block_bytes=BLOCK_MAX_BYTES, first_wave=first_wave)
     ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
-    # Every CPU busy from the first task on, no idle worker between tasks, and blocks of whole
-    # chunks (~BLOCK_ROWS rows) leave each task as soon as they are preprocessed.
-    block_rows = max(fn.chunk_rows, ray_scheduling.BLOCK_ROWS)
-    return ray_scheduling.add_to(ds, udf=fn, block_bytes=block_rows * fn.row_bytes())
+    # Every CPU busy from the first task on, no idle worker between tasks, and the blocks are
+    # what `fn` yields: a shard per block, the first wave's first chunks on their own.
+    return ray_scheduling.add_to(ds, udf=fn)
 
 
 def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -226,6 +234,7 @@ class ShardBatches(IterableDataset):
             np.random.default_rng(self.shuffle_seed).shuffle(paths)
         if info is not None:
             paths = paths[info.id::info.num_workers]
+        reuse_freed_memory()
         for raw in _shard_tables(paths, self.batch_size):
             if self.shuffle_seed is not None:
                 order = np.random.default_rng([self.shuffle_seed, int(raw["sample_id"][0])]

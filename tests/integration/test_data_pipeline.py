@@ -148,28 +148,28 @@ def test_wait_for_first_returns_a_finished_task_while_another_still_runs(ray_clu
         ray.cancel(slow, force=True)
 
 
-def test_preprocessed_chunks_leave_the_task_as_blocks_of_their_own(ray_cluster, shards,
-                                                                   monkeypatch):
-    """Ray Data keeps what a map yields until 128 MiB, so a shard came out as one block when its
-    task ended; StreamBlocks makes each block ~BLOCK_ROWS rows of whole chunks (4 here, to see
-    it on 12-row shards), and without the size the blocks are whole shards again."""
+def test_the_first_wave_of_tasks_hands_over_a_chunk_first(ray_cluster, shards):
+    """With Ray's shaping off for the preprocess map (UdfShapesBlocks) the blocks are what
+    BatchPreprocessor yields: the tasks that fit at once on the cluster's 2 CPUs (1 CPU each)
+    hand over their first chunk on its own, then the rest of their shard; the third task its
+    whole shard. Without it Ray merges every task's yields into one block."""
     from mmdist.data import ray_scheduling
     from mmdist.data.pipeline import build_dataset
     from mmdist.data.preprocess import PreprocessSpec
     from mmdist.data.shards import shard_paths, verify_manifest
 
-    monkeypatch.setattr(ray_scheduling, "BLOCK_ROWS", 4)
     paths = shard_paths(shards, verify_manifest(shards), "train")
     spec, tok = PreprocessSpec.from_config(CFG.data, augment=False), load_tokenizer(shards)
     ds = build_dataset(paths, spec, tok, map_batch_size=4)
-    assert ds.context.get_config(ray_scheduling.BLOCK_BYTES_KEY)["BatchPreprocessor"] > 0
-    streamed = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
-    whole = build_dataset(paths, spec, tok, map_batch_size=4)
-    whole.context.set_config(ray_scheduling.BLOCK_BYTES_KEY, None)
-    unstreamed = [b.num_rows() for b in whole.iter_internal_ref_bundles()]
-    assert sum(streamed) == sum(unstreamed) == 36
-    assert sorted(unstreamed) == [12, 12, 12]  # one block per 12-row shard
-    assert streamed == [4] * 9
+    assert ds.context.get_config(ray_scheduling.UDF_BLOCKS_KEY) == ["BatchPreprocessor"]
+    shaped = sorted(b.num_rows() for b in ds.iter_internal_ref_bundles())
+    merged = build_dataset(paths, spec, tok, map_batch_size=4)
+    merged.context.set_config(ray_scheduling.UDF_BLOCKS_KEY, None)
+    by_ray = [b.num_rows() for b in merged.iter_internal_ref_bundles()]
+    assert shaped == [4, 4, 8, 8, 12]  # three 12-row shards: 4 + 8, 4 + 8, 12
+    assert sorted(by_ray) == [12, 12, 12]
+    rows = [r["sample_id"] for r in ds.iter_rows()]
+    assert len(rows) == len(set(rows)) == 36
 
 
 def test_streaming_split_carries_the_callback(ray_cluster, shards):

@@ -99,6 +99,33 @@ def test_batch_preprocessor_chunks_whole_blocks(tok):
     assert np.array_equal(np.concatenate([c["audio"] for c in chunks]), whole["audio"])
 
 
+def test_batch_preprocessor_yields_blocks_of_block_bytes_after_an_early_first_chunk(tok):
+    """With block_bytes (what Ray Data's tasks hand over as blocks): the first chunk at once
+    (a task of the first wave; outside Ray every call counts as task 0), then whole chunks
+    grouped until a group reaches block_bytes, then the rest; with no first wave no early
+    chunk. The rows and their order are those of the plain chunks."""
+    four = _batch(4)  # every kind of row, good and bad, repeated to 10 rows
+    rows = {k: np.concatenate([v, v, v])[:10] for k, v in four.items()}
+    rows["sample_id"] = np.arange(10)
+    chunk_bytes = sum(v.nbytes for v in preprocess_batch(_batch(2), SPEC, tok).values())
+    blocks = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=2 * chunk_bytes)(rows))
+    assert [len(b["sample_id"]) for b in blocks] == [2, 4, 4]
+    whole = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=1 << 40)(rows))
+    assert [len(b["sample_id"]) for b in whole] == [2, 8]
+    later = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=2 * chunk_bytes,
+                                   first_wave=0)(rows))
+    assert [len(b["sample_id"]) for b in later] == [4, 4, 2]
+    chunks = list(BatchPreprocessor(SPEC, tok, chunk_rows=2)(rows))
+    assert [len(c["sample_id"]) for c in chunks] == [2] * 5
+    for key in BATCH_KEYS:
+        expected = np.concatenate([c[key] for c in chunks])
+        assert np.array_equal(np.concatenate([b[key] for b in blocks]), expected), key
+        assert np.array_equal(np.concatenate([b[key] for b in whole]), expected), key
+        assert np.array_equal(np.concatenate([b[key] for b in later]), expected), key
+    assert list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=10)(
+        {k: v[:0] for k, v in rows.items()})) == []
+
+
 def test_decode_image_resizes_crops_and_augments():
     img = decode_image(_image(80, 40, fmt="JPEG"), 32)
     assert img.shape == (3, 32, 32) and img.dtype == np.uint8
@@ -130,6 +157,21 @@ def test_log_mel_peaks_at_the_tone():
     centre = (fb.argmax(axis=1) * sr / 256)
     assert abs(centre[peaks[1]] - 2000) < 400
     assert np.isfinite(log_mel(np.zeros((1, n), np.float32), sr, 16, 80, 256)).all()
+
+
+def test_log_mel_of_a_large_batch_is_each_clip_on_its_own():
+    """log_mel works through a batch LOG_MEL_ROWS clips at a time (to stay in cache): a batch
+    that is not a multiple of it gives each clip what it gives alone, in order."""
+    from mmdist.data.preprocess import LOG_MEL_ROWS
+
+    n = 2 * LOG_MEL_ROWS + 3
+    waves = np.random.default_rng(0).standard_normal((n, 4000)).astype(np.float32)
+    waves *= np.linspace(0.1, 2.0, n, dtype=np.float32)[:, None]  # every clip different
+    batch = log_mel(waves, 8000, 16, 80, 256)
+    alone = np.concatenate([log_mel(w[None], 8000, 16, 80, 256) for w in waves])
+    assert batch.shape == (n, 16, 1 + 4000 // 80) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-5)
+    assert not np.allclose(batch[0], batch[-1])
 
 
 def test_batch_preprocessor_on_an_arrow_block_matches_the_numpy_path(tok):

@@ -1,17 +1,16 @@
 """The Ray Data scheduling callbacks with stand-in executors: RefreshLimitsUntilKnown re-asks
 while the limits are zero and stops once they are known; WaitForFirst returns the executor's
 wait at the first ready task with all that are ready; InlineMetadataOnOneNode swaps the
-metadata fetcher on one node only; StreamBlocks re-blocks the read+preprocess operator only
-(timing on a real cluster: `mmdist bench ingest`)."""
+metadata fetcher on one node only; UdfShapesBlocks turns Ray's block shaping off for the named
+preprocess operator only (timing on a real cluster: `mmdist bench ingest`)."""
 
 from types import SimpleNamespace
 
 from mmdist.data.ray_scheduling import (
-    BLOCK_BYTES_KEY,
-    CHUNK_SHARE,
+    UDF_BLOCKS_KEY,
     InlineMetadataOnOneNode,
     RefreshLimitsUntilKnown,
-    StreamBlocks,
+    UdfShapesBlocks,
     WaitForFirst,
     WaitForFirstTask,
 )
@@ -112,30 +111,43 @@ def test_wait_for_first_task_installs_itself_once(monkeypatch):
     assert ses.ray is installed  # not wrapped twice
 
 
+class FakeTransformFn:
+    def __init__(self):
+        self._output_block_size_option = "ray's target"
+
+
 class FakeOp:
-    def __init__(self, name):
-        self.name, self.target = name, None
+    def __init__(self, name, override=None):
+        self.name, self._output_block_size_option_override = name, override
+        self.fns = [FakeTransformFn(), FakeTransformFn()]  # the fused read, then the UDF
+        self._map_transformer = SimpleNamespace(get_transform_fns=lambda: self.fns)
 
-    def override_target_max_block_size(self, size):
-        self.target = size
+    def shaping(self):
+        return [getattr(fn._output_block_size_option, "disable_block_shaping", fn._output_block_size_option)
+                for fn in self.fns]
 
 
-def test_stream_blocks_sets_the_target_of_the_preprocess_operator_only():
+def _executor(ops, names):
+    ctx = SimpleNamespace(get_config=lambda key: {UDF_BLOCKS_KEY: names}.get(key))
+    return SimpleNamespace(_data_context=ctx, _topology={op: None for op in ops})
+
+
+def test_udf_shapes_the_blocks_of_the_named_operator_only():
     ops = [FakeOp("Input"), FakeOp("ReadParquet->MapBatches(BatchPreprocessor)"),
-           FakeOp("MapBatches(<lambda>)")]
-    sizes = {"BatchPreprocessor": 1000, "Other": 10}
-    ctx = SimpleNamespace(get_config=lambda key: {BLOCK_BYTES_KEY: sizes}.get(key))
-    StreamBlocks().before_execution_starts(
-        SimpleNamespace(_data_context=ctx, _topology={op: None for op in ops}))
-    assert [op.target for op in ops] == [None, int(CHUNK_SHARE * 1000), None]
+           FakeOp("MapBatches(<lambda>)"), FakeOp("MapBatches(BatchPreprocessorX)")]
+    UdfShapesBlocks().before_execution_starts(_executor(ops, ["BatchPreprocessor", "Other"]))
+    kept = ["ray's target", "ray's target"]
+    # the UDF's transform (the last one) yields blocks as they are; the fused read keeps its own
+    assert [op.shaping() for op in ops] == [kept, ["ray's target", True], kept, kept]
 
 
-def test_stream_blocks_without_a_size_or_an_executor_it_knows_does_nothing():
-    op = FakeOp("ReadParquet->MapBatches(BatchPreprocessor)")
-    ctx = SimpleNamespace(get_config=lambda key: None)
-    StreamBlocks().before_execution_starts(SimpleNamespace(_data_context=ctx, _topology=[op]))
-    StreamBlocks().before_execution_starts(SimpleNamespace())
-    assert op.target is None
+def test_udf_blocks_leave_operators_alone_that_ray_sized_or_it_does_not_know():
+    sized = FakeOp("ReadParquet->MapBatches(BatchPreprocessor)", override="a size from Ray")
+    plain = FakeOp("ReadParquet->MapBatches(BatchPreprocessor)")
+    UdfShapesBlocks().before_execution_starts(_executor([sized], ["BatchPreprocessor"]))
+    UdfShapesBlocks().before_execution_starts(_executor([plain], None))
+    UdfShapesBlocks().before_execution_starts(SimpleNamespace())
+    assert sized.shaping() == plain.shaping() == ["ray's target", "ray's target"]
 
 
 
