@@ -6,7 +6,8 @@ files with the same batch size and the same number of CPU workers, in one run:
 * DataLoader: ``DataLoader(ShardBatches(...), batch_size=None, num_workers=workers)``; each worker
   reads whole shard files and yields preprocessed batches. It runs first, before Ray starts,
   so Ray's own processes cannot slow it down.
-* Ray Data: ``ray.init(num_cpus=cpus)``, then the training pipeline of
+* Ray Data: the local Ray ``mmdist train`` starts (``ray_env.local_init_kwargs``, ``num_cpus=
+  cpus``, dashboard on), then the training pipeline of
   :func:`mmdist.data.pipeline.build_dataset` consumed with ``iter_torch_batches``.
 
 Throughput is measured two ways: from the first batch to the last (start-up reported
@@ -87,6 +88,7 @@ import argparse
 import io
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,9 +427,13 @@ def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus
                     limit: int | None) -> dict[str, float]:
     from mmdist.data.pipeline import shard_dataloader
 
-    dl = shard_dataloader(data_dir, split, batch_size, num_workers=cpus, spec=spec, verify=False)
-    with CpuMeter() as cpu:
-        res = _consume(iter(dl), limit)
+    with warnings.catch_warnings():
+        # --workers above the core count is the point of that layout, not a mistake to warn of
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        dl = shard_dataloader(data_dir, split, batch_size, num_workers=cpus, spec=spec,
+                              verify=False)
+        with CpuMeter() as cpu:
+            res = _consume(iter(dl), limit)
     res["cpu_s"] = cpu.by_kind()
     return res
 
@@ -439,14 +445,14 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
 
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
     from mmdist.data.torch_batches import iter_torch
-    from mmdist.ray_env import keep_idle_workers
+    from mmdist.ray_env import local_init_kwargs
 
     started = not ray.is_initialized()
     if started:
-        # as every local Ray mmdist starts: keep more idle workers than CPUs (see ray_env)
-        keep_idle_workers(cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, _node_ip_address="127.0.0.1")
+        # The Ray `mmdist train` starts (dashboard included, see train.run.init_ray): its
+        # processes' background CPU is part of what a training job pays for its data.
+        ray.init(**local_init_kwargs(cpus, dashboard=True), log_to_driver=False,
+                 configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         tok = load_tokenizer(data_dir)
