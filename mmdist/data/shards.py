@@ -171,6 +171,13 @@ def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> l
     return [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def reason_kind(reason: str) -> str:
+    """The kind of a quarantine reason, for the summary's counts: its text before the first
+    colon ("missing image file: a/b.png" -> "missing image file"); every reason puts the
+    row's own values (paths, ids, what was found) after it. At most 8 words."""
+    return " ".join(reason.split(":", 1)[0].split()[:8])
+
+
 class QuarantineWriter:
     """Appends one JSON line per bad row to ``OUT/quarantine.jsonl``."""
 
@@ -184,7 +191,7 @@ class QuarantineWriter:
     def add(self, sample_id: int, origin: str, reason: str) -> None:
         self._f.write(json.dumps({"sample_id": sample_id, "origin": origin, "reason": reason}) + "\n")
         self.count += 1
-        kind = " ".join(reason.split(":")[0].split()[:3])
+        kind = reason_kind(reason)
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
 
     def close(self) -> None:

@@ -60,8 +60,11 @@ def check_image(data: bytes) -> None:
     except RowError:
         raise
     except Exception as e:
-        raise RowError(f"undecodable image{f' (mode {mode})' if mode else ''}: "
-                       f"{type(e).__name__}: {e}") from None
+        # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>); the row's origin
+        # names the file
+        msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise RowError(f"undecodable image: {f'mode {mode}, ' if mode else ''}"
+                       f"{type(e).__name__}: {msg}") from None
 
 
 def check_audio(data: bytes) -> None:
@@ -86,7 +89,7 @@ def check_audio(data: bytes) -> None:
 def read_file(path: str | Path, what: str) -> bytes:
     p = Path(path)
     if not p.is_file():
-        raise RowError(f"missing {what} file {p}")
+        raise RowError(f"missing {what} file: {p}")
     return p.read_bytes()
 
 
@@ -99,13 +102,13 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
         RowError: wrong types, empty text, no modality at all, undecodable image/audio.
     """
     if text is not None and not isinstance(text, str):
-        raise RowError(f"text must be a string, got {type(text).__name__} {text!r:.60}")
+        raise RowError(f"text must be a string: got {type(text).__name__} {text!r:.60}")
     if text is not None and not text.strip():
         raise RowError("empty text")
     if text is None and text_required:
         raise RowError("no text")
     if target is not None and not isinstance(target, str):
-        raise RowError(f"target must be a string, got {type(target).__name__} {target!r:.60}")
+        raise RowError(f"target must be a string: got {type(target).__name__} {target!r:.60}")
     if target is not None and not target.strip():
         target = None
     if label is None:
@@ -114,9 +117,9 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
         if isinstance(label, float) and label.is_integer():
             label = int(label)
         else:
-            raise RowError(f"label must be an integer, got {type(label).__name__} {label!r:.60}")
+            raise RowError(f"label must be an integer: got {type(label).__name__} {label!r:.60}")
     if label < -1:
-        raise RowError(f"label must be >= 0 (or -1 / absent), got {label}")
+        raise RowError(f"label must be >= 0 (or -1 / absent): got {label}")
     if text is None and image is None and audio is None:
         raise RowError("no text, image or audio")
     if image is not None:
@@ -186,7 +189,7 @@ class CocoSource:
             if not isinstance(ann, dict):
                 rec["error"] = f"annotation is not an object: {ann!r:.60}"
             elif ann.get("image_id") not in files:
-                rec["error"] = f"image_id {ann.get('image_id')!r} not listed in 'images'"
+                rec["error"] = f"image_id not listed in 'images': {ann.get('image_id')!r}"
             else:
                 rec.update(group=f"image {ann['image_id']}", text=ann.get("caption"),
                            image_path=str(Path(self.images) / files[ann["image_id"]]))
@@ -234,7 +237,8 @@ class JsonlSource:
                 continue
             unknown = sorted(set(obj) - {"image", "audio", "text", "target", "label", "id"})
             if unknown:
-                rec["error"] = f"unknown keys {unknown}; expected image, audio, text, target, label"
+                rec["error"] = ("unknown keys (expected image, audio, text, target, label, id): "
+                                f"{unknown}")
                 yield rec
                 continue
             for key in ("image", "audio"):
@@ -242,7 +246,7 @@ class JsonlSource:
                 if v is None:
                     continue
                 if not isinstance(v, str):
-                    rec["error"] = f"{key} must be a path string, got {type(v).__name__}"
+                    rec["error"] = f"{key} must be a path string: got {type(v).__name__}"
                     break
                 rec[f"{key}_path"] = str(base / v)
             if "image_path" in rec or "audio_path" in rec:

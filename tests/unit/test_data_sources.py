@@ -78,6 +78,11 @@ def test_coco_source_with_corrupt_missing_and_empty(tmp_path):
     assert reasons[4].startswith("undecodable image")
     assert reasons[5].startswith("missing image file") and "4.jpg" in reasons[5]
     assert "99" in reasons[6]
+    assert "BytesIO" not in reasons[4]  # the origin names the file, not an in-memory buffer
+    # the summary counts kinds of reasons, without the row's own paths and ids
+    assert s["quarantine_reasons"] == {"empty text": 1, "undecodable image": 1,
+                                       "missing image file": 1,
+                                       "image_id not listed in 'images'": 1}
     rows = _all_rows(out)
     assert {r["sample_id"] for r in rows} == {0, 1, 2}
     # captions of one image share a split
@@ -119,6 +124,9 @@ def test_jsonl_source_types_paths_and_quarantine(tmp_path):
     assert reasons[6].startswith("missing image file")
     assert reasons[7] == "no text, image or audio"
     assert reasons[8].startswith("not valid JSON")
+    assert s["quarantine_reasons"] == {"undecodable audio": 1, "label must be an integer": 1,
+                                       "text must be a string": 1, "missing image file": 1,
+                                       "no text, image or audio": 1, "not valid JSON": 1}
     first = next(r for r in _all_rows(out) if r["sample_id"] == 0)
     assert first["target"] == "hi" and first["label"] == 2
     assert first["image"] == (tmp_path / "media" / "a.png").read_bytes()
