@@ -51,7 +51,7 @@ format: setup  ## ruff format + import sort
 bench-ingest: setup  ## Ray Data vs DataLoader, same preprocessing, same cores
 	$(MMDIST) bench ingest
 
-bench-train: setup  ## TorchTrainer+DeepSpeed (1 worker) vs a plain PyTorch loop
+bench-train: setup  ## TorchTrainer+DeepSpeed (1 worker) vs the same engine without Ray vs a plain loop
 	$(MMDIST) bench train
 
 bench-zero: setup  ## ZeRO-3 bytes per rank, 2 ranks vs 1

@@ -1,14 +1,24 @@
 """`mmdist bench train`: what the Ray Train + DeepSpeed path costs against a plain PyTorch loop.
 
-Same model (same seed), same batches (materialised once, identical content), same number of
-threads; (a) a TorchTrainer with 1 worker running a DeepSpeed engine, (b) a single-process loop
-with torch AdamW. Steady-state steps/s are timed after warm-up steps; setup (Ray worker start,
-engine build) is reported separately. Both are measured in this one run.
+Same model (same seed), same batches (materialised once, identical content), same optimizer
+(``train.optim.build_optimizer``) and the same number of threads on three sides, measured in
+this one run:
+
+(a) a TorchTrainer with 1 worker running the DeepSpeed engine that training builds
+    (``train.engine.build_engine``);
+(b) that same engine in this process, on a 1-rank gloo group of its own, without Ray;
+(c) a single-process loop: forward, backward, clipping, AdamW, LR schedule.
+
+b / c is what DeepSpeed's engine costs, a / b what running it inside a Ray Train worker costs
+(the worker shares the cores with Ray's own processes and with this driver waiting in
+``fit()``). Steady-state steps/s are timed after warm-up steps; setup (Ray worker start, engine
+build) is reported separately.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -16,6 +26,7 @@ import torch
 
 from mmdist.config import Config, load_config
 
+_RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from mmdist.cli import add_config_arguments
@@ -24,8 +35,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per side (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads on both sides (default 2: the cores here)")
+                        help="torch threads on every side (default 2: the cores here)")
     parser.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size (default 2000)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the three sides, one after the other; medians and "
+                             "per-round ratios are reported (default 1)")
 
 
 def _batches(cfg: Config, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
@@ -49,14 +63,15 @@ def _timed(step, warmup: int, steps: int) -> float:
 def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
                threads: int) -> dict[str, float]:
     from mmdist.models import build_model
-    from mmdist.train.optim import param_groups
+    from mmdist.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab_size=vocab)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    opt, schedule = build_optimizer(model, cfg, warmup + steps)
+    lr = schedule(opt)
     setup = time.perf_counter() - t0
 
     def step(i: int) -> None:
@@ -65,28 +80,23 @@ def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
+        lr.step()
         opt.zero_grad(set_to_none=True)
 
     return {"steps_per_s": _timed(step, warmup, steps), "setup_s": setup}
 
 
-def _ray_worker(config: dict[str, Any]) -> dict[str, float]:
-    import deepspeed
-
-    from mmdist.models import build_model
-    from mmdist.train.deepspeed_config import deepspeed_config
-    from mmdist.train.optim import param_groups
+def engine_steps(config: dict[str, Any]) -> dict[str, float]:
+    """Build training's DeepSpeed engine at world size 1 and time its steps (needs a torch
+    process group: Ray Train's in a worker, :func:`deepspeed_alone`'s in this process)."""
+    from mmdist.train.engine import build_engine
 
     torch.set_num_threads(config["threads"])
     t0 = time.perf_counter()
     cfg = Config.from_dict(config["cfg"])
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, vocab_size=config["vocab"])
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                           config=deepspeed_config(cfg, 1),
-                                           dist_init_required=False)
-    setup = time.perf_counter() - t0 + config["worker_start_s"]
+    engine = build_engine(cfg, {"vocab_size": config["vocab"]}, 1,
+                          config["warmup"] + config["steps"])
+    setup = time.perf_counter() - t0
     batches = config["batches"]
 
     def step(i: int) -> None:
@@ -95,6 +105,19 @@ def _ray_worker(config: dict[str, Any]) -> dict[str, float]:
         engine.step()
 
     return {"steps_per_s": _timed(step, config["warmup"], config["steps"]), "setup_s": setup}
+
+
+def _engine_config(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
+                   threads: int) -> dict[str, Any]:
+    return {"cfg": cfg.to_dict(), "vocab": vocab, "batches": batches, "warmup": warmup,
+            "steps": steps, "threads": threads}
+
+
+def deepspeed_alone(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
+                    threads: int) -> dict[str, float]:
+    """:func:`engine_steps` in this process, no Ray involved; needs the 1-rank group that
+    :func:`run` makes with ``bench.mfu.init_single_process_group``."""
+    return engine_steps(_engine_config(cfg, vocab, batches, warmup, steps, threads))
 
 
 def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
@@ -107,14 +130,14 @@ def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
     t0 = time.perf_counter()
 
     def fn(config):
-        config["worker_start_s"] = time.time() - config["t_submit"]
-        out = _ray_worker(config)
+        worker_start_s = time.time() - config["t_submit"]
+        out = engine_steps(config)
+        out["setup_s"] += worker_start_s
         return out
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TorchTrainer(
-            fn, train_loop_config={"cfg": cfg.to_dict(), "vocab": vocab, "batches": batches,
-                                   "warmup": warmup, "steps": steps, "threads": threads,
+            fn, train_loop_config={**_engine_config(cfg, vocab, batches, warmup, steps, threads),
                                    "t_submit": time.time()},
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
             run_config=RunConfig(name="bench-train", storage_path=tmp))
@@ -125,23 +148,69 @@ def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import statistics
+
+    import torch.distributed as dist
+
+    from mmdist.bench.mfu import init_single_process_group
     from mmdist.train.run import init_ray
 
     cfg = load_config(args.config, [*args.overrides, "train.num_workers=1"])
     batches = _batches(cfg, args.vocab_size, 8)
-    init_ray(num_cpus=args.threads)
+    init_ray(num_cpus=args.threads, dashboard=True)  # the Ray `mmdist train` starts
     print(f"[bench train] model size={cfg.model.size} fusion={cfg.model.fusion} "
           f"batch={cfg.train.micro_batch_size} zero={cfg.train.zero_stage} "
           f"threads={args.threads}; {args.warmup} warm-up + {args.steps} timed steps per side",
           flush=True)
-    ray_side = ray_path(cfg, args.vocab_size, batches, args.warmup, args.steps, args.threads)
-    plain = plain_loop(cfg, args.vocab_size, batches, args.warmup, args.steps, args.threads)
-    ratio = ray_side["steps_per_s"] / plain["steps_per_s"]
-    print(f"TorchTrainer + DeepSpeed : {ray_side['steps_per_s']:.2f} steps/s  "
-          f"(setup {ray_side['setup_s']:.1f} s)")
-    print(f"plain PyTorch loop       : {plain['steps_per_s']:.2f} steps/s  "
-          f"(setup {plain['setup_s']:.1f} s)")
-    print(f"ratio (Ray path / plain) : {ratio:.3f}")
-    return {"ray_steps_per_s": ray_side["steps_per_s"], "plain_steps_per_s": plain["steps_per_s"],
-            "ratio": ratio, "ray_setup_s": ray_side["setup_s"], "plain_setup_s": plain["setup_s"],
+    sides = {"ray": [], "deepspeed": [], "plain": []}
+    created = False
+    # the 1-rank group's rendezvous variables, put back afterwards (tests run this in-process)
+    env_before = {k: os.environ.get(k) for k in _RENDEZVOUS_ENV}
+    try:
+        for _ in range(max(1, args.repeat)):
+            sides["ray"].append(ray_path(cfg, args.vocab_size, batches, args.warmup,
+                                         args.steps, args.threads))
+            # one group for every round: DeepSpeed's comm layer keeps the first it wraps
+            created = init_single_process_group(torch.device("cpu")) or created
+            sides["deepspeed"].append(deepspeed_alone(cfg, args.vocab_size, batches, args.warmup,
+                                                      args.steps, args.threads))
+            sides["plain"].append(plain_loop(cfg, args.vocab_size, batches, args.warmup,
+                                             args.steps, args.threads))
+    finally:
+        if created:
+            dist.destroy_process_group()
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    rate = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in sides.items()}
+    setup = {k: statistics.median(r["setup_s"] for r in v) for k, v in sides.items()}
+    ratio = rate["ray"] / rate["plain"]
+    ds_ratio = rate["deepspeed"] / rate["plain"]
+    ray_over_ds = rate["ray"] / rate["deepspeed"]
+    # each round's sides ran minutes apart at most: the machine's slow swings hit a round alike
+    by_round = [round(r["steps_per_s"] / p["steps_per_s"], 3)
+                for r, p in zip(sides["ray"], sides["plain"])]
+    ds_by_round = [round(d["steps_per_s"] / p["steps_per_s"], 3)
+                   for d, p in zip(sides["deepspeed"], sides["plain"])]
+    if args.repeat > 1:
+        for k, v in sides.items():
+            print(f"  rounds ({k}, steps/s): {[round(r['steps_per_s'], 2) for r in v]}")
+    print(f"TorchTrainer + DeepSpeed      : {rate['ray']:.2f} steps/s  "
+          f"(setup {setup['ray']:.1f} s)")
+    print(f"DeepSpeed in this process     : {rate['deepspeed']:.2f} steps/s  "
+          f"(setup {setup['deepspeed']:.1f} s)")
+    print(f"plain PyTorch loop            : {rate['plain']:.2f} steps/s  "
+          f"(setup {setup['plain']:.1f} s)")
+    print(f"ratio (Ray path / plain)      : {ratio:.3f} = DeepSpeed / plain {ds_ratio:.3f} "
+          f"x Ray Train worker / DeepSpeed alone {ray_over_ds:.3f}")
+    if args.repeat > 1:
+        print(f"  round by round: Ray path / plain {by_round}, DeepSpeed / plain {ds_by_round}")
+    return {"ray_steps_per_s": rate["ray"], "plain_steps_per_s": rate["plain"],
+            "deepspeed_steps_per_s": rate["deepspeed"],
+            "ratio": ratio, "deepspeed_ratio": ds_ratio, "ray_over_deepspeed": ray_over_ds,
+            "ratio_by_round": by_round, "deepspeed_ratio_by_round": ds_by_round,
+            "ray_setup_s": setup["ray"], "deepspeed_setup_s": setup["deepspeed"],
+            "plain_setup_s": setup["plain"], "repeat": max(1, args.repeat),
             "steps": args.steps, "warmup": args.warmup, "threads": args.threads}

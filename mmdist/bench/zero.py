@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmdist.train.run import init_ray
 
     cfg = load_config(args.config, args.overrides)
-    init_ray()
+    init_ray(dashboard=True)  # the Ray `mmdist train` starts (Ray Train wants its state API)
     one = measure(cfg, 1, args.vocab_size)
     two = measure(cfg, 2, args.vocab_size)
     ratio = two["total_bytes"] / one["total_bytes"]

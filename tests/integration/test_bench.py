@@ -1,6 +1,9 @@
 """The training benchmarks run for real (tiny sizes); figures are printed, never timed here."""
 
 import argparse
+import os
+
+import torch.distributed as dist
 
 from mmdist.bench import train as bench_train
 from mmdist.bench import zero as bench_zero
@@ -17,9 +20,17 @@ def test_bench_zero_two_ranks_hold_less_than_one(ray_local):
     assert out["ratio"] < 0.75
 
 
-def test_bench_train_reports_both_paths(ray_local):
+def test_bench_train_reports_the_three_sides(ray_local):
     args = argparse.Namespace(config="tiny", overrides=[], steps=4, warmup=2, threads=1,
-                              vocab_size=200, json=True)
+                              vocab_size=200, repeat=2, json=True)
+    env_before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     out = bench_train.run(args)
     assert out["ray_steps_per_s"] > 0 and out["plain_steps_per_s"] > 0
+    assert out["deepspeed_steps_per_s"] > 0 and out["deepspeed_setup_s"] > 0
     assert out["ratio"] > 0 and out["ray_setup_s"] > 0
+    # the headline ratio is the product of its two parts
+    assert abs(out["ratio"] - out["deepspeed_ratio"] * out["ray_over_deepspeed"]) < 1e-9
+    assert len(out["ratio_by_round"]) == len(out["deepspeed_ratio_by_round"]) == 2
+    # the 1-rank group made for the in-process engine is gone again, with its variables
+    assert not dist.is_initialized()
+    assert {k: os.environ.get(k) for k in env_before} == env_before
