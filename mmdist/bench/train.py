@@ -28,6 +28,7 @@ from mmdist.config import Config, load_config
 
 _RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from mmdist.cli import add_config_arguments
 
