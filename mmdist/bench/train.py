@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(max(1, args.repeat)):
             sides["ray"].append(ray_path(cfg, args.vocab_size, batches, args.warmup,
                                          args.steps, args.threads))
-            # one group for every round: DeepSpeed's comm layer keeps the first it wraps
+            # one 1-rank group for all rounds, made in the first and destroyed at the end
             created = init_single_process_group(torch.device("cpu")) or created
             sides["deepspeed"].append(deepspeed_alone(cfg, args.vocab_size, batches, args.warmup,
                                                       args.steps, args.threads))
