@@ -39,6 +39,7 @@ Definitions:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -187,11 +188,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_single_process_group(device: torch.device) -> bool:
-    """A 1-rank torch process group (gloo on CPU, NCCL on CUDA) unless one exists.
+RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def single_process_group(device: torch.device) -> Iterator[None]:
+    """A 1-rank torch process group (gloo on CPU, NCCL on CUDA) for the block, unless one
+    exists; on leaving, the group this made is destroyed and the rendezvous variables it set
+    are removed again (a caller in a long process, a test, keeps its environment).
 
     Under ``torchrun`` the rendezvous variables are already set and are used as they are.
-    Returns True when this call created the group (the caller destroys it).
     """
     import torch
     import torch.distributed as dist
@@ -206,16 +212,27 @@ def init_single_process_group(device: torch.device) -> bool:
         raise CommandError(f"mmdist bench mfu measures one device; the process group has "
                            f"{world} ranks (use torchrun --nproc-per-node=1)")
     if dist.is_initialized():
-        return False
+        yield
+        return
+    env_before = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            rank=int(os.environ["RANK"]), world_size=1)
-    return True
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                rank=int(os.environ["RANK"]), world_size=1)
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_shards(cfg: Config, rows_needed: int, workers: int) -> tuple[Path, Config]:
@@ -362,7 +379,6 @@ def _fmt_bytes(n: int) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
 
     from mmdist.data.pipeline import load_tokenizer
     from mmdist.data.schema import audio_frames, random_batch
@@ -386,8 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_s = time.perf_counter() - t0
     flops = flops_per_sample(cfg, vocab["vocab_size"])
 
-    created = init_single_process_group(device)
-    try:
+    with single_process_group(device):
         t0 = time.perf_counter()
         engine = build_engine(cfg, vocab, device, total_steps=2 * (args.warmup + args.steps)
                               + (5 if args.profile else 0))
@@ -428,9 +443,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         profile_top = (_profile(step, synthetic, min(5, args.steps), device, args.profile_rows)
                        if args.profile else None)
         peak_mem, mem_kind = _peak_memory(device)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
 
     samples_per_s = b / step_s
     achieved = samples_per_s * flops

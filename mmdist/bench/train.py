@@ -18,15 +18,12 @@ build) is reported separately.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
 import torch
 
 from mmdist.config import Config, load_config
-
-_RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +86,7 @@ def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 
 def engine_steps(config: dict[str, Any]) -> dict[str, float]:
     """Build training's DeepSpeed engine at world size 1 and time its steps (needs a torch
-    process group: Ray Train's in a worker, :func:`deepspeed_alone`'s in this process)."""
+    process group: Ray Train's in a worker, ``bench.mfu.single_process_group`` in this one)."""
     from mmdist.train.engine import build_engine
 
     torch.set_num_threads(config["threads"])
@@ -112,13 +109,6 @@ def _engine_config(cfg: Config, vocab: int, batches: list, warmup: int, steps: i
                    threads: int) -> dict[str, Any]:
     return {"cfg": cfg.to_dict(), "vocab": vocab, "batches": batches, "warmup": warmup,
             "steps": steps, "threads": threads}
-
-
-def deepspeed_alone(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
-                    threads: int) -> dict[str, float]:
-    """:func:`engine_steps` in this process, no Ray involved; needs the 1-rank group that
-    :func:`run` makes with ``bench.mfu.init_single_process_group``."""
-    return engine_steps(_engine_config(cfg, vocab, batches, warmup, steps, threads))
 
 
 def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
@@ -151,9 +141,7 @@ def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
-    import torch.distributed as dist
-
-    from mmdist.bench.mfu import init_single_process_group
+    from mmdist.bench.mfu import single_process_group
     from mmdist.train.run import init_ray
 
     cfg = load_config(args.config, [*args.overrides, "train.num_workers=1"])
@@ -164,27 +152,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"threads={args.threads}; {args.warmup} warm-up + {args.steps} timed steps per side",
           flush=True)
     sides = {"ray": [], "deepspeed": [], "plain": []}
-    created = False
-    # the 1-rank group's rendezvous variables, put back afterwards (tests run this in-process)
-    env_before = {k: os.environ.get(k) for k in _RENDEZVOUS_ENV}
-    try:
+    # (b)'s 1-rank group lives through every round; the Ray worker has a group of its own
+    with single_process_group(torch.device("cpu")):
         for _ in range(max(1, args.repeat)):
             sides["ray"].append(ray_path(cfg, args.vocab_size, batches, args.warmup,
                                          args.steps, args.threads))
-            # one 1-rank group for all rounds, made in the first and destroyed at the end
-            created = init_single_process_group(torch.device("cpu")) or created
-            sides["deepspeed"].append(deepspeed_alone(cfg, args.vocab_size, batches, args.warmup,
-                                                      args.steps, args.threads))
+            sides["deepspeed"].append(engine_steps(_engine_config(
+                cfg, args.vocab_size, batches, args.warmup, args.steps, args.threads)))
             sides["plain"].append(plain_loop(cfg, args.vocab_size, batches, args.warmup,
                                              args.steps, args.threads))
-    finally:
-        if created:
-            dist.destroy_process_group()
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     rate = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in sides.items()}
     setup = {k: statistics.median(r["setup_s"] for r in v) for k, v in sides.items()}
     ratio = rate["ray"] / rate["plain"]

@@ -174,8 +174,8 @@ def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> l
 def reason_kind(reason: str) -> str:
     """The kind of a quarantine reason, for the summary's counts: its text before the first
     colon ("missing image file: a/b.png" -> "missing image file"); every reason puts the
-    row's own values (paths, ids, what was found) after it. At most 8 words."""
-    return " ".join(reason.split(":", 1)[0].split()[:8])
+    row's own values (paths, ids, what was found) after it."""
+    return reason.split(":", 1)[0].strip()
 
 
 class QuarantineWriter:

@@ -132,6 +132,19 @@ def test_jsonl_source_types_paths_and_quarantine(tmp_path):
     assert first["image"] == (tmp_path / "media" / "a.png").read_bytes()
 
 
+def test_every_row_error_kind_leaves_the_rows_values_out():
+    from mmdist.data.shards import reason_kind
+    from mmdist.data.sources import RowError, make_row
+
+    kinds = set()
+    for label in (-3, -7):
+        with pytest.raises(RowError) as e:
+            make_row(0, text="ok", label=label)
+        kinds.add(reason_kind(str(e.value)))
+    assert kinds == {"label must be >= 0 (or -1 / absent)"}
+    assert reason_kind("OSError: disk on fire") == "OSError"
+
+
 def test_audiocaps_source_clotho_layout(tmp_path):
     audio = tmp_path / "audio"
     audio.mkdir()
