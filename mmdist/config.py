@@ -439,8 +439,6 @@ def validate(cfg: Config) -> list[str]:
     if t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage={t.zero_stage}: choose from [0, 1, 2, 3]")
     _choice(p, "train.precision", t.precision, PRECISIONS)
-    if t.precision == "fp16" and not t.use_gpu:
-        p.append("train.precision=fp16: needs train.use_gpu=true (use bf16 or fp32 on CPU)")
     if t.offload_optimizer and t.zero_stage == 0:
         p.append("train.offload_optimizer=true: needs train.zero_stage >= 1")
     if not t.lr > 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -53,6 +54,47 @@ class CNNImageEncoder(nn.Module):
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
+class StatsDtypeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in the dtype of its running statistics, whatever the input's.
+
+    A bf16/fp16 DeepSpeed engine casts parameters but not buffers, so the statistics stay
+    float32 while activations are bf16; CPU batch norm refuses the mix ("expected scalar type
+    BFloat16 but found Float"). Normalising in float32 and casting back is also the numerically
+    safe choice. Same state dict as ``nn.BatchNorm2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        stats = self.running_mean if self.running_mean is not None else self.weight
+        dtype = stats.dtype if stats is not None else x.dtype
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x.to(dtype), self.running_mean if track else None,
+            self.running_var if track else None,
+            None if self.weight is None else self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            use_batch_stats, factor, self.eps).to(x.dtype)
+
+
+def stats_dtype_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`StatsDtypeBatchNorm2d`
+    (same parameters and buffers, so weights load as before)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            bn = StatsDtypeBatchNorm2d(child.num_features, child.eps, child.momentum,
+                                       child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            stats_dtype_batch_norm(child)
+    return module
+
+
 class ResNetImageEncoder(nn.Module):
     """A torchvision ResNet without its classifier: the last feature map as tokens + a pooled one.
 
@@ -65,7 +107,7 @@ class ResNetImageEncoder(nn.Module):
         super().__init__()
         width = resnet.fc.in_features
         resnet.fc = nn.Identity()
-        self.resnet = resnet
+        self.resnet = stats_dtype_batch_norm(resnet)
         self.proj = nn.Linear(width, dim)
         self.norm = nn.LayerNorm(dim)
 
