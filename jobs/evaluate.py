@@ -7,11 +7,20 @@ import argparse
 import sys
 
 from mmdist import evaluate
-from mmdist.cli import add_json_flag, run_command
+from mmdist.cli import ArgumentParser, add_json_flag, run_command
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jobs/evaluate.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.configure_parser(parser)
     add_json_flag(parser)
-    sys.exit(run_command(evaluate, parser.parse_args()))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(evaluate, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

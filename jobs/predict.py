@@ -8,7 +8,7 @@ sample ids (one row per input row).
 import argparse
 import sys
 
-from mmdist.cli import add_json_flag, run_command
+from mmdist.cli import ArgumentParser, add_json_flag, run_command
 
 
 class BatchPredict:
@@ -44,9 +44,17 @@ class BatchPredict:
         return {"ok": s["rows_in"] == s["rows_out"], **s}
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="jobs/predict.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jobs/predict.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     BatchPredict.configure_parser(parser)
     add_json_flag(parser)
-    sys.exit(run_command(BatchPredict, parser.parse_args()))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(BatchPredict, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

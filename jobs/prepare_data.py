@@ -5,19 +5,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mmdist import cli
 from mmdist.data import prepare
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prepare_data",
-                                     description="convert a data source into validated Parquet shards")
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="prepare_data",
+                                description="convert a data source into validated Parquet shards")
     prepare.configure_parser(parser)
     cli.add_json_flag(parser)
-    return cli.run_command(prepare, parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_command(prepare, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

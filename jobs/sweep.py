@@ -8,11 +8,20 @@ import argparse
 import sys
 
 from mmdist import tune as sweep_command
-from mmdist.cli import add_json_flag, run_command
+from mmdist.cli import ArgumentParser, add_json_flag, run_command
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="jobs/sweep.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jobs/sweep.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_command.configure_parser(parser)
     add_json_flag(parser)
-    sys.exit(run_command(sweep_command, parser.parse_args()))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(sweep_command, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,12 +6,21 @@
 import argparse
 import sys
 
-from mmdist.cli import add_json_flag, run_command
+from mmdist.cli import ArgumentParser, add_json_flag, run_command
 from mmdist.train import run as train_command
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="jobs/train.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train_command.configure_parser(parser)
     add_json_flag(parser)
-    sys.exit(run_command(train_command, parser.parse_args()))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(train_command, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,9 @@ Each subcommand lives in its own module that exposes two functions:
                                                                   # people, returns the summary
 
 With ``--json`` the summary is printed as the last line of stdout (one JSON object, snake_case
-keys). ``jobs/*.py`` call the same two functions, so a job under ``ray job submit`` takes the
-same arguments as the CLI. Command modules import heavy libraries (torch, ray, mlflow) inside
+keys). ``jobs/*.py`` call the same two functions with the same parser class
+(:class:`ArgumentParser`: flags and ``key=value`` overrides in any order), so a job under
+``ray job submit`` takes the same arguments as the CLI. Command modules import heavy libraries (torch, ray, mlflow) inside
 ``run``, never at module level, so ``mmdist --help`` stays fast.
 """
 
@@ -36,6 +37,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class CommandError(RuntimeError):
     """An error meant for the user: printed without a traceback, exit code 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser that takes flags and positionals in any order.
+
+    ``mmdist sweep --space model.fusion=concat,add train.num_workers=1 --json`` puts a
+    ``KEY=VALUE`` override after a flag; plain argparse stops the positionals at the first flag
+    and refuses the rest as unrecognized. A parser without sub-commands parses intermixed
+    (``parse_known_intermixed_args``); one with sub-commands parses as usual up to the command
+    name, and the command's own parser (of this class too: ``add_subparsers`` makes its
+    parsers of the parent's class) then takes the rest intermixed. Used by ``mmdist`` and by
+    every ``jobs/*.py`` entrypoint.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse's intermixed parsing refuses sub-parsers, and in Python 3.11 it calls
+        # parse_known_args itself: both go to the plain parse.
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +109,7 @@ def add_command_parsers(sub, table: dict[str, tuple[str, str]], dest: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmdist",
         description="Train, sweep, register and serve fused multimodal models on Ray + DeepSpeed "
                     "+ MLflow. Run `mmdist COMMAND --help` for the flags of a command.")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from mmdist.cli import CommandError
 from mmdist.config import load_config
 from mmdist.tune import check_fits, parse_space_arg, sweep
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parse_space_arg():
@@ -80,6 +83,22 @@ def test_cli_space_error_names_key():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "choice 'nope' is invalid" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["ok"] is False
+
+
+@pytest.mark.parametrize("entry", [["-m", "mmdist.cli", "sweep"], ["jobs/sweep.py"]])
+def test_cli_override_after_space_reaches_the_config(entry):
+    """`--space KEY=SPEC key=value`: the override after --space is a config override (here an
+    invalid one, so the command stops at the config check before Ray starts), not an
+    unrecognized argument."""
+    r = subprocess.run([sys.executable, *entry, "--config", "tiny",
+                        "--space", "model.fusion=concat,attention", "train.num_workers=0",
+                        "--json", "train.max_steps=-1"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "unrecognized arguments" not in r.stderr
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "train.num_workers=0: must be >= 1" in r.stderr
+    assert "train.max_steps=-1: must be >= 0" in r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["ok"] is False
 
 
