@@ -133,7 +133,8 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between train-loss lines and MLflow points
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 -> once per epoch
     keep_checkpoints: int = 2
-    max_failures: int = 2  # worker crashes survived by resuming from the last checkpoint
+    max_failures: int = 2  # failed attempts resumed from the newest checkpoint; an error before
+    # the first checkpoint, or the same error again from the same checkpoint, is not retried
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     storage_path: str | None = None  # Ray Train storage (checkpoints); None -> ./runs
     run_name: str | None = None  # the same name continues the same run and MLflow run

@@ -10,6 +10,9 @@ Set on the driver before `mmdist train`; the values travel to the workers with t
                                   from the start of each attempt) is NaN; a lone N is N-N
     MMDIST_FAULT_STEP_SLEEP=S     every rank sleeps S seconds after each optimizer step (a slow
                                   run without burning CPU, to rehearse a tracking outage)
+    MMDIST_FAULT_RAISE_AT_STEP=N  rank MMDIST_FAULT_RANK (default 0) raises RuntimeError right
+                                  after optimizer step N, on every attempt (a deterministic bug);
+                                  each raise appends a line to .fault-raised-at-N in the run folder
 
 Nothing happens when none of them is set.
 """
@@ -37,6 +40,8 @@ class Faults:
     nan_ranges: tuple[tuple[int, int], ...] = ()
     step_sleep: float = 0.0
     marker: Path | None = None
+    raise_at_step: int = 0
+    raise_log: Path | None = None
 
     @classmethod
     def parse(cls, env: dict[str, str], marker_dir: str | Path) -> Faults:
@@ -45,6 +50,10 @@ class Faults:
             f.kill_at_step = int(env[PREFIX + "KILL_AT_STEP"])
             f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
             f.marker = Path(marker_dir) / f".fault-killed-at-{f.kill_at_step}"
+        if env.get(PREFIX + "RAISE_AT_STEP"):
+            f.raise_at_step = int(env[PREFIX + "RAISE_AT_STEP"])
+            f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
+            f.raise_log = Path(marker_dir) / f".fault-raised-at-{f.raise_at_step}"
         if env.get(PREFIX + "NAN_BATCHES"):
             ranges = []
             for part in env[PREFIX + "NAN_BATCHES"].split(","):
@@ -62,9 +71,15 @@ class Faults:
         return loss
 
     def after_step(self, step: int, rank: int) -> None:
-        """SIGKILL this worker once, right after optimizer step ``kill_at_step``; sleep."""
+        """Sleep; raise at ``raise_at_step``; SIGKILL this worker once at ``kill_at_step``."""
         if self.step_sleep:
             time.sleep(self.step_sleep)
+        if self.raise_at_step and step == self.raise_at_step and rank == self.kill_rank:
+            assert self.raise_log is not None
+            self.raise_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.raise_log, "a") as f:
+                f.write("raised\n")
+            raise RuntimeError(f"fault injection: a deterministic error after step {step}")
         if (self.kill_at_step and step == self.kill_at_step and rank == self.kill_rank
                 and self.marker is not None and not self.marker.exists()):
             self.marker.parent.mkdir(parents=True, exist_ok=True)

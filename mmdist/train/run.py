@@ -157,7 +157,8 @@ def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: st
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # mmdist decides retries (train.retry.fit_with_retries); Ray keeps preemptions
+            failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks),
         datasets=datasets,
@@ -209,6 +210,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     from mmdist import tracking
     from mmdist.train.deepspeed_config import deepspeed_config
     from mmdist.train.register import register_model
+    from mmdist.train.retry import fit_with_retries
 
     t0 = time.perf_counter()
     data_dir = ensure_data(cfg, data_cache)
@@ -228,9 +230,10 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
-    trainer = build_trainer(cfg, job, datasets, run_name, storage)
     try:
-        result = trainer.fit()
+        result = fit_with_retries(
+            lambda: build_trainer(cfg, job, datasets, run_name, storage),
+            Path(job["storage"]), cfg.train.max_failures)
     except BaseException:
         tracking.set_terminated(uri, run_id, "FAILED")
         raise

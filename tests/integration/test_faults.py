@@ -58,6 +58,34 @@ def test_nan_losses_are_skipped_counted_then_stop_with_a_clear_error(
     assert state["global_step"] == 4 and state["bad_steps_total"] == 2
 
 
+def test_an_error_before_the_first_checkpoint_fails_at_once(ray_local, synthetic_data, tmp_path,
+                                                           monkeypatch, capsys):
+    """A bug raised at step 2 of a fresh run (checkpoints every 4): one attempt, not three."""
+    monkeypatch.setenv("MMDIST_FAULT_RAISE_AT_STEP", "2")
+    with pytest.raises(Exception, match="a deterministic error after step 2"):
+        train(_cfg(synthetic_data, tmp_path, "train.max_steps=8", "train.max_failures=2",
+                   "train.checkpoint_every=4", "train.run_name=bug"))
+    raised = (tmp_path / "runs" / "bug" / ".fault-raised-at-2").read_text().splitlines()
+    assert len(raised) == 1, f"the error ran {len(raised)} attempts"
+    out = capsys.readouterr().out
+    assert "not retried: it was raised before the run's first checkpoint" in out
+
+
+def test_the_same_error_from_the_same_checkpoint_stops_after_one_retry(
+        ray_local, synthetic_data, tmp_path, monkeypatch, capsys):
+    """After progress an error is retried once (it may be transient); the same error again from
+    the same checkpoint stops the run with max_failures still unspent."""
+    monkeypatch.setenv("MMDIST_FAULT_RAISE_AT_STEP", "6")
+    with pytest.raises(Exception, match="a deterministic error after step 6"):
+        train(_cfg(synthetic_data, tmp_path, "train.max_steps=10", "train.max_failures=3",
+                   "train.checkpoint_every=4", "train.eval_every=100", "train.run_name=bug6"))
+    raised = (tmp_path / "runs" / "bug6" / ".fault-raised-at-6").read_text().splitlines()
+    assert len(raised) == 2, f"the error ran {len(raised)} attempts"
+    out = capsys.readouterr().out
+    assert "retry 1/3 from the checkpoint at step 4" in out
+    assert "not retried: the same error ended the previous attempt too" in out
+
+
 def test_corrupted_shard_is_refused_before_training(ray_local, synthetic_data, tmp_path):
     bad = tmp_path / "corrupt"
     shutil.copytree(synthetic_data, bad)
