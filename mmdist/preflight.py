@@ -11,8 +11,9 @@ Checks, each printed as one OK/FAIL line:
   Ray worker (a tiny task writes and deletes a file there);
 - mlflow: the tracking server answers ``/health`` (and accepts the credentials, if any), or a
   sqlite/file store's folder is writable;
-- data: ``data.path/manifest.json`` is readable and parses (read from a worker), or synthetic
-  data will be generated;
+- data: ``data.path/manifest.json`` is readable and parses (read from a worker), its splits
+  are large enough for one step and its labels fit ``model.num_classes``, or synthetic data
+  will be generated;
 - deepspeed: the DeepSpeed config is valid for the world size.
 
 Every problem is collected; the command fails once, with one line per problem.
@@ -212,6 +213,41 @@ def data_size_problems(cfg: Config, counts: dict[str, Any], where: str) -> list[
     return problems
 
 
+def reads_labels(cfg: Config) -> bool:
+    """Whether a task of ``cfg`` trains a class head on the ``label`` column."""
+    m = cfg.model
+    if m.task == "classify":
+        return True
+    if m.task == "vqa":
+        return m.vqa_answer == "classify"
+    if m.task == "multitask":
+        from mmdist.models.fused import DEFAULT_MULTITASK
+
+        return (m.task_weights or DEFAULT_MULTITASK).get("classify", 0) > 0
+    return False
+
+
+def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> list[str]:
+    """A class label the head cannot output (``manifest["labels"]``, see
+    ``shards.label_summary``): torch would fail deep inside the loss, on every attempt."""
+    if not labels or labels.get("max") is None or not reads_labels(cfg):
+        return []
+    n, top = cfg.model.num_classes, int(labels["max"])
+    if top < n:
+        return []
+    return [f"model.num_classes={n} but the data has labels up to {top} ({where}): set "
+            f"model.num_classes={top + 1} (labels count from 0)"]
+
+
+def data_problems(cfg: Config, manifest: dict[str, Any], where: str,
+                  labels: dict[str, Any] | None = None) -> list[str]:
+    """Every problem of a shard set for ``cfg``: its size (:func:`data_size_problems`) and its
+    labels (:func:`label_problems`; ``labels`` defaults to the manifest's)."""
+    return (data_size_problems(cfg, manifest.get("counts") or {}, where)
+            + label_problems(cfg, labels if labels is not None else manifest.get("labels"),
+                             where))
+
+
 def require_startable(cfg: Config, data_dir: str | Path) -> None:
     """Refuse a training run that could never start, once Ray is up and before any worker is
     asked for: more CPUs/GPUs than the connected cluster has (Ray Train would wait for them
@@ -233,8 +269,7 @@ def require_startable(cfg: Config, data_dir: str | Path) -> None:
         if not res.ok:
             problems.append(f"resources: {res.detail} (an autoscaling cluster that will grow: "
                             "set MMDIST_SKIP_RESOURCE_CHECK=1)")
-    manifest = read_manifest(data_dir)
-    problems += data_size_problems(cfg, manifest.get("counts") or {}, f"data {data_dir}")
+    problems += data_problems(cfg, read_manifest(data_dir), f"data {data_dir}")
     if problems:
         raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
                            + "\n".join(f"  - {p}" for p in problems))
@@ -345,9 +380,10 @@ def check_data(cfg: Config, ray=None, on_cluster: bool = False, timeout: float =
     if not isinstance(m, dict):
         return Check("data", False, f"data.path={path}: {manifest} is not a JSON object")
     counts = m.get("counts") or {}
-    too_small = data_size_problems(cfg, counts, f"data.path={path}") if counts else []
-    if too_small:
-        return Check("data", False, "; ".join(too_small))
+    problems = (data_size_problems(cfg, counts, f"data.path={path}") if counts else []) \
+        + label_problems(cfg, m.get("labels"), f"data.path={path}")
+    if problems:
+        return Check("data", False, "; ".join(problems))
     rows = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k.endswith("rows"))
     return Check("data", True, f"{manifest} parses" + (f" ({rows})" if rows else ""))
 

@@ -148,6 +148,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
         TOKENIZER_DIR,
         QuarantineWriter,
         ShardWriter,
+        label_summary,
         sha256_file,
         split_of_groups,
         write_manifest,
@@ -173,6 +174,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
         writers = {s: ShardWriter(tmp, s, data.shard_rows) for s in ("train", "val")}
         quarantine = QuarantineWriter(tmp)
         train_text: list[str] = []
+        labels: list[int] = []
         results = _load_with_ray(source, records) if use_ray else _load_local(source, records)
         for rec, row, reason in results:
             if row is None:
@@ -180,6 +182,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
                 continue
             split = splits[rec["group"]]
             writers[split].add(row)
+            labels.append(row["label"])
             if split == "train":
                 train_text.extend(t for t in (row["text"], row["target"]) if t)
         for w in writers.values():
@@ -212,6 +215,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             "quarantine": "quarantine.jsonl",
             "quarantine_reasons": quarantine.reasons,
             "counts": counts,
+            "labels": label_summary(labels),
             "splits": {s: {"rows": w.rows_written, "shards": len(w.shards)}
                        for s, w in writers.items()},
             "shards": shards,

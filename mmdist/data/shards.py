@@ -171,6 +171,29 @@ def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> l
     return [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def label_summary(labels: Iterable[int]) -> dict[str, Any]:
+    """``{"rows", "max", "counts"}`` of the class labels present (``-1``, no label, is left out):
+    what the manifest records so a run can check ``model.num_classes`` before it starts."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        if label >= 0:
+            counts[int(label)] = counts.get(int(label), 0) + 1
+    return {"rows": sum(counts.values()), "max": max(counts) if counts else None,
+            "counts": {str(k): counts[k] for k in sorted(counts)}}
+
+
+def shard_labels(data_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's label summary; for shard sets written before it was recorded, computed
+    from the shards' ``label`` column (a cheap column read)."""
+    if manifest.get("labels") is not None:
+        return manifest["labels"]
+    labels: list[int] = []
+    for shard in manifest["shards"]:
+        col = pq.read_table(Path(data_dir) / shard["path"], columns=["label"]).column("label")
+        labels.extend(col.to_pylist())
+    return label_summary(labels)
+
+
 def reason_kind(reason: str) -> str:
     """The kind of a quarantine reason, for the summary's counts: its text before the first
     colon ("missing image file: a/b.png" -> "missing image file"); every reason puts the

@@ -63,15 +63,25 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
     return out
 
 
-def check_data(data_dir: Path) -> None:
-    """Refuse shards whose checksums do not match the manifest, before anything starts."""
+def check_data(data_dir: Path, cfg: Config | None = None) -> None:
+    """Before Ray starts: refuse shards whose checksums do not match the manifest and, given
+    ``cfg``, a shard set the run cannot use (too small for a step, labels beyond
+    ``model.num_classes``), every problem at once."""
     from mmdist.cli import CommandError
-    from mmdist.data.shards import ManifestError, verify_manifest
+    from mmdist.data.shards import ManifestError, shard_labels, verify_manifest
+    from mmdist.preflight import data_problems
 
     try:
-        verify_manifest(data_dir)
+        manifest = verify_manifest(data_dir)
     except ManifestError as e:
         raise CommandError(str(e)) from None
+    if cfg is None:
+        return
+    problems = data_problems(cfg, manifest, f"data {data_dir}",
+                             labels=shard_labels(data_dir, manifest))
+    if problems:
+        raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
+                           + "\n".join(f"  - {p}" for p in problems))
 
 
 # the driver job id of the connection init_ray made (a caller's own ray.init is left alone)
@@ -214,7 +224,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
 
     t0 = time.perf_counter()
     data_dir = ensure_data(cfg, data_cache)
-    check_data(data_dir)
+    check_data(data_dir, cfg)
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)

@@ -352,6 +352,56 @@ def test_train_split_smaller_than_one_batch_is_refused(ray_local, small_shards, 
                        "the train split has 11 rows", "train.micro_batch_size=16")
 
 
+@pytest.fixture(scope="module")
+def ten_class_shards(tmp_path_factory):
+    """Text rows labelled 0-9 (two per class), prepared as `mmdist prepare` writes them."""
+    d = tmp_path_factory.mktemp("ten_class")
+    rows = [{"text": f"a row of class {k}", "label": k} for k in range(10) for _ in range(2)]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = d / "shards"
+    convert(JsonlSource(str(d / "rows.jsonl")), out, load_config("tiny").data, parallel="local")
+    return out
+
+
+def test_prepare_records_the_labels_in_the_manifest(ten_class_shards):
+    labels = read_manifest(ten_class_shards)["labels"]
+    assert labels == {"rows": 20, "max": 9, "counts": {str(k): 2 for k in range(10)}}
+
+
+@pytest.mark.parametrize("manifest_labels", [True, False], ids=["manifest", "older-shards"])
+def test_a_label_beyond_num_classes_is_refused_before_ray_starts(
+        ten_class_shards, tmp_path, capsys, manifest_labels):
+    """The reproduction of issue 19: `IndexError: Target 9 is out of bounds` three times, deep
+    in torch. Now one line naming the key, before Ray or an MLflow run exists; shard sets
+    prepared before the manifest recorded labels are checked from their label column."""
+    from mmdist.data.shards import write_manifest
+    from mmdist.train import run as train_command
+
+    data = ten_class_shards
+    if not manifest_labels:
+        data = tmp_path / "older"
+        shutil.copytree(ten_class_shards, data)
+        m = read_manifest(data)
+        del m["labels"], m["manifest_sha256"], m["format"]
+        write_manifest(data, m)
+    rc, out, err = _capture(train_command, _train_args(
+        tmp_path, f"data.path={data}", "model.task=classify", "model.num_classes=8",
+        "model.modalities=[text]"), capsys)
+    assert_clean_error(rc, out, err, "model.num_classes=8 but the data has labels up to 9",
+                       "set model.num_classes=10")
+    assert not (tmp_path / "mlflow.db").exists(), "refused after the MLflow run was made"
+
+
+def test_preflight_names_the_label_range(ten_class_shards, capsys):
+    from mmdist import preflight
+
+    check = preflight.check_data(load_config("ref_multitask_mmlm", [
+        f"data.path={ten_class_shards}"]))
+    assert not check.ok and "model.num_classes=8 but the data has labels up to 9" in check.detail
+    # a task without a class head does not read labels: no problem
+    assert preflight.check_data(load_config("tiny", [f"data.path={ten_class_shards}"])).ok
+
+
 def test_sweep_that_cannot_fit_is_refused(ray_local, small_shards, tmp_path, capsys):
     from mmdist import tune as sweep_command
 
