@@ -111,11 +111,26 @@ MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
 PASSWORD_FILE="$CLUSTER_DIR/mlflow_admin_password"
 if alive "$MLFLOW_PID"; then
   say "MLflow server already running (pid $(cat "$MLFLOW_PID"))"
-  [[ -f "$CLUSTER_DIR/mlflow_auth" ]] && MLFLOW_AUTH=1
+  # The running server keeps the mode it was started in; the env file follows it.
+  running_auth=0
+  [[ -f "$CLUSTER_DIR/mlflow_auth" ]] && running_auth=1
+  if [[ "$MLFLOW_AUTH" == 1 && "$running_auth" == 0 ]]; then
+    say "note: it runs without basic auth; to turn auth on, stop the cluster" \
+      "(cluster/local/down.sh) and start it again with --mlflow-auth"
+  fi
+  MLFLOW_AUTH=$running_auth
 else
   rm -f "$MLFLOW_PID" "$CLUSTER_DIR/mlflow_auth"
   need_port "MLflow" "$MLFLOW_PORT" MMDIST_MLFLOW_PORT
   auth_args=()
+  # MLflow reads MLFLOW_AUTH_CONFIG_PATH even without the auth app: every run search imports
+  # mlflow.server.auth, which parses that file, and a path to a missing file makes each search
+  # an HTTP 500 (KeyError: 'mlflow'). So the server gets it only with auth, never from the
+  # caller's shell (nor a mlflow_auth.ini left by an earlier start with auth); nor the
+  # MLFLOW_AUTH_ADMIN_* overrides, which would replace the admin user and password written
+  # below, those of the env file, when the auth app creates the admin.
+  unset MLFLOW_AUTH_CONFIG_PATH MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD \
+    MLFLOW_FLASK_SERVER_SECRET_KEY
   if [[ "$MLFLOW_AUTH" == 1 ]]; then
     # A generated admin password (MLflow ships none); kept in a 0600 file beside the env file.
     [[ -s "$PASSWORD_FILE" ]] || \
@@ -137,8 +152,9 @@ INI
       "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32), end="")' > "$SECRET_FILE"
     chmod 600 "$SECRET_FILE"
     export MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$SECRET_FILE")"
+    export MLFLOW_AUTH_CONFIG_PATH="$CLUSTER_DIR/mlflow_auth.ini"
   fi
-  MLFLOW_AUTH_CONFIG_PATH="$CLUSTER_DIR/mlflow_auth.ini" MLFLOW_DISABLE_TELEMETRY=true \
+  MLFLOW_DISABLE_TELEMETRY=true \
     setsid "$MLFLOW" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
       --backend-store-uri "sqlite:///$CLUSTER_DIR/mlflow.db" \
       --artifacts-destination "$CLUSTER_DIR/artifacts" "${auth_args[@]}" \

@@ -1,10 +1,12 @@
 """The local cluster for real: cluster/local/up.sh, token-authenticated `ray job submit`, the
-MLflow server, the train job registering its model there, cluster/local/down.sh.
+MLflow server, `make submit-train` registering its model there, cluster/local/down.sh.
 
-The cluster runs on free ports with its own state folder, so it never touches a cluster the
-user has up (or another test session's).
+The cluster comes up twice, once as `make cluster-up` starts it (MLflow without auth) and once
+with `--mlflow-auth`; each mode runs one train job. Each cluster runs on free ports with its own
+state folder, so it never touches a cluster the user has up (or another test session's).
 """
 
+import base64
 import json
 import os
 import re
@@ -63,25 +65,34 @@ def test_up_refuses_a_port_in_use_naming_the_setting(tmp_path):
     assert not (tmp_path / "c" / "ray.pid").exists()
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@pytest.fixture(scope="module", params=[True, False], ids=["auth", "noauth"])
+def cluster(request):
+    auth = request.param
     # A short path: Ray's unix sockets live under the state folder (108-byte limit).
     state = Path(tempfile.mkdtemp(prefix="mmc", dir="/tmp"))
     env = _clean_env(MMDIST_CLUSTER_DIR=str(state), MMDIST_RAY_PORT=str(_free_port()),
                      MMDIST_DASHBOARD_PORT=str(_free_port()),
-                     MMDIST_MLFLOW_PORT=str(_free_port()), MMDIST_CLUSTER_CPUS="2",
-                     MMDIST_MLFLOW_AUTH="1")  # MLflow's basic-auth app, generated password
+                     MMDIST_MLFLOW_PORT=str(_free_port()), MMDIST_CLUSTER_CPUS="2")
+    if auth:
+        env["MMDIST_MLFLOW_AUTH"] = "1"  # MLflow's basic-auth app, generated password
+        # An admin password left in the user's shell must not replace the generated one.
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = "from-the-users-shell"
+    else:
+        # An auth config path left in the user's shell must not reach the no-auth server (the
+        # server reads it on every run search; a missing file gave HTTP 500).
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(state / "no-such-auth.ini")
     try:
         t0 = time.perf_counter()
         up = subprocess.run([str(ROOT / "cluster/local/up.sh")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=420)
         assert up.returncode == 0, up.stdout + up.stderr
         up_s = time.perf_counter() - t0
-        print(f"cluster up in {up_s:.0f} s")
+        print(f"cluster ({'auth' if auth else 'noauth'}) up in {up_s:.0f} s")
         env_file = state / "env"
         assert env_file.stat().st_mode & 0o077 == 0, "the env file must be private (0600)"
         assert (state / "ray_token").stat().st_mode & 0o077 == 0
-        yield SimpleNamespace(state=state, env=env, vars=_read_env_file(env_file), up_s=up_s)
+        yield SimpleNamespace(state=state, env=env, vars=_read_env_file(env_file), up_s=up_s,
+                              auth=auth)
     finally:
         t0 = time.perf_counter()
         down = subprocess.run([str(ROOT / "cluster/local/down.sh")], env=env, cwd=ROOT,
@@ -99,39 +110,72 @@ def _submit(cluster, workdir: Path, *entry: str, **env: str) -> subprocess.Compl
         env=_clean_env(**env), cwd=workdir, capture_output=True, text=True, timeout=600)
 
 
+def _mlflow_request(cluster, path: str, body: dict | None = None,
+                    user: str | None = None, password: str | None = None):
+    """GET (or POST ``body`` as JSON) ``path`` on the cluster's MLflow server: its status code
+    and body, errors (status >= 400) included."""
+    req = urllib.request.Request(cluster.vars["MLFLOW_TRACKING_URI"] + path,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(
+            f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return SimpleNamespace(code=r.status, body=r.read().decode())
+    except urllib.error.HTTPError as e:
+        return SimpleNamespace(code=e.code, body=e.read().decode(errors="replace"))
+
+
 def test_up_is_idempotent_and_the_env_file_names_both_services(cluster):
     v = cluster.vars
     assert v["RAY_ADDRESS"].startswith("http://127.0.0.1:")
     assert v["MMDIST_RAY_GCS_ADDRESS"].startswith("127.0.0.1:")
     assert v["RAY_AUTH_MODE"] == "token"
     assert v["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
-    again = subprocess.run([str(ROOT / "cluster/local/up.sh")], env=cluster.env, cwd=ROOT,
+    if cluster.auth:
+        assert v["MLFLOW_TRACKING_USERNAME"] == "admin" and v["MLFLOW_TRACKING_PASSWORD"]
+    else:
+        assert "MLFLOW_TRACKING_USERNAME" not in v and "MLFLOW_TRACKING_PASSWORD" not in v
+    # Again, here without the auth setting: the running server keeps its mode, the env file too.
+    again = subprocess.run([str(ROOT / "cluster/local/up.sh")], cwd=ROOT,
+                           env={k: x for k, x in cluster.env.items() if k != "MMDIST_MLFLOW_AUTH"},
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "already running" in again.stdout
+    assert _read_env_file(cluster.state / "env") == v
 
 
-def test_mlflow_server_is_healthy_and_refuses_requests_without_the_password(cluster):
-    uri = cluster.vars["MLFLOW_TRACKING_URI"]
-    with urllib.request.urlopen(uri + "/health", timeout=10) as r:
-        assert r.status == 200
-    api = uri + "/api/2.0/mlflow/experiments/search?max_results=1"
+def test_mlflow_server_answers_run_searches(cluster):
+    """Every run search of the no-auth server was an HTTP 500 (KeyError: 'mlflow') when up.sh
+    pointed MLFLOW_AUTH_CONFIG_PATH at an auth config it had not written."""
+    assert _mlflow_request(cluster, "/health").code == 200
+    creds = ({"user": "admin", "password": cluster.vars["MLFLOW_TRACKING_PASSWORD"]}
+             if cluster.auth else {})
+    for path, body in (("/api/2.0/mlflow/runs/search", {"experiment_ids": ["0"]}),
+                       ("/api/2.0/mlflow/experiments/search", {"max_results": 1})):
+        r = _mlflow_request(cluster, path, body, **creds)
+        assert r.code == 200, f"{path}: HTTP {r.code}: {r.body[-2000:]}"
+    log = (cluster.state / "logs" / "mlflow.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_mlflow_server_refuses_requests_without_the_password(cluster):
+    if not cluster.auth:
+        pytest.skip("only the --mlflow-auth server has a password")
     password = cluster.vars["MLFLOW_TRACKING_PASSWORD"]
     assert len(password) >= 24 and (cluster.state / "mlflow_admin_password").stat().st_mode \
         & 0o077 == 0
-    for user, pw in ((None, None), ("admin", "password"), ("admin", password[:-1])):
-        req = urllib.request.Request(api)
-        if user:
-            import base64
-
-            req.add_header("Authorization", "Basic " + base64.b64encode(
-                f"{user}:{pw}".encode()).decode())
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=10)
-        assert e.value.code == 401
+    api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    for user, pw in ((None, None), ("admin", "password"), ("admin", password[:-1]),
+                     ("admin", cluster.env["MLFLOW_AUTH_ADMIN_PASSWORD"])):
+        assert _mlflow_request(cluster, api, user=user, password=pw).code == 401, (user, pw)
+    assert _mlflow_request(cluster, api, user="admin", password=password).code == 200
 
 
 def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_path):
+    if not cluster.auth:
+        pytest.skip("the Ray head is the same in both modes: checked once, with the auth cluster")
     work = tmp_path / "job"
     work.mkdir()
     (work / "hello.py").write_text(
@@ -156,19 +200,20 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
 
 @pytest.mark.timeout(1500)
 def test_submit_train_finds_run_and_registered_model_on_the_server(cluster, monkeypatch):
-    """`cluster/submit.sh jobs/train.py --config tiny --json` (what `make submit-train` runs):
-    preflight, ray job submit, SUCCEEDED, then the run and the model are on the MLflow server."""
+    """`make submit-train CONFIG=tiny ARGS="..."` as cluster/README.md says (cluster/submit.sh:
+    preflight, ray job submit), SUCCEEDED, then the run and the model are on the MLflow server."""
     from mlflow.tracking import MlflowClient
 
+    args = f"--json train.storage_path={cluster.state / 'runs'} tracking.model_name=cluster-tiny"
     t0 = time.perf_counter()
     job = subprocess.run(
-        [str(ROOT / "cluster/submit.sh"), "jobs/train.py", "--config", "tiny", "--json",
-         f"train.storage_path={cluster.state / 'runs'}", "tracking.model_name=cluster-tiny"],
+        ["make", "--no-print-directory", "submit-train", "CONFIG=tiny", f"ARGS={args}"],
         env=_clean_env(MMDIST_CLUSTER_DIR=str(cluster.state)), cwd=ROOT,
         capture_output=True, text=True, timeout=1400)
-    print(f"submit-train (preflight + job) took {time.perf_counter() - t0:.0f} s")
+    print(f"make submit-train (setup + preflight + job) took {time.perf_counter() - t0:.0f} s")
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-6000:]
+    assert f"ray job submit to {cluster.vars['RAY_ADDRESS']}" in out  # this cluster, not .cluster
     assert "preflight: all 5 checks passed" in out
     summaries = []
     for line in job.stdout.splitlines():
@@ -185,14 +230,25 @@ def test_submit_train_finds_run_and_registered_model_on_the_server(cluster, monk
     assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
     assert s["tracking_uri"] == cluster.vars["MLFLOW_TRACKING_URI"]
 
-    assert cluster.vars["MLFLOW_TRACKING_PASSWORD"] not in out  # no secret in the job's logs
-    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(k, cluster.vars[k])
+    if cluster.auth:
+        password = cluster.vars["MLFLOW_TRACKING_PASSWORD"]
+        assert password not in out  # no secret in the job's logs
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.setenv(k, cluster.vars[k])
+    else:
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(k, raising=False)
     client = MlflowClient(cluster.vars["MLFLOW_TRACKING_URI"])
     run = client.get_run(s["run_id"])
-    assert cluster.vars["MLFLOW_TRACKING_PASSWORD"] not in json.dumps(run.data.params)
+    if cluster.auth:
+        assert password not in json.dumps(run.data.params)
     assert run.info.status == "FINISHED"
     assert run.data.metrics, "the run on the server has no metrics"
+    # a run search, what failed with HTTP 500 on the no-auth server
+    found = client.search_runs([run.info.experiment_id], f"attributes.run_id = '{s['run_id']}'")
+    assert [r.info.run_id for r in found] == [s["run_id"]]
     version = client.get_model_version_by_alias("cluster-tiny", s["alias"])
     assert version.run_id == s["run_id"]
     assert Path(s["checkpoint"]).is_relative_to(cluster.state / "runs")
+    log = (cluster.state / "logs" / "mlflow.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-4000:]
