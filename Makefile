@@ -71,8 +71,9 @@ cluster-up: setup  ## start a local Ray head (token auth) + MLflow server on 127
 cluster-down:  ## stop the local Ray head and MLflow server (by their PIDs)
 	cluster/local/down.sh
 
-preflight: setup  ## check the cluster in .cluster/env can run CONFIG=... ARGS="key=value ..."
-	set -a; [ ! -f .cluster/env ] || . .cluster/env; set +a; $(MMDIST) preflight --config $(CONFIG) $(ARGS)
+preflight: setup  ## check the cluster in $MMDIST_CLUSTER_DIR/env (.cluster/env) can run CONFIG=... ARGS="key=value ..."
+	set -a; env_file="$${MMDIST_CLUSTER_DIR:-.cluster}/env"; [ ! -f "$$env_file" ] || . "$$env_file"; set +a; \
+	$(MMDIST) preflight --config $(CONFIG) $(ARGS)
 
 submit-train: setup  ## preflight, then `ray job submit` jobs/train.py (CONFIG=..., ARGS="key=value ...")
 	cluster/submit.sh jobs/train.py --config $(CONFIG) $(ARGS)
