@@ -13,20 +13,20 @@ from typing import Any
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM",
                  "HF_HUB_OFFLINE")
 # Ray keeps about num_cpus idle worker processes and kills the rest. Ray Data tasks of
-# data.cpus_per_task=0.5 beside the train workers need more than that, so Ray killed and
-# restarted them all the time (2-3 new processes per 1,024 rows, 1-5 CPU-s of imports each;
-# seen with `mmdist bench ingest` on 2 cores). The raylet reads this when it starts.
+# data.cpus_per_task=0.5 beside the train workers need more than that, so with Ray's default
+# it kills and restarts them all the time, each paying its imports again (figures:
+# docs/performance.md). The raylet reads this when it starts.
 WORKERS_SOFT_LIMIT = "RAY_num_workers_soft_limit"
 # Ray Train settings for the one-node Ray mmdist starts itself (a user's own value wins). Ray
 # Train passes them from the driver's environment to its controller and workers.
 LOCAL_TRAIN_ENV = {
-    # The preemption watcher is one more actor per run (a process importing ray.train: ~4.6
-    # CPU-s on 2 cores before bytecode was compiled) that reports nodes being drained; with
-    # one node, a drain is the end of the whole cluster anyway.
+    # The preemption watcher is one more actor per run (a process importing ray.train) that
+    # reports nodes being drained; with one node, a drain is the end of the whole cluster
+    # anyway.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # The controller polls its workers every 2 s, so a finished run waited up to 2 s before
-    # its group was shut down and again before fit() returned: 6.3 s between the last
-    # checkpoint and the model registration of an 8-step run, 1.8 s with 0.5 s polls.
+    # The controller polls its workers every 2 s by default, so a finished run waits up to 2 s
+    # before its group is shut down and again before fit() returns; 0.5 s polls bring the
+    # model registration seconds sooner (docs/performance.md).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 

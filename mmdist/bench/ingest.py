@@ -20,62 +20,21 @@ its workers vs the driver vs Ray's daemons, and the time the consumer spent wait
 Without ``--data`` it writes realistic shards once into ``.cache/bench_ingest/``: 224-pixel
 JPEGs, 2-5 s of 22.05 kHz audio, sentence captions.
 
-What closed the gap (2 cores, Ray 2.60; see the commit messages for figures):
-
-1. Ray 2.60 reads Parquet through its V2 datasource by default; it packed 16 shard files into 2
-   blocks and took 19-42 s for 160 MB, so nothing streamed. The V1 reader: 16 blocks, 0.8 s.
-2. ``map_batches(batch_size=N)`` is not fused with the read (a map that waits for N-row
-   bundles never is); ``batch_size=None`` plus chunking inside the UDF fuses read+preprocess
-   into one task per shard.
-3. The log-mel projection as one 2-D matmul in float64 instead of a stack of float32 ones
-   (15 -> 2 ms/sample), and one BLAS thread per worker: Ray sets ``OMP_NUM_THREADS=1`` in its
-   workers, forked DataLoader workers needed ``one_blas_thread`` (the baseline got faster).
-4. Ray Data's ``_StatsActor`` and ``_AutoscalingCoordinatorActor`` start on the first
-   execution and cost ~2 CPU-s each while importing; a long job pays that once, so the bench
-   warms up before timing (cold start is reported separately).
-5. uint8 images across the object store; progress bars off in the bench.
-6. Ray Data 2.60 starts every execution (every epoch) with zero resource limits for 1 s (the
-   autoscaling coordinator's first answer is an empty cache, kept for 1 s), so one task ran
-   at a time: the second worker idled for the first ~1.3 s of a 2.8 s run.
-   ``mmdist.data.ray_scheduling`` re-asks each scheduling step until the limits are known.
-   The warm-up also waits for that coordinator actor (it starts with the first execution).
-7. Each scheduling step of Ray Data's executor waits up to 0.1 s for *all* running tasks, and
-   a finished task is often noticed only one or two steps later: each worker idled 0.15-0.4 s
-   between 0.4 s tasks (tasks busy 67-69 % of 2 CPUs x time). A 20 ms wait fixed that (busy
-   85 %) at ~0.2 CPU-s more in the driver per 4,096 rows; ``mmdist.data.ray_scheduling`` now
-   makes the wait return at the first task with output instead (driver 0.66 -> 0.57 CPU-s).
-8. A map's output buffer keeps what the function yields until 128 MiB, so each task handed over
-   its whole shard as one block when it ended and the first batch waited for a shard (0.9 s at
-   ``--workers 4``, 4.3 s with 1,024-row shards). Now the function's yields are the blocks
-   (``mmdist.data.ray_scheduling``): a shard per block, and the tasks that start an epoch
-   yield their first chunk on its own first: first batch after 0.2 s, and fewer blocks than
-   the ~100-row blocks of an earlier fix (each block costs CPU in the driver, raylet, worker).
-9. ``batch_format="numpy"`` converted a whole shard of encoded JPEG/WAV bytes to object arrays
-   before the first chunk (hundreds of MB of fresh arrays per task; the DataLoader converts
-   32-row record batches). The UDF takes the Arrow block and converts each chunk on its own:
-   8-10 % less worker CPU, 1031 -> 1117 samples/s on 1,024-row shards (both variants
-   alternated inside one Ray session: separate runs of this bench swing by ~10 %).
-10. ``iter_torch_batches``' default collate converts every column on a pool of 4 threads; on 2
-    cores the hand-offs cost more than the zero-copy conversions: ``NumpyToTorch``
-    (``mmdist.data.torch_batches``), driver 0.80 -> 0.66 CPU-s per 4,096 rows.
-11. The first batch of every epoch waited for a second block: the prefetch window holds each
-    block back until the next one exists, pointless on one node where every block is local
-    (``prefetch_batches=0`` there), and block metadata was read on a thread whose result the
-    executor picked up a step later (Ray's inline reader on one node): first batch after
-    0.63 -> 0.33 s (medians of 4 alternating epochs in one Ray session).
-
-12. Page faults: every batch allocates and frees the same 0.1-10 MB arrays, and glibc handed
-    them back to the OS and faulted them in again, page by page (~190 faults per row; worse
-    with smaller arrays). ``preprocess.reuse_freed_memory`` keeps freed memory in every process
-    that preprocesses, Ray task or DataLoader worker: 1.4-1.7 -> 1.1-1.2 ms per row. Both sides
-    got faster; the log-mel STFT also works through 8 clips at a time to stay in cache.
+The Ray side runs the training pipeline unchanged, with the settings that bring it to the
+DataLoader's rate on a small node: where each lives and why is documented there
+(:mod:`mmdist.data.pipeline`, :mod:`mmdist.data.ray_scheduling`,
+:mod:`mmdist.data.torch_batches`, :mod:`mmdist.data.preprocess`); what each was measured to
+change is in ``docs/performance.md``. Before timing, the bench warms up: the first execution
+starts Ray Data's stats and autoscaling-coordinator actors, whose imports cost seconds of CPU
+once per job, and the warm-up waits until the coordinator answers (cold start is reported
+separately).
 
 ``--workers N`` runs N worker processes on each side on the same ``--cpus``: N DataLoader
 workers, and N Ray Data tasks in flight (each reserving cpus/N CPUs, as training's
 ``data.cpus_per_task=0.5`` does with 2 per CPU). More processes than cores hide Ray's gap
 between tasks but delay the first batch (every task runs at a fraction of a core). Ray keeps
-only about num_cpus idle workers by default and restarts the rest (1-5 CPU-s of imports
-each), so the bench raises ``RAY_num_workers_soft_limit`` as every local Ray mmdist starts.
+only about num_cpus idle workers by default and restarts the rest (each restart imports
+again), so the bench raises ``RAY_num_workers_soft_limit`` as every local Ray mmdist starts.
 
 On a shared machine wall-clock rates swing with other tenants (and a side with more runnable
 processes gets a larger share), so the bench also reports CPU milliseconds per sample summed

@@ -14,7 +14,8 @@ Parquet shards and run :func:`preprocess_batch` in ``map_batches``; images cross
 store as uint8. The same function drives :class:`ShardBatches` (a torch ``IterableDataset``
 for the DataLoader baseline, evaluation and inference).
 
-Why the Ray Data settings below (measured by ``mmdist bench ingest``, see its docstring):
+Why the Ray Data settings below (measured with ``mmdist bench ingest``; figures in
+``docs/performance.md``):
 read and preprocess fuse into one task per shard file when both are plain tasks with the same
 resources; ``preprocess_batch`` is vectorised per batch, so the batch size is large enough to
 amortise per-call overhead but stays far below a block so memory per task stays small; each
@@ -82,9 +83,9 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     from mmdist.data import ray_scheduling
 
     # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
-    # files into 2 blocks and took 19-42 s for 160 MB, where the V1 reader made 16 blocks in
-    # 0.8 s (one block per shard file lets the map stream and run in parallel). The flag is
-    # read when the plan is built, so it is set around this call only.
+    # files into 2 blocks and was many times slower than the V1 reader, which makes one block
+    # per shard file, so the map streams and runs in parallel (docs/performance.md). The flag
+    # is read when the plan is built, so it is set around this call only.
     ctx = ray.data.DataContext.get_current()
     use_v2 = getattr(ctx, "use_datasource_v2", False)
     ctx.use_datasource_v2 = False
@@ -131,8 +132,8 @@ def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Data
         out[split] = build_dataset(paths, spec, tokenizer,
                                    cpus_per_task=cfg.data.cpus_per_task)
         # Ray Data's bars, drawn in every worker for every eval pass and forwarded line by line
-        # to the driver, were ~4,000 of the ~4,300 lines `make demo` printed; rank 0's step lines
-        # already show progress. The setting travels with the dataset, not the global context.
+        # to the driver, would be most of what `make demo` prints; rank 0's step lines already
+        # show progress. The setting travels with the dataset, not the global context.
         out[split].context.enable_progress_bars = False
     return out
 

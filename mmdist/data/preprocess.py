@@ -34,10 +34,9 @@ if TYPE_CHECKING:
 LOG_MEL_FLOOR = 1e-6  # power floor before the log: silence -> log(1e-6) ~ -13.8
 # Clips per STFT pass in `log_mel`. Its float64 frames and spectra take ~0.8 MB per one-second
 # 16 kHz clip, so a 32-clip batch at once streams ~27 MB through memory several times; 8 clips
-# stay in cache. Measured on 2 cores (one BLAS thread, `log_mel` alone): 0.34 -> 0.22 ms per
-# clip at batch 32, 0.50-0.63 -> 0.22 at 64; with `reuse_freed_memory` (medians of 4 runs)
-# 0.38 -> 0.30. Without that, in Ray workers, the more and smaller temporaries cost more page
-# faults (316k against 173k per 1,024 rows) than the cache saved.
+# stay in cache. It pays only together with `reuse_freed_memory`: without it, in Ray workers,
+# the more and smaller temporaries cost more page faults than the cache saves (figures:
+# docs/performance.md).
 LOG_MEL_ROWS = 8
 
 
@@ -108,13 +107,11 @@ def reuse_freed_memory() -> bool:
     process; a no-op elsewhere). Returns whether the setting is in effect.
 
     Every batch allocates and frees the same few arrays of 0.1-10 MB (decoded waves, STFT
-    frames and spectra, image stacks). glibc starts with a 128 KiB mmap threshold, so such
-    arrays got fresh mappings of their own or were trimmed off the heap when freed, and every
-    batch faulted its memory in page by page again: ~190 page faults per preprocessed row.
-    With a 32 MiB threshold and 128 MiB kept, measured in fresh Ray task workers (a 256-row
-    shard, passes 2-4 of 4, 2 cores, 4 workers each way): 1.50 -> 1.19 ms per row (medians;
-    ranges 1.34-1.87 and 1.13-1.68) and page faults per 1,024 rows 316k -> 115k (the rest is
-    mostly imports). The price: a worker keeps up to 128 MiB of freed memory.
+    frames and spectra, image stacks). glibc starts with a 128 KiB mmap threshold, so by default
+    such arrays get fresh mappings of their own or are trimmed off the heap when freed, and
+    every batch faults its memory in page by page again. A 32 MiB threshold and 128 MiB kept make
+    preprocessing faster and cut most of those page faults (figures: ``docs/performance.md``).
+    The price: a worker keeps up to 128 MiB of freed memory.
     Called where preprocessing runs in a loop: Ray Data tasks (:class:`BatchPreprocessor`) and
     DataLoader workers (``pipeline.ShardBatches``), so both paths run the same way.
     """
@@ -282,7 +279,7 @@ def _log_mel_rows(waves: np.ndarray, sample_rate: int, n_mels: int, hop_length: 
                   n_fft: int) -> np.ndarray:
     # float64 throughout: numpy's float32 FFT is slower than its float64 one here, and one 2-D
     # matrix product (not a stack of per-clip ones) keeps BLAS from paying thread start-up
-    # per clip (measured: 3-D matmul 300+ ms, 2-D 5 ms for 64 one-second clips).
+    # per clip (figures: docs/performance.md).
     waves = np.asarray(waves, dtype=np.float64)
     b, n = waves.shape
     pad = n_fft // 2
@@ -397,9 +394,9 @@ class BatchPreprocessor:
     arrays stay small. Given a pyarrow Table (``batch_format="pyarrow"``, what the training
     pipeline uses) it converts each chunk's columns to numpy on their own, as the DataLoader
     path converts each record batch: converting a whole shard of encoded images and audio at
-    once (``"numpy"``) made hundreds of MB of fresh arrays per task and cost 8-10 % more worker
-    CPU (both variants alternated inside one Ray session). It lives here (numpy only) rather
-    than beside the torch code so Ray workers unpickling it skip torch.
+    once (``"numpy"``) makes hundreds of MB of fresh arrays per task and costs more worker CPU
+    (``docs/performance.md``). It lives here (numpy only) rather than beside the torch code so
+    Ray workers unpickling it skip torch.
 
     What it yields is what leaves the Ray task as blocks when Ray's own block shaping is off
     for this map (``mmdist.data.ray_scheduling.UdfShapesBlocks``). With ``block_bytes`` it

@@ -1,8 +1,9 @@
 """Ray Data execution callbacks that keep every CPU busy on short read+preprocess tasks.
 
-They fix latencies of Ray Data 2.60's executor that cost little on a large cluster with long
-tasks and a lot on a small node whose tasks take a fraction of a second (one shard file of
-realistic rows, ~0.4 s): measured with ``mmdist bench ingest`` on 2 CPUs.
+They work around latencies of Ray Data 2.60's executor that cost little on a large cluster
+with long tasks and a lot on a small node whose tasks take a fraction of a second (one shard
+file of realistic rows). ``mmdist bench ingest`` measures the pipeline they serve; the
+figures behind each callback are in ``docs/performance.md``.
 
 1. Cold start. Ray Data learns how many CPUs an execution may use from the autoscaling
    coordinator actor. Its client returns the last cached answer and asks again in the
@@ -10,38 +11,30 @@ realistic rows, ~0.4 s): measured with ``mmdist bench ingest`` on 2 CPUs.
    ``DefaultClusterAutoscalerV2`` calls it the cold start). ``ResourceManager.get_global_limits``
    then caches those zero limits for 1 s. With zero limits only the executor's liveness rule
    (one task when nothing runs) keeps data flowing: for the first second of every execution,
-   and so of every training epoch, one task ran on a 2-CPU node instead of two.
+   and so of every training epoch, one task runs on a 2-CPU node instead of two.
    :class:`RefreshLimitsUntilKnown` asks again after every scheduling step while the limits
    are still zero; the coordinator answers within milliseconds.
 
 2. Completion polling. Each scheduling step waits in ``ray.wait(all running tasks,
    num_returns=all, timeout=0.1 s)``, which returns at the timeout unless every task finished,
-   and a task's output block and its end of stream are often picked up one step apart. A
-   worker whose task had finished therefore idled 0.15-0.4 s before the executor noticed and
-   sent the next one: tasks ran 67-69 % of 2 CPUs x time. A 20 ms timeout fixed the idling
-   (about 800 -> 1,000 samples/s over a 4,096-row epoch at one task per CPU) but made the
-   driver step 50 times a second whether or not anything had happened. :class:`WaitForFirst`
+   and a task's output block and its end of stream are often picked up one step apart, so a
+   worker whose task has finished idles until the executor notices. :class:`WaitForFirst`
    makes the wait return as soon as any task has output (then collects whatever else is ready
    without blocking), keeping Ray's 0.1 s timeout for when nothing happens: the step runs
-   when there is work for it. Measured in one Ray session, alternating epochs of 4,096 rows
-   (``--workers 4`` layout, 2 CPUs): driver CPU 0.66 -> 0.57 s per epoch against the 20 ms
-   wait, samples/s 1,071 -> 1,087 (medians of 4).
+   when there is work for it. (A shorter timeout would also end the idling, but would step
+   the driver many times a second whether or not anything happened.)
 
 3. Blocks as they are made. A map's output buffer holds what its function yields until it
    reaches ``DataContext.target_max_block_size`` (128 MiB), so a task that preprocesses a whole
-   shard file in chunks handed over one block when it ended, and the first batch of every
-   execution (every training epoch) waited for a whole shard: 0.9-1.0 s for 256 rows at two
-   tasks per CPU, ~4 s for `mmdist prepare`'s 1,000-row shards. Lowering the context's target
-   would also cut the Parquet read into blocks of a few rows (measured: +60 % CPU), and a
-   smaller target on the map alone (blocks of ~100 rows, mmdist's fix until then) made three
-   blocks of each 256-row shard where one would do, and each block costs the driver, the
-   raylet and the worker CPU. So the function decides: :class:`UdfShapesBlocks` turns Ray's
-   shaping off for the maps named in the dataset's context (:data:`UDF_BLOCKS_KEY`), every
-   yield becomes a block, and ``BatchPreprocessor`` yields a shard per block, with the first
-   chunk on its own first in the tasks that start the execution (one per task slot). Measured
-   (4,096 rows in 256-row shards, ``--workers 4`` layout, 2 CPUs, 5 alternating epochs of each
-   in one Ray session): ~100-row blocks 1,182 samples/s, first batch after 0.29 s, 6.62 CPU-s
-   per epoch; this 1,256, 0.19 s, 6.39 CPU-s; whole shards only 1,241, 0.71 s, 6.48 CPU-s.
+   shard file in chunks would hand over one block when it ends, and the first batch of every
+   execution (every training epoch) would wait for a whole shard. Lowering the context's
+   target would also cut the Parquet read into blocks of a few rows (much more CPU), and a
+   smaller target on the map alone makes several blocks of a shard where one would do, each
+   costing the driver, the raylet and the worker CPU. So the function decides:
+   :class:`UdfShapesBlocks` turns Ray's shaping off for the maps named in the dataset's
+   context (:data:`UDF_BLOCKS_KEY`), every yield becomes a block, and ``BatchPreprocessor``
+   yields a shard per block, with the first chunk on its own first in the tasks that start the
+   execution (one per task slot).
 
 4. Block metadata on a thread. Ray 2.60 reads each output block's metadata on a background
    thread and emits the block (and ends a finished task, which frees its CPU for the next) in
@@ -49,9 +42,7 @@ realistic rows, ~0.4 s): measured with ``mmdist bench ingest`` on 2 CPUs.
    0.1 s later. On one node the metadata is a small local object.
    :class:`InlineMetadataOnOneNode` gives the executor Ray's inline fetcher there (what
    ``RAY_DATA_METADATA_PREFETCH_ON_THREAD=0`` selects; Ray reads that variable when Ray Data
-   is imported, before mmdist could set it): the first batch of an epoch 0.46 -> 0.33 s after
-   ``iter()`` (medians of 4 alternating epochs, 4,096 rows, with ``prefetch_batches=0`` as
-   :mod:`mmdist.data.torch_batches` iterates on one node).
+   is imported, before mmdist could set it), so the first batch of an epoch comes sooner.
 
 The callbacks live in a module of their own (numpy-free, torch-free) because the process that
 executes the dataset imports it: the driver for ``iter_batches``, Ray Train's split

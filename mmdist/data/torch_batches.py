@@ -3,19 +3,17 @@
     for batch in iter_torch(shard, batch_size=32, drop_last=True):
         ...  # dict of CPU torch tensors, the batch contract of schema.py
 
-Two settings differ from ``iter_torch_batches``' defaults, both measured on 2 CPUs with the
-pipeline `mmdist bench ingest` times (4,096 rows, one Ray session, alternating epochs):
+Two settings differ from ``iter_torch_batches``' defaults (what they were measured to change
+with ``mmdist bench ingest``: ``docs/performance.md``):
 
 * ``collate_fn=NumpyToTorch()``. Without one, Ray converts each batch column by column on a
   pool of 4 threads (``DefaultCollateFn``); on a 2-core node the hand-offs cost more than the
   conversions, which are zero-copy views of the block. Every column of the batch contract is
-  a fixed-size numeric array, so a batch is its numpy views wrapped by ``torch.from_numpy``:
-  driver CPU 0.80 -> 0.66 s per epoch.
+  a fixed-size numeric array, so a batch is its numpy views wrapped by ``torch.from_numpy``.
 * ``prefetch_batches=0`` when the cluster has one node. Prefetching asks Ray to pull blocks
   from other nodes ahead of use; on one node every block is already local, and the prefetch
   window holds each block back until the next one exists, so the first batch of every epoch
-  waited for a second block: first batch 0.55 -> 0.35 s after ``iter()``. With more nodes,
-  2 batches are prefetched, as before.
+  would wait for a second block. With more nodes, 2 batches are prefetched.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from mmdist.data.pipeline import as_tensors
 
-# Batches prefetched when blocks can live on other nodes (mmdist's setting before; Ray's is 1).
+# Batches prefetched when blocks can live on other nodes (Ray's default is 1).
 PREFETCH_BATCHES_MULTI_NODE = 2
 
 

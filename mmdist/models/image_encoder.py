@@ -179,7 +179,7 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     if kind == "cnn":
         return CNNImageEncoder(channels, dim)
     importable_here("torchvision.models")
-    import torchvision.models as tvm  # on first use: it imports torch._dynamo (~4 s)
+    import torchvision.models as tvm  # on first use: it imports torch._dynamo (seconds)
 
     if kind in ("resnet18", "resnet50"):
         net = getattr(tvm, kind)(weights=None)

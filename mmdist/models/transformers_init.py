@@ -6,11 +6,10 @@ transformers model runs at the end of its constructor would index empty tensors.
 model is built with its init switched off, then initialised by transformers' ZeRO-3 routine
 that gathers each module's parameters first.
 
-transformers is imported on first use, not with ``mmdist.models``: its model modules cost ~8 s
-of start-up per process on a 2-core box (measured: ``import deepspeed, mlflow, ray.train``
-9.1-9.4 s, plus ``mmdist.models`` with the eager imports 17.3-18.0 s), which every training
-worker of an LSTM/GRU + CNN model (the demo's) paid for nothing; torchvision's models likewise
-(they import ``torch._dynamo``). Importing those modules inside an open ``zero.Init`` fails
+transformers is imported on first use, not with ``mmdist.models``: its model modules cost
+seconds of start-up per process (docs/performance.md), which every training worker of an
+LSTM/GRU + CNN model (the demo's) would pay for nothing; torchvision's models likewise (they
+import ``torch._dynamo``). Importing those modules inside an open ``zero.Init`` fails
 (DeepSpeed's patched tensor constructors break them), so code that opens one calls
 :func:`preload` first; a build inside ``zero.Init`` without it stops with an error saying so.
 """

@@ -223,7 +223,7 @@ def _restore(engine, cfg: Config, run_dir: str, rank: int, world: int) -> TrainS
 def _say(rank: int, msg: str) -> None:
     if rank == 0:
         # the process's real stdout: Ray Train patches print() to log *and*, once anything has
-        # wrapped sys.stdout, print as well, so every line reached the driver twice
+        # wrapped sys.stdout, print as well, so every line would reach the driver twice
         print(f"[mmdist] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 

@@ -1,7 +1,7 @@
 """When a failed training run is started again: mmdist's retry rule around ``trainer.fit()``.
 
 Ray Train would restart the worker group after any failure until ``max_failures`` is spent, so a
-bug that fails at step 0 failed three times, tripling the wait and the log. mmdist turns Ray's
+bug that fails at step 0 would fail three times, tripling the wait and the log. mmdist turns Ray's
 worker-group retries off and decides itself, knowing what Ray does not: whether the run has made
 progress (a complete checkpoint) and whether the error repeats.
 

@@ -94,10 +94,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 
     Training and sweeps want the dashboard: Ray Train's placement-group cleaner asks the state
     API (served by the dashboard) whether the controller lives. Without it, trials stopped by
-    ASHA leak their placement group and the next trial hangs (Ray issue 54305, see
-    shared/STACK.md), and a training run printed "Failed to query Ray Train Controller actor
-    state" every few seconds (73 of the 222 lines `make demo` printed). It costs ~2 s at start
-    (ray.init 7.1-8.0 s -> 9.3-9.5 s here) and binds 127.0.0.1 like the rest.
+    ASHA leak their placement group and the next trial hangs (Ray issue 54305), and a training
+    run prints "Failed to query Ray Train Controller actor state" every few seconds. It costs
+    about 2 s of ``ray.init`` (2 cores, 2026-11-24; docs/performance.md) and binds 127.0.0.1
+    like the rest.
     """
     import ray
 
