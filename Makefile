@@ -21,8 +21,8 @@ help:  ## list the targets
 
 # Bytecode is compiled at install: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE
 # is set (containers often set it) every process, every Ray worker included, compiled torch, Ray,
-# DeepSpeed and MLflow from source again: `import deepspeed` 8.7 s -> 3.5 s, a 4-step tiny
-# `mmdist train` 73.7 s -> 32.3 s on 2 cores. A stale .pyc of mmdist is ignored, never wrong.
+# DeepSpeed and MLflow from source again (figures in docs/performance.md). A stale .pyc of mmdist
+# is ignored, never wrong.
 setup:  ## bootstrap uv if missing, create .venv, install the locked dependencies + mmdist (editable)
 	@command -v uv >/dev/null 2>&1 || python3 -c "import uv" 2>/dev/null || python3 -m pip install --quiet uv
 	@$(UV) sync --frozen --quiet --compile-bytecode

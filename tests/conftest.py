@@ -17,7 +17,7 @@ def ray_local():
     """A real local Ray cluster on 127.0.0.1 for the whole session, always shut down.
 
     With the dashboard: without it, sweep trials stopped by ASHA leak their placement group
-    and the next trial waits forever (see shared/STACK.md).
+    and the next trial waits forever.
     """
     import ray
 

@@ -195,7 +195,7 @@ def _cases(files: Path, small: Path, model: Path, tmp: Path) -> dict[str, tuple[
             ["mmdist", "predict", "--model", str(model), "--image", str(files / "gone.png")],
             (1, "column 'image'", "gone.png")),
         # 64 workers cannot be placed on 2 CPUs and the train split is too small: both named
-        # at once, before any worker is asked for (it used to wait for workers forever).
+        # at once, before any worker is asked for (Ray Train would wait for them forever).
         "mmdist train: impossible resources + too little data": (
             ["mmdist", "train", "--config", "tiny", "--num-cpus", "2", "train.num_workers=64",
              f"data.path={small}", *iso],
