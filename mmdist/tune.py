@@ -6,14 +6,21 @@ TorchTrainer as `mmdist train` (``build_trainer``) and forwards its reports to T
 run for the sweep and one nested child run per trial, written by that trial's rank 0 only.
 The best trial's consolidated model is registered and aliased like a training run, and a report
 (table, heat map, learning curves) goes to the sweep folder and the parent run.
+
+Combinations of the space that the config refuses (e.g. attention x late) are dropped before
+the sweep starts and listed with their reason; a trial that raises is a failed trial, counted
+and reported, and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
+import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -95,26 +102,15 @@ def resolve_space(cfg: Config, space_args: list[str]) -> dict[str, Any]:
     return space
 
 
-def to_tune_space(space: dict[str, Any], search: str) -> dict[str, Any]:
-    from ray import tune
-
-    ranges = {"loguniform": tune.loguniform, "uniform": tune.uniform}
-    out = {}
-    for key, spec in space.items():
-        if isinstance(spec, dict):
-            kind, args = next(iter(spec.items()))
-            out[key] = tune.choice(args) if kind == "choice" else ranges[kind](*args)
-        else:
-            out[key] = tune.grid_search(spec) if search == "grid" else tune.choice(spec)
-    return out
+def _choices(spec: Any) -> list | None:
+    """The values of a finite dimension (a list, or {choice: [...]}); None for a range."""
+    if isinstance(spec, list):
+        return spec
+    return spec.get("choice") if isinstance(spec, dict) else None
 
 
-def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """The dotted config keys of one trial (Tune adds nothing else to our param space)."""
-    return {k: v for k, v in config.items() if "." in k}
-
-
-def skip_invalid(cfg: Config, overrides: dict[str, Any]) -> str | None:
+def refusal(cfg: Config, overrides: dict[str, Any]) -> str | None:
+    """Why the config refuses ``overrides`` (its problems, each naming key and value), or None."""
     try:
         cfg.override(overrides)
         return None
@@ -122,13 +118,145 @@ def skip_invalid(cfg: Config, overrides: dict[str, Any]) -> str | None:
         return "; ".join(e.problems)
 
 
+def space_points(cfg: Config, space: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Every combination of the space's finite dimensions (lists and {choice: [...]}): those the
+    config accepts, and those it refuses as ``{"overrides": {...}, "reason": "..."}``.
+
+    Each value was checked on its own when the space was resolved; a combination can still be
+    refused by a rule across keys (``model.fusion=attention`` with ``model.fusion_stage=late``).
+    Those never become trials. Ranges are not enumerated: a sampled value the config refuses
+    fails its trial before training starts.
+    """
+    keys = [k for k, spec in space.items() if _choices(spec) is not None]
+    valid, dropped = [], []
+    for combo in itertools.product(*(_choices(space[k]) for k in keys)):
+        point = dict(zip(keys, combo))
+        reason = refusal(cfg, point)
+        if reason:
+            dropped.append({"overrides": point, "reason": reason})
+        else:
+            valid.append(point)
+    return valid, dropped
+
+
+def to_tune_space(space: dict[str, Any], search: str,
+                  points: list[dict] | None = None) -> dict[str, Any]:
+    """Tune's param space for ``space``, over the combinations ``points`` of its finite
+    dimensions (default: all of them; see :func:`space_points`).
+
+    The finite dimensions are one joint key, ``_point``, so that a refused combination is never
+    made: with ``search=grid`` a grid over the points (lists are grid dimensions), else a
+    uniform choice among them (uniform over the accepted combinations, what resampling the
+    refused ones would give). ``{choice: [...]}`` dimensions under a grid are sampled per trial
+    as ``_choice``, among the completions the config accepts for that trial's grid point.
+    Ranges stay independent keys.
+    """
+    from ray import tune
+
+    finite = [k for k, spec in space.items() if _choices(spec) is not None]
+    if points is None:
+        points = [dict(zip(finite, c))
+                  for c in itertools.product(*(_choices(space[k]) for k in finite))]
+    grid_keys = [k for k in finite if search == "grid" and isinstance(space[k], list)]
+    out: dict[str, Any] = {}
+    if finite and not grid_keys:
+        out["_point"] = tune.choice(points)
+    elif finite and len(grid_keys) == len(finite):
+        out["_point"] = tune.grid_search(points)
+    elif finite:
+        completions: list[tuple[dict, list[dict]]] = []
+        for p in points:
+            head = {k: p[k] for k in grid_keys}
+            tail = {k: v for k, v in p.items() if k not in grid_keys}
+            for h, tails in completions:
+                if h == head:
+                    tails.append(tail)
+                    break
+            else:
+                completions.append((head, [tail]))
+        out["_point"] = tune.grid_search([h for h, _ in completions])
+        out["_choice"] = tune.sample_from(functools.partial(_pick_completion, completions))
+    ranges = {"loguniform": tune.loguniform, "uniform": tune.uniform}
+    for key, spec in space.items():
+        if key not in finite:
+            kind, args = next(iter(spec.items()))
+            out[key] = ranges[kind](*args)
+    return out
+
+
+def _pick_completion(completions: list[tuple[dict, list[dict]]], config: dict) -> dict:
+    """The sampled dimensions of one grid trial: one of the accepted completions of its point."""
+    head = dict(config["_point"])
+    return random.choice(next(tails for h, tails in completions if h == head))
+
+
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config keys of one trial: its point, its sampled choices, its ranges (Tune adds
+    nothing else to our param space). Sweeps saved before points existed had only dotted keys."""
+    out = dict(config.get("_point") or {})
+    out.update(config.get("_choice") or {})
+    out.update({k: v for k, v in config.items() if "." in k})
+    return out
+
+
 # ---- one trial ----------------------------------------------------------------------------
+
+
+class TrialConfigError(ValueError):
+    """The config refuses a trial's sampled values. Its problems as one message: a ConfigError
+    raised in a trial reaches the driver re-built from its text, one "problem" per character."""
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The trainable Tune runs: :func:`trial_fn`. A trial that raises is a failed trial (Tune
+    records its error, the sweep goes on); its MLflow child run, if it has one, ends FAILED."""
+    try:
+        trial_fn(config)
+    except Exception:
+        _end_child_run_failed(config)
+        raise
+
+
+def _end_child_run_failed(config: dict[str, Any]) -> None:
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    from mmdist import tracking
+
+    sweep = config["_sweep"]
+    trial_name = f"{sweep['name']}-{ray.tune.get_context().get_trial_id()}"
+    try:
+        client = MlflowClient(sweep["tracking_uri"])
+        exp = client.get_experiment_by_name(sweep["cfg"]["tracking"]["experiment"])
+        found = exp and client.search_runs(
+            [exp.experiment_id], max_results=1,
+            filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{trial_name}'")
+        if found:
+            client.set_terminated(found[0].info.run_id, status="FAILED")
+    except Exception as e:  # the trial's own error is the one to report
+        print(f"[mmdist] {trial_name}: could not mark its MLflow run FAILED: {e}", flush=True)
+
+
+def _val_report_callback():
+    """``TuneReportCallback`` that forwards only reports holding validation metrics.
+
+    A checkpoint saved before the first evaluation (``train.checkpoint_every`` below
+    ``train.eval_every``) is reported without the sweep's metric, and Tune ends the whole sweep
+    on a result without it; ASHA ignores such results anyway.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if any(k.startswith("val_") for k in metrics[0]):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValReportCallback()
 
 
 def trial_fn(config: dict[str, Any]) -> None:
     """Tune function trainable: one multi-worker TorchTrainer run with these overrides."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from mmdist import tracking
     from mmdist.train.run import build_trainer, prepare_job
@@ -136,12 +264,11 @@ def trial_fn(config: dict[str, Any]) -> None:
     sweep = config["_sweep"]
     base = Config.from_dict(sweep["cfg"])
     overrides = trial_overrides(config)
-    problem = skip_invalid(base, overrides)
     ctx = ray.tune.get_context()
     trial_name = f"{sweep['name']}-{ctx.get_trial_id()}"
-    if problem:  # e.g. attention x late: report once so the trial ends, marked invalid
-        ray.tune.report({"invalid": 1, "training_iteration": 1})
-        return
+    problem = refusal(base, overrides)
+    if problem:  # refused combinations were dropped before the sweep; a sampled range value
+        raise TrialConfigError(problem)  # fails here, before any run or worker exists
     cfg = base.override({**overrides, "train.run_name": trial_name})
     uri = sweep["tracking_uri"]
     run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, trial_name,
@@ -150,7 +277,7 @@ def trial_fn(config: dict[str, Any]) -> None:
                                                        for k, v in overrides.items()}})
     job, datasets = prepare_job(cfg, Path(sweep["data_dir"]), trial_name, uri, run_id)
     trainer = build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[_val_report_callback()])
     result = trainer.fit()
     tracking.set_terminated(uri, run_id, "FINISHED")
     out = result.return_value or {}
@@ -226,6 +353,11 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
 
     t0 = time.perf_counter()
     space = resolve_space(cfg, space_args or [])
+    points, dropped = space_points(cfg, space)
+    if not points:
+        raise CommandError(
+            "every combination of the sweep space is refused by the config, nothing to run: "
+            + "; ".join(f"{_fmt_overrides(d['overrides'])}: {d['reason']}" for d in dropped))
     name = name or f"sweep-{cfg.model.task}-{uuid.uuid4().hex[:6]}"
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     report_dir = Path(storage) / name / "report"
@@ -241,18 +373,24 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
                                         tags={"mmdist.sweep": "true"})
     tracking.log_params(uri, parent, {**cfg.flat(), "sweep.space": json.dumps(space),
-                                      "sweep.metric": metric})
+                                      "sweep.metric": metric,
+                                      "sweep.dropped": json.dumps([d["overrides"]
+                                                                   for d in dropped])})
     print(f"[mmdist] sweep {name}: space {json.dumps(space)}; metric {metric} ({mode})",
           flush=True)
+    if dropped:
+        print(f"[mmdist] {len(dropped)} combination(s) of the space dropped, the config refuses "
+              "them:\n" + "\n".join(f"  {_fmt_overrides(d['overrides'])}: {d['reason']}"
+                                     for d in dropped), flush=True)
 
-    tune_space = to_tune_space(space, cfg.tune.search)
+    tune_space = to_tune_space(space, cfg.tune.search, points)
     tune_space["_sweep"] = {"cfg": cfg.to_dict(), "name": name, "tracking_uri": uri,
                             "parent_run_id": parent, "data_dir": str(data_dir),
                             "storage": storage, "report_dir": str(report_dir)}
     scheduler = (ASHAScheduler(grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor, max_t=10**6)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
-    trainable = tune.with_resources(trial_fn, {"CPU": TRIAL_CPUS})
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPUS})
     concurrency = concurrent_trials(cfg, ray.cluster_resources().get("CPU", 0))
     if concurrency < cfg.tune.max_concurrent_trials:
         print(f"[mmdist] running {concurrency} trial(s) at a time, not "
@@ -269,7 +407,10 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1))
+            # a trial that raises is failed, not retried, and the others go on
+            run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0,
+                                                                        fail_fast=False)))
     grid = tuner.fit()
     expected = expected_trials(tune_space, cfg.tune.num_samples)
     unfinished = _unfinished_trials(Path(tune_path) / "tune", expected)
@@ -280,11 +421,18 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
             f"overrides: mmdist sweep --resume {name}")
 
     rows = _trial_rows(grid, metric, mode, report_dir)
-    valid = [r for r in rows if not r["invalid"] and r["metric"] is not None]
+    failed = [{"overrides": r["overrides"], "error": r["error"]} for r in rows if r["failed"]]
+    valid = [r for r in rows if not r["failed"] and r["metric"] is not None]
     if not valid:
+        tracking.set_terminated(uri, parent, "FAILED")
+        if failed and len(failed) == len(rows):
+            raise CommandError(
+                f"sweep {name}: all {len(rows)} trial(s) failed, no model to register: "
+                + "; ".join(f"{_fmt_overrides(f['overrides'])}: {f['error']}" for f in failed)
+                + f" (logs under {tune_path})")
         raise CommandError(f"sweep {name}: no trial reported {metric}; see {tune_path}")
     best = (max if mode == "max" else min)(valid, key=lambda r: r["metric"])
-    files = write_report(rows, grid, metric, mode, report_dir)
+    files = write_report(rows, grid, metric, mode, report_dir, dropped)
     for f in files:
         _retry_log_artifact(uri, parent, f)
     tracking.MetricsLogger(uri, parent).log({f"best_{metric}": best["metric"]}, 0)
@@ -299,7 +447,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     summary = {
         "ok": True, "name": name, "parent_run_id": parent, "trials": len(rows),
         "stopped_early": sum(r["stopped_early"] for r in rows),
-        "invalid_trials": sum(r["invalid"] for r in rows),
+        "failed_trials": len(failed), "failed": failed, "dropped": dropped,
         "best_config": best["overrides"], "best_metric": best["metric"],
         "metric": metric, "model_uri": reg["model_uri"], "alias": reg["alias"],
         "report_dir": str(report_dir), "trial_steps": sum(r["steps"] for r in rows),
@@ -356,7 +504,7 @@ def _trial_rows(grid, metric: str, mode: str, report_dir: Path) -> list[dict[str
     for res in grid:
         conf = trial_overrides(res.config or {})
         df = res.metrics_dataframe
-        invalid = bool((res.metrics or {}).get("invalid"))
+        failed = res.error is not None
         series = df[metric].dropna() if df is not None and metric in df else None
         best_val = None
         if series is not None and len(series):
@@ -366,8 +514,8 @@ def _trial_rows(grid, metric: str, mode: str, report_dir: Path) -> list[dict[str
         row = {
             "overrides": conf, "metric": None if series is None or not len(series)
             else float(series.iloc[-1]), "best_metric_seen": best_val, "steps": steps,
-            "invalid": invalid, "stopped_early": not invalid and done is None and res.error is None,
-            "error": str(res.error)[:200] if res.error else "",
+            "failed": failed, "stopped_early": not failed and done is None,
+            "error": error_line(res.error) if failed else "",
             "final_metric": (done or {}).get("metrics", {}).get(metric),
             "model_dir": None, "history": df,
         }
@@ -381,8 +529,14 @@ def _trial_rows(grid, metric: str, mode: str, report_dir: Path) -> list[dict[str
     return rows
 
 
-def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path) -> list[Path]:
-    """trials.csv, trials.md, heatmap.png (fusion x stage), curves.png (top trials)."""
+def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path,
+                 dropped: list[dict] = ()) -> list[Path]:
+    """trials.csv, trials.md, heatmap.png (fusion x stage), curves.png (top trials).
+
+    ``dropped``: the combinations the config refused (:func:`space_points`), listed in
+    trials.md and marked "refused" on the heat map. Failed trials are in the tables with their
+    error, and left out of the heat map and the curves.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,27 +545,39 @@ def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path) -> l
 
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame([{**r["overrides"], metric: r["metric"], "steps": r["steps"],
-                           "stopped_early": r["stopped_early"], "invalid": r["invalid"],
+                           "stopped_early": r["stopped_early"], "failed": r["failed"],
                            "error": r["error"]} for r in rows])
     table = table.sort_values(metric, ascending=(mode == "min"), na_position="last")
     table.to_csv(out / "trials.csv", index=False)
-    (out / "trials.md").write_text(table.to_markdown(index=False) if _has_tabulate()
-                                   else table.to_string(index=False))
+    md = table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
+    if dropped:
+        md += "\n\nDropped before the sweep, refused by the config:\n\n" + "\n".join(
+            f"- {_fmt_overrides(d['overrides'])}: {d['reason']}" for d in dropped)
+    (out / "trials.md").write_text(md + "\n")
     files = [out / "trials.csv", out / "trials.md"]
 
     # Heat map: best metric per fusion method x stage.
-    fusions = sorted({r["overrides"].get("model.fusion") for r in rows} - {None},
+    points = [r["overrides"] for r in rows] + [d["overrides"] for d in dropped]
+    fusions = sorted({p.get("model.fusion") for p in points} - {None},
                      key=lambda f: FUSIONS.index(f))
-    stages = sorted({r["overrides"].get("model.fusion_stage") for r in rows} - {None},
+    stages = sorted({p.get("model.fusion_stage") for p in points} - {None},
                     key=lambda s: FUSION_STAGES.index(s))
     if fusions:
         stages = stages or ["(fixed)"]
+
+        def cell(p: dict) -> tuple[int, int] | None:
+            if "model.fusion" not in p:
+                return None
+            return fusions.index(p["model.fusion"]), stages.index(p.get("model.fusion_stage",
+                                                                        "(fixed)"))
+
         grid_vals = [[math.nan] * len(stages) for _ in fusions]
+        empty = {cell(d["overrides"]): "refused" for d in dropped}
+        empty.update({cell(r["overrides"]): "failed" for r in rows if r["failed"]})
         for r in rows:
-            if r["metric"] is None:
+            if r["metric"] is None or r["failed"] or cell(r["overrides"]) is None:
                 continue
-            i = fusions.index(r["overrides"]["model.fusion"])
-            j = stages.index(r["overrides"].get("model.fusion_stage", "(fixed)"))
+            i, j = cell(r["overrides"])
             cur = grid_vals[i][j]
             better = max if mode == "max" else min
             grid_vals[i][j] = r["metric"] if math.isnan(cur) else better(cur, r["metric"])
@@ -421,7 +587,8 @@ def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path) -> l
         ax.set_yticks(range(len(fusions)), fusions)
         for i, row in enumerate(grid_vals):
             for j, v in enumerate(row):
-                ax.text(j, i, "-" if math.isnan(v) else f"{v:.3f}", ha="center", va="center",
+                ax.text(j, i, empty.get((i, j), "-") if math.isnan(v) else f"{v:.3f}",
+                        ha="center", va="center",
                         color="white" if not math.isnan(v) else "grey", fontsize=9)
         ax.set_xlabel("fusion stage")
         ax.set_ylabel("fusion method")
@@ -433,7 +600,8 @@ def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path) -> l
         files.append(out / "heatmap.png")
 
     # Learning curves of the top trials.
-    ranked = [r for r in rows if r["metric"] is not None and r["history"] is not None]
+    ranked = [r for r in rows
+              if r["metric"] is not None and r["history"] is not None and not r["failed"]]
     ranked.sort(key=lambda r: r["metric"], reverse=(mode == "max"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in ranked[:5]:
@@ -464,11 +632,35 @@ def _has_tabulate() -> bool:
         return False
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*(\w*(?:Error|Exception|Interrupt)(?:\([\w.]+\))?): ")
+
+
+def error_line(error: BaseException | str) -> str:
+    """What went wrong in a trial, from the (remote) traceback text Tune keeps: the last
+    ``SomeError: message`` line with the rest of its message, the class without its module;
+    at most 500 characters."""
+    lines = [x for x in str(error).splitlines() if x.strip()]
+    starts = [i for i, x in enumerate(lines) if _EXCEPTION_LINE.match(x)]
+    if not starts:
+        return (lines[-1].strip() if lines else type(error).__name__)[:500]
+    first, *rest = lines[starts[-1]:]
+    text = " ".join([_EXCEPTION_LINE.sub(r"\1: ", first), *(x.strip() for x in rest)])
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _fmt_overrides(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     print("\n" + "=" * 72)
     print(f"sweep        {s['name']}  (MLflow parent run {s['parent_run_id']})")
     print(f"trials       {s['trials']}  stopped early {s['stopped_early']}  "
-          f"invalid {s['invalid_trials']}  trial-steps {s['trial_steps']}")
+          f"failed {s['failed_trials']}  trial-steps {s['trial_steps']}")
+    for f in s["failed"]:
+        print(f"failed       {_fmt_overrides(f['overrides'])}: {f['error']}")
+    for d in s["dropped"]:
+        print(f"dropped      {_fmt_overrides(d['overrides'])}: {d['reason']}")
     print(f"best         {s['metric']} = {s['best_metric']:.4f}  with {s['best_config']}")
     if s["model_uri"]:
         print(f"model        {s['model_uri']}  (alias @{s['alias']})")
