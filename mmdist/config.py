@@ -60,6 +60,10 @@ class ConfigError(ValueError):
         self.problems = list(problems)
         head = f"invalid config{f' ({source})' if source else ''}: {len(problems)} problem(s)"
         super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
+        self.source = source
+
+    def __reduce__(self):  # rebuilt from its problems after crossing a process (Ray)
+        return (type(self), (self.problems, self.source))
 
 
 @dataclass

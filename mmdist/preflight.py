@@ -239,13 +239,11 @@ def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> li
             f"model.num_classes={top + 1} (labels count from 0)"]
 
 
-def data_problems(cfg: Config, manifest: dict[str, Any], where: str,
-                  labels: dict[str, Any] | None = None) -> list[str]:
+def data_problems(cfg: Config, manifest: dict[str, Any], where: str) -> list[str]:
     """Every problem of a shard set for ``cfg``: its size (:func:`data_size_problems`) and its
-    labels (:func:`label_problems`; ``labels`` defaults to the manifest's)."""
+    labels (:func:`label_problems`)."""
     return (data_size_problems(cfg, manifest.get("counts") or {}, where)
-            + label_problems(cfg, labels if labels is not None else manifest.get("labels"),
-                             where))
+            + label_problems(cfg, manifest.get("labels"), where))
 
 
 def require_startable(cfg: Config, data_dir: str | Path) -> None:

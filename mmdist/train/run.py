@@ -65,11 +65,11 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
 
 def check_data(data_dir: Path, cfg: Config | None = None) -> None:
     """Before Ray starts: refuse shards whose checksums do not match the manifest and, given
-    ``cfg``, a shard set the run cannot use (too small for a step, labels beyond
-    ``model.num_classes``), every problem at once."""
+    ``cfg``, class labels beyond ``model.num_classes``. (Size and resource problems are
+    reported together once Ray is up: :func:`mmdist.preflight.require_startable`.)"""
     from mmdist.cli import CommandError
     from mmdist.data.shards import ManifestError, shard_labels, verify_manifest
-    from mmdist.preflight import data_problems
+    from mmdist.preflight import label_problems
 
     try:
         manifest = verify_manifest(data_dir)
@@ -77,8 +77,7 @@ def check_data(data_dir: Path, cfg: Config | None = None) -> None:
         raise CommandError(str(e)) from None
     if cfg is None:
         return
-    problems = data_problems(cfg, manifest, f"data {data_dir}",
-                             labels=shard_labels(data_dir, manifest))
+    problems = label_problems(cfg, shard_labels(data_dir, manifest), f"data {data_dir}")
     if problems:
         raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
                            + "\n".join(f"  - {p}" for p in problems))

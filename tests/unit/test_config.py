@@ -139,3 +139,13 @@ def test_every_subcommand_has_help(capsys):
         out = capsys.readouterr().out
         assert e.value.code == 0, name
         assert "--json" in out and f"mmdist {name}" in out, (name, out[:300])
+
+
+def test_config_error_survives_a_process_boundary():
+    """Ray re-raises a worker's exception from its pickle: the problems must come back whole
+    (they came back one character per problem)."""
+    import pickle
+
+    e = ConfigError(["train.lr='abc': expected float", "model.fusion='nope': unknown"], "x.yaml")
+    back = pickle.loads(pickle.dumps(e))
+    assert back.problems == e.problems and str(back) == str(e)
