@@ -402,6 +402,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
                   workers: int | None = None) -> dict[str, Any]:
     import ray
 
+    from mmdist.data import ray_scheduling
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
     from mmdist.data.torch_batches import iter_torch
     from mmdist.ray_env import local_init_kwargs
@@ -429,7 +430,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         for _ in build_dataset(paths[:2 * workers], spec, tok, mbs, cpus_per_task=per_task
                                ).iter_batches(batch_size=None):
             pass
-        _wait_for_ray_data_coordinator()
+        ray_scheduling.wait_for_autoscaling_coordinator(timeout_s=120)
         warmup_s = time.perf_counter() - t0
         # What Ray costs while nothing runs (its processes' timers and polls), to tell that
         # background from the cost of the work in the breakdown.
@@ -449,19 +450,6 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         if started:
             ray.shutdown()
     return res
-
-
-def _wait_for_ray_data_coordinator() -> None:
-    """Block until Ray Data's autoscaling coordinator actor answers (internal API: skipped
-    when it moves)."""
-    import ray
-
-    try:
-        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-    except ImportError:  # pragma: no cover
-        return
-    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("bench-warm-up"),
-            timeout=120)
 
 
 def _ray_breakdown(ds: Any, res: dict[str, Any], cpus: int) -> dict[str, Any]:

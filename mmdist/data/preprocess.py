@@ -458,12 +458,14 @@ class BatchPreprocessor:
 
 def _task_index() -> int:
     """Ray Data's index of the running map task within its operator (0 outside a task)."""
+    # Imported here, not at the top: ray_scheduling imports Ray Data (seconds of CPU), and
+    # this module also serves the DataLoader baseline and inference, where only Ray Data tasks
+    # (already holding it) ever call this.
     try:
-        from ray.data._internal.execution.interfaces.task_context import TaskContext
-    except ImportError:  # no Ray, or not the Ray we know: treat every call as the first
+        from mmdist.data import ray_scheduling
+    except ImportError:  # no Ray: treat every call as the first
         return 0
-    ctx = TaskContext.get_current()
-    return int(getattr(ctx, "task_idx", 0) or 0) if ctx is not None else 0
+    return ray_scheduling.task_index()
 
 
 def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

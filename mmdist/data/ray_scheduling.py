@@ -46,15 +46,100 @@ figures behind each callback are in ``docs/performance.md``.
 
 The callbacks live in a module of their own (numpy-free, torch-free) because the process that
 executes the dataset imports it: the driver for ``iter_batches``, Ray Train's split
-coordinator actor for ``get_dataset_shard``. If Ray's internals change they do nothing.
+coordinator actor for ``get_dataset_shard``.
+
+This is the one module of mmdist that touches Ray's private modules (``ray.data._internal``),
+here and in :func:`task_index` and :func:`wait_for_autoscaling_coordinator`, and only on the
+Ray it was verified on (:data:`SUPPORTED_RAY`). On another Ray, or when a private name it
+relies on is gone, :func:`add_to` installs nothing and logs one warning: the pipeline then runs
+with Ray Data's defaults (correct, only slower to start each epoch on a small node).
+``tests/unit/test_data_ray_scheduling.py`` fails on another Ray and says what to re-verify.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+import ray
+from ray.data import DataContext
+
+# The Ray (major.minor) whose executor these callbacks were read against and measured on
+# (`mmdist bench ingest`, docs/performance.md); any other Ray gets Ray Data's defaults.
+SUPPORTED_RAY = "2.60"
+
+# Ray Data's private modules, imported under a guard: a Ray that moved or renamed one must
+# still import this module (build_dataset, Ray Train's split coordinator and every Ray Data
+# worker running BatchPreprocessor do), and then runs without the callbacks.
+try:
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator
+    from ray.data._internal.execution import streaming_executor_state
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+    from ray.data._internal.execution.interfaces.task_context import TaskContext
+    from ray.data._internal.execution.metadata_fetcher import (
+        InlineMetadataFetcher,
+        ThreadedMetadataFetcher,
+    )
+    from ray.data._internal.execution.resource_manager import ResourceManager
+    from ray.data._internal.output_buffer import OutputBlockSizeOption
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # ImportError, or whatever a reorganised Ray raises while importing
+    ExecutionCallback = object  # so the classes below still define; add_to installs none
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def _missing_names() -> list[str]:
+    """The private names this module relies on that a Ray without them would lack, as far as
+    they can be checked without running a dataset (the executor's and operators' own
+    attributes are read with getattr by each callback, which then does nothing; the unit
+    test checks them on a real execution)."""
+    attributes = ((ResourceManager, "get_global_limits"), (streaming_executor_state, "ray"),
+                  (OutputBlockSizeOption, "of"), (TaskContext, "get_current"),
+                  (default_autoscaling_coordinator, "get_or_create_autoscaling_coordinator"),
+                  (default_autoscaling_coordinator._AutoscalingCoordinatorActor,
+                   "get_reserved_resources"),
+                  (ExecutionCallback, "before_execution_starts"),
+                  (ExecutionCallback, "on_execution_step"), (DataContext, "get_config"),
+                  (DataContext, "set_config"))
+    # dataclass fields: instance attributes, listed on the class
+    fields = ((OutputBlockSizeOption, "disable_block_shaping"), (TaskContext, "task_idx"),
+              (DataContext, "custom_execution_callback_classes"))
+    missing = [f"{getattr(obj, '__name__', obj)}.{name}" for obj, name in attributes
+               if not hasattr(obj, name)]
+    missing += [f"{cls.__name__}.{name}" for cls, name in fields
+                if name not in getattr(cls, "__dataclass_fields__", {})]
+    return missing
+
+
+def unsupported_reason() -> str | None:
+    """Why this process runs Ray Data with its default scheduling, or None when mmdist's
+    callbacks apply (the installed Ray is :data:`SUPPORTED_RAY` and has every private name
+    they rely on)."""
+    installed = ".".join(ray.__version__.split(".")[:2])
+    if installed != SUPPORTED_RAY:
+        return (f"Ray {ray.__version__} is installed; mmdist's Ray Data scheduling callbacks "
+                f"were verified on Ray {SUPPORTED_RAY}")
+    if _IMPORT_ERROR is not None:
+        return f"Ray {ray.__version__} lacks a private Ray Data module ({_IMPORT_ERROR})"
+    missing = _missing_names()
+    if missing:
+        return f"Ray {ray.__version__} lacks private Ray Data names: {', '.join(missing)}"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("mmdist: %s. Running Ray Data with its default scheduling (correct, but each "
+                    "epoch may start slower on a small node). To use the callbacks again, "
+                    "re-verify mmdist/data/ray_scheduling.py against this Ray "
+                    "(tests/unit/test_data_ray_scheduling.py, `mmdist bench ingest --repeat "
+                    "3`) and update its SUPPORTED_RAY.", reason)
 
 
 class RefreshLimitsUntilKnown(ExecutionCallback):
@@ -121,10 +206,7 @@ class WaitForFirstTask(ExecutionCallback):
     coordinator). Installed once; left alone if Ray's module no longer looks as expected."""
 
     def before_execution_starts(self, executor: Any) -> None:
-        try:
-            from ray.data._internal.execution import streaming_executor_state as ses
-        except ImportError:  # pragma: no cover - not the Ray we know
-            return
+        ses = streaming_executor_state
         current = getattr(ses, "ray", None)
         if current is not None and hasattr(current, "wait") and not isinstance(current,
                                                                                  WaitForFirst):
@@ -137,13 +219,6 @@ class InlineMetadataOnOneNode(ExecutionCallback):
     fetcher's thread only when it runs, after this callback."""
 
     def before_execution_starts(self, executor: Any) -> None:
-        try:
-            from ray.data._internal.execution.metadata_fetcher import (
-                InlineMetadataFetcher,
-                ThreadedMetadataFetcher,
-            )
-        except ImportError:  # pragma: no cover - not the Ray we know
-            return
         fetcher = getattr(executor, "_metadata_fetcher", None)
         if isinstance(fetcher, ThreadedMetadataFetcher) and one_node():
             executor._metadata_fetcher = InlineMetadataFetcher()
@@ -151,8 +226,6 @@ class InlineMetadataOnOneNode(ExecutionCallback):
 
 def one_node() -> bool:
     """Whether the Ray cluster this process is connected to has exactly one live node."""
-    import ray
-
     try:
         return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
     except Exception:  # not connected, or the GCS does not answer: assume a real cluster
@@ -176,10 +249,6 @@ class UdfShapesBlocks(ExecutionCallback):
         names = ctx.get_config(UDF_BLOCKS_KEY) if hasattr(ctx, "get_config") else None
         if not names:
             return
-        try:
-            from ray.data._internal.output_buffer import OutputBlockSizeOption
-        except ImportError:  # pragma: no cover - not the Ray we know
-            return
         for op in getattr(executor, "_topology", None) or ():
             name = getattr(op, "name", "")
             if not any(f"MapBatches({udf})" in name for udf in names):
@@ -200,13 +269,19 @@ CALLBACKS = (RefreshLimitsUntilKnown, WaitForFirstTask, UdfShapesBlocks,
 
 def add_to(ds: Any, udf: Any = None) -> Any:
     """Register :data:`CALLBACKS` on ``ds``'s own DataContext (not the global one) and return
-    ``ds``; the callbacks travel with the dataset to whatever process runs it.
+    ``ds``; the callbacks travel with the dataset to whatever process runs it. On a Ray this
+    module does not support (:func:`unsupported_reason`) it registers nothing, logs why once
+    per process, and ``ds`` runs with Ray Data's defaults.
 
     Args:
         ds: the dataset.
         udf: the callable class instance given to ``map_batches`` whose yields should leave
             its tasks as blocks unchanged (None: Ray shapes every map's blocks).
     """
+    reason = unsupported_reason()
+    if reason is not None:
+        _warn_once(reason)
+        return ds
     classes = ds.context.custom_execution_callback_classes
     for cls in CALLBACKS:
         if cls not in classes:
@@ -217,3 +292,29 @@ def add_to(ds: Any, udf: Any = None) -> Any:
             names.append(type(udf).__name__)
         ds.context.set_config(UDF_BLOCKS_KEY, names)
     return ds
+
+
+def task_index() -> int:
+    """Ray Data's index of the running map task within its operator (0 outside a task, and on
+    a Ray this module does not support: there Ray shapes the blocks, see
+    ``BatchPreprocessor``)."""
+    if unsupported_reason() is not None:
+        return 0
+    ctx = TaskContext.get_current()
+    return int(getattr(ctx, "task_idx", 0) or 0) if ctx is not None else 0
+
+
+def wait_for_autoscaling_coordinator(timeout_s: float = 120.0) -> bool:
+    """Block until Ray Data's autoscaling coordinator actor answers (it starts with a job's
+    first execution; until it answers, executions see zero CPUs and run one task at a time).
+
+    Returns:
+        False without waiting on a Ray this module does not support (logged once).
+    """
+    reason = unsupported_reason()
+    if reason is not None:
+        _warn_once(reason)
+        return False
+    coordinator = default_autoscaling_coordinator.get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("mmdist-warm-up"), timeout=timeout_s)
+    return True
