@@ -259,6 +259,7 @@ def trial_fn(config: dict[str, Any]) -> None:
     import ray.tune
 
     from mmdist import tracking
+    from mmdist.train.retry import fit_with_retries
     from mmdist.train.run import build_trainer, prepare_job
 
     sweep = config["_sweep"]
@@ -276,9 +277,10 @@ def trial_fn(config: dict[str, Any]) -> None:
     tracking.log_params(uri, run_id, {**cfg.flat(), **{f"trial.{k}": v
                                                        for k, v in overrides.items()}})
     job, datasets = prepare_job(cfg, Path(sweep["data_dir"]), trial_name, uri, run_id)
-    trainer = build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
-                            callbacks=[_val_report_callback()])
-    result = trainer.fit()
+    result = fit_with_retries(  # the retry rule of `mmdist train`, per trial
+        lambda: build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
+                              callbacks=[_val_report_callback()]),
+        Path(job["storage"]), cfg.train.max_failures)
     tracking.set_terminated(uri, run_id, "FINISHED")
     out = result.return_value or {}
     out.update(checkpoint_path=result.checkpoint.path if result.checkpoint else None,
@@ -293,12 +295,13 @@ def trial_fn(config: dict[str, Any]) -> None:
 
 def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
     """Refuse before start when one trial needs more than the cluster has (no PENDING forever)
-    or the shards are too small for one step: the checks of ``mmdist preflight``."""
+    or the shards are too small for one step or hold labels beyond ``model.num_classes``: the
+    checks of ``mmdist preflight``."""
     import ray
 
     from mmdist.cli import CommandError
     from mmdist.data.shards import read_manifest
-    from mmdist.preflight import _cluster_resources, check_resources, data_size_problems
+    from mmdist.preflight import _cluster_resources, check_resources, data_problems
 
     problems = []
     one_trial = cfg.override({"tune.max_concurrent_trials": 1})
@@ -306,8 +309,7 @@ def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
     if not res.ok:
         problems.append(f"one trial {res.detail}")
     if data_dir is not None:
-        counts = read_manifest(data_dir).get("counts") or {}
-        problems += data_size_problems(cfg, counts, f"data {data_dir}")
+        problems += data_problems(cfg, read_manifest(data_dir), f"data {data_dir}")
     if problems:
         raise CommandError("this sweep cannot start: " + "; ".join(problems))
 
