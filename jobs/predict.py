@@ -31,9 +31,9 @@ class BatchPredict:
 
     @staticmethod
     def run(args: argparse.Namespace) -> dict:
+        from mmdist.ray_env import init_ray
         from mmdist.serve.batch import predict_distributed
         from mmdist.serve.predict import resolve_model_dir
-        from mmdist.train.run import init_ray
 
         model_dir = resolve_model_dir(args.model, args.tracking_uri, args.cache)
         init_ray(args.address)

@@ -37,9 +37,9 @@ def log_evaluation(tracking_uri: str, model_uri: str, split: str, data: str,
     from mlflow.tracking import MlflowClient
 
     from mmdist import tracking
-    from mmdist.serve.pull import _run_of
+    from mmdist.serve.pull import source_run
 
-    run_id, version = _run_of(model_uri, tracking_uri)
+    run_id, version = source_run(model_uri, tracking_uri)
     client = MlflowClient(tracking_uri)
     exp_id = client.get_run(run_id).info.experiment_id
     tags = {"mmdist.evaluation": "true", "mmdist.model_uri": model_uri,
@@ -61,9 +61,9 @@ def log_evaluation(tracking_uri: str, model_uri: str, split: str, data: str,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmdist import tracking
+    from mmdist.ray_env import init_ray
     from mmdist.serve.batch import evaluate_distributed
     from mmdist.serve.predict import resolve_model_dir
-    from mmdist.train.run import init_ray
 
     turi = args.tracking_uri or tracking.tracking_uri()
     model_dir = resolve_model_dir(args.model, turi, args.cache)

@@ -1,7 +1,6 @@
-"""How mmdist starts a local Ray: one place for the options every local ``ray.init`` needs.
-
-Used by :func:`mmdist.train.run.init_ray` (train, sweep, evaluate, predict, benches) and by the
-test suite's Ray fixture, so tests run on the Ray that users get.
+"""How mmdist starts or joins Ray: :func:`init_ray` / :func:`release_ray` for every command
+(train, sweep, evaluate, predict, benches) and the options every local ``ray.init`` needs, also
+used by the test suite's Ray fixture, so tests run on the Ray that users get.
 """
 
 from __future__ import annotations
@@ -67,3 +66,46 @@ def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = Fal
             "dashboard_host": "127.0.0.1", "_node_ip_address": "127.0.0.1",
             "runtime_env": {"env_vars": env,
                             "worker_process_setup_hook": "mmdist.ray_env.pin_ray_address"}}
+
+
+# the driver job id of the connection init_ray made (a caller's own ray.init is left alone)
+_RAY_OWNED: str | None = None
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             dashboard: bool = False) -> None:
+    """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
+
+    Training and sweeps want the dashboard: Ray Train's placement-group cleaner asks the state
+    API (served by the dashboard) whether the controller lives. Without it, trials stopped by
+    ASHA leak their placement group and the next trial hangs (Ray issue 54305), and a training
+    run prints "Failed to query Ray Train Controller actor state" every few seconds. It costs
+    about 2 s of ``ray.init`` (2 cores, 2026-11-24; docs/performance.md) and binds 127.0.0.1
+    like the rest.
+    """
+    import ray  # heavy: command modules import this one when `mmdist --help` builds its parser
+
+    global _RAY_OWNED
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A submitted job already carries its runtime env (cluster/runtime_env.yaml); passing
+        # another one here would be refused as a conflicting merge.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(**local_init_kwargs(num_cpus, dashboard))
+    _RAY_OWNED = ray.get_runtime_context().get_job_id()
+
+
+def release_ray() -> None:
+    """Disconnect from Ray if :func:`init_ray` connected, before the closing summary: worker
+    output still in flight (Ray forwards it with a delay) would otherwise print after, and
+    bury, the summary."""
+    import ray
+
+    global _RAY_OWNED
+    if (_RAY_OWNED and ray.is_initialized()
+            and ray.get_runtime_context().get_job_id() == _RAY_OWNED):
+        ray.shutdown()
+    _RAY_OWNED = None

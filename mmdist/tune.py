@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config import FUSION_STAGES, FUSIONS, Config, ConfigError, load_config
-from mmdist.preflight import TRIAL_CPUS  # the CPU a trial's driver function reserves
+from mmdist.train.startable import TRIAL_CPUS  # the CPU a trial's driver function reserves
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
@@ -299,13 +299,13 @@ def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
     checks of ``mmdist preflight``."""
     import ray
 
-    from mmdist.cli import CommandError
     from mmdist.data.shards import read_manifest
-    from mmdist.preflight import _cluster_resources, check_resources, data_problems
+    from mmdist.errors import CommandError
+    from mmdist.train.startable import check_resources, cluster_resources, data_problems
 
     problems = []
     one_trial = cfg.override({"tune.max_concurrent_trials": 1})
-    res = check_resources(one_trial, *_cluster_resources(ray), sweep=True)
+    res = check_resources(one_trial, *cluster_resources(ray), sweep=True)
     if not res.ok:
         problems.append(f"one trial {res.detail}")
     if data_dir is not None:
@@ -327,7 +327,7 @@ def concurrent_trials(cfg: Config, cluster_cpus: float) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.train.run import release_ray
+    from mmdist.ray_env import release_ray
 
     cfg = load_config(args.config, args.overrides)
     summary = sweep(cfg, space_args=args.space, name=args.resume or args.name,
@@ -349,9 +349,10 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from mmdist import tracking
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
+    from mmdist.ray_env import init_ray
     from mmdist.train.register import register_model
-    from mmdist.train.run import check_data, ensure_data, init_ray
+    from mmdist.train.run import check_data, ensure_data
 
     t0 = time.perf_counter()
     space = resolve_space(cfg, space_args or [])

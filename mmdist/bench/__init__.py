@@ -7,6 +7,7 @@ CLI command; the ratio it prints is always measured within the same run (machine
 from __future__ import annotations
 
 import argparse
+import importlib
 
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -19,16 +20,11 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_command_parsers
+    from mmdist.arguments import add_command_parsers
 
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     add_command_parsers(sub, BENCHES)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mmdist.cli import CommandError, load_module
-
-    module = load_module(BENCHES[args.bench][0])
-    if module is None:
-        raise CommandError(f"mmdist bench {args.bench}: this benchmark has not landed yet")
-    return module.run(args)
+    return importlib.import_module(BENCHES[args.bench][0]).run(args)

@@ -79,7 +79,7 @@ DISTINCT_SYNTHETIC_BATCHES = 4
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser, default="tiny")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pass (default 20)")
@@ -139,8 +139,8 @@ def resolve_peak(device_name: str, override_tflops: float | None) -> tuple[float
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from mmdist.cli import CommandError
     from mmdist.config import load_config
+    from mmdist.errors import CommandError
 
     problems = []
     if args.steps < 1:
@@ -172,7 +172,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _device(cfg: Config) -> torch.device:
     import torch
 
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
 
     if not cfg.train.use_gpu:
         return torch.device("cpu")
@@ -202,7 +202,7 @@ def single_process_group(device: torch.device) -> Iterator[None]:
     import torch
     import torch.distributed as dist
 
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
 
     if dist.is_initialized():
         world = dist.get_world_size()

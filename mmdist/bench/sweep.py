@@ -10,7 +10,7 @@ from typing import Any
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser, default="tiny")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",

@@ -27,7 +27,7 @@ from mmdist.config import Config, load_config
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser, default="demo")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per side (default 60)")
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
     from mmdist.bench.mfu import single_process_group
-    from mmdist.train.run import init_ray
+    from mmdist.ray_env import init_ray
 
     cfg = load_config(args.config, [*args.overrides, "train.num_workers=1"])
     batches = _batches(cfg, args.vocab_size, 8)

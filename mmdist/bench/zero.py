@@ -19,7 +19,7 @@ from mmdist.config import Config, load_config
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser, default="demo")
     parser.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size (default 2000)")
@@ -78,7 +78,7 @@ def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.train.run import init_ray
+    from mmdist.ray_env import init_ray
 
     cfg = load_config(args.config, args.overrides)
     init_ray(dashboard=True)  # the Ray `mmdist train` starts (Ray Train wants its state API)

@@ -29,7 +29,7 @@ RAY_THRESHOLD = 5000  # rows; below this the conversion runs in-process (no Ray 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
     from mmdist.data.sources import SOURCES
 
     parser.add_argument("--source", choices=SOURCES, default="synthetic",
@@ -64,9 +64,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.cli import CommandError
     from mmdist.config import load_config
     from mmdist.data.sources import SourceError
+    from mmdist.errors import CommandError
 
     flags = {"data.val_fraction": args.val_fraction, "data.shard_rows": args.shard_rows,
              "data.vocab_size": args.vocab_size, "data.synthetic_samples": args.num_samples,

@@ -171,6 +171,16 @@ def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> l
     return [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def canonical_batches(data_dir: str | Path, split: str, batch_size: int) -> list:
+    """The split as Arrow tables of ``batch_size`` consecutive rows (files in name order): the
+    same batches as evaluation during training, so metrics match exactly."""
+    files = sorted((Path(data_dir) / split).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir}/{split}: no Parquet shards")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
+
+
 def label_summary(labels: Iterable[int]) -> dict[str, Any]:
     """``{"rows", "max", "counts"}`` of the class labels present (``-1``, no label, is left out):
     what the manifest records so a run can check ``model.num_classes`` before it starts."""

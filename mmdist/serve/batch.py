@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from mmdist.data.shards import canonical_batches, verify_manifest
+from mmdist.serve.predictor import Predictor
+
 
 class EvalActor:
     """Holds one model; turns a canonical batch of shard rows into per-sample eval outputs."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
-        from mmdist.serve.predictor import Predictor
-
         self.predictor = Predictor.from_dir(model_dir, device=device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -25,8 +26,6 @@ class PredictActor:
     """Holds one model; answers a batch of shard rows (sample ids kept)."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
-        from mmdist.serve.predictor import Predictor
-
         self.predictor = Predictor.from_dir(model_dir, device=device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,19 +43,6 @@ class PredictActor:
         return {c: answers[c].to_numpy() for c in answers.columns}
 
 
-def canonical_batches(data_dir: str | Path, split: str, batch_size: int) -> list:
-    """The split as Arrow tables of ``batch_size`` consecutive rows (files in name order): the
-    same batches as evaluation during training, so metrics match exactly."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = sorted((Path(data_dir) / split).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{data_dir}/{split}: no Parquet shards")
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    return [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
-
-
 def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str = "val",
                          batch_size: int | None = None, actors: int = 1,
                          use_gpu: bool = False) -> dict[str, Any]:
@@ -66,7 +52,6 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
     import ray
     import torch
 
-    from mmdist.data.shards import verify_manifest
     from mmdist.models.metrics import compute_metrics
 
     verify_manifest(data_dir)
@@ -92,8 +77,6 @@ def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: st
                         actors: int = 1, use_gpu: bool = False) -> dict[str, Any]:
     """Write Parquet predictions (one row per input row, with its sample id) to ``out_dir``."""
     import ray
-
-    from mmdist.data.shards import verify_manifest
 
     verify_manifest(data_dir)
     paths = [str(p) for s in splits for p in sorted((Path(data_dir) / s).glob("*.parquet"))]

@@ -27,7 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model_dir(model: str, tracking_uri: str | None, cache: str | Path) -> Path:
     """A local model directory for a directory path or a models:/ / runs:/ URI (pulled into ``cache``)."""
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
     from mmdist.serve.pull import pull
 
     if not (model.startswith("models:/") or model.startswith("runs:/")):
@@ -46,7 +46,7 @@ def resolve_model_dir(model: str, tracking_uri: str | None, cache: str | Path) -
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
     from mmdist.serve.predictor import Predictor
 
     if not (args.image or args.audio or args.text):

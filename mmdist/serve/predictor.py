@@ -198,8 +198,8 @@ class Predictor:
                      batch_size: int | None = None) -> dict[str, float]:
         """The task's metrics on one split of a shard directory, in this process, over the
         same canonical batches as evaluation during training."""
+        from mmdist.data.shards import canonical_batches
         from mmdist.models.metrics import compute_metrics
-        from mmdist.serve.batch import canonical_batches
 
         outputs = [self.eval_outputs({k: np.array(v, dtype=object)
                                       for k, v in table.to_pydict().items()})

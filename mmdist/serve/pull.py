@@ -33,7 +33,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "store ./mlflow.db)")
 
 
-def _run_of(uri: str, tracking_uri: str) -> tuple[str | None, dict[str, Any]]:
+def source_run(uri: str, tracking_uri: str) -> tuple[str | None, dict[str, Any]]:
     """The source run id of a model URI and what the registry says about the version."""
     from mlflow.tracking import MlflowClient
 
@@ -57,7 +57,7 @@ def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str
     from mlflow.tracking import MlflowClient
 
     from mmdist import tracking
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
 
     if not (uri.startswith("models:/") or uri.startswith("runs:/")):
         raise CommandError(f"{uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or "
@@ -68,7 +68,7 @@ def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str
     if dst.exists() and any(dst.iterdir()):
         raise CommandError(f"--dst {dst}: exists and is not empty")
     try:
-        run_id, version = _run_of(uri, turi)
+        run_id, version = source_run(uri, turi)
     except Exception as e:
         raise CommandError(f"{uri}: not found in {turi} ({e})") from None
     with tempfile.TemporaryDirectory() as tmp:

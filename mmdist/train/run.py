@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from mmdist.config import Config, load_config
+from mmdist.ray_env import init_ray, release_ray
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.cli import add_config_arguments
+    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--address", default=None,
@@ -66,10 +66,10 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
 def check_data(data_dir: Path, cfg: Config | None = None) -> None:
     """Before Ray starts: refuse shards whose checksums do not match the manifest and, given
     ``cfg``, class labels beyond ``model.num_classes``. (Size and resource problems are
-    reported together once Ray is up: :func:`mmdist.preflight.require_startable`.)"""
-    from mmdist.cli import CommandError
+    reported together once Ray is up: :func:`mmdist.train.startable.require_startable`.)"""
     from mmdist.data.shards import ManifestError, shard_labels, verify_manifest
-    from mmdist.preflight import label_problems
+    from mmdist.errors import CommandError
+    from mmdist.train.startable import label_problems
 
     try:
         manifest = verify_manifest(data_dir)
@@ -83,55 +83,10 @@ def check_data(data_dir: Path, cfg: Config | None = None) -> None:
                            + "\n".join(f"  - {p}" for p in problems))
 
 
-# the driver job id of the connection init_ray made (a caller's own ray.init is left alone)
-_RAY_OWNED: str | None = None
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None,
-             dashboard: bool = False) -> None:
-    """Connect to $RAY_ADDRESS / ``address``, or start a local Ray bound to 127.0.0.1.
-
-    Training and sweeps want the dashboard: Ray Train's placement-group cleaner asks the state
-    API (served by the dashboard) whether the controller lives. Without it, trials stopped by
-    ASHA leak their placement group and the next trial hangs (Ray issue 54305), and a training
-    run prints "Failed to query Ray Train Controller actor state" every few seconds. It costs
-    about 2 s of ``ray.init`` (2 cores, 2026-11-24; docs/performance.md) and binds 127.0.0.1
-    like the rest.
-    """
-    import ray
-
-    global _RAY_OWNED
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # A submitted job already carries its runtime env (cluster/runtime_env.yaml); passing
-        # another one here would be refused as a conflicting merge.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        from mmdist.ray_env import local_init_kwargs
-
-        ray.init(**local_init_kwargs(num_cpus, dashboard))
-    _RAY_OWNED = ray.get_runtime_context().get_job_id()
-
-
-def release_ray() -> None:
-    """Disconnect from Ray if :func:`init_ray` connected, before the closing summary: worker
-    output still in flight (Ray forwards it with a delay) would otherwise print after, and
-    bury, the summary."""
-    import ray
-
-    global _RAY_OWNED
-    if (_RAY_OWNED and ray.is_initialized()
-            and ray.get_runtime_context().get_job_id() == _RAY_OWNED):
-        ray.shutdown()
-    _RAY_OWNED = None
-
-
 def check_resumable(cfg: Config, run_dir: Path) -> None:
     """Before anything starts: a run name with checkpoints resumes the newest complete one;
     refuse it now, with the reason, if the workers could not load it."""
-    from mmdist.cli import CommandError
+    from mmdist.errors import CommandError
     from mmdist.train import checkpoint as ckpt_lib
 
     chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
@@ -228,7 +183,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)
     init_ray(address, num_cpus, dashboard=True)
-    from mmdist.preflight import require_startable  # resources + data size, or refuse now
+    from mmdist.train.startable import require_startable  # resources + data size, or refuse now
     require_startable(cfg, data_dir)
 
     uri = tracking.tracking_uri(cfg)
