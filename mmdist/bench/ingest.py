@@ -91,10 +91,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.cli import CommandError
     from mmdist.config import load_config
     from mmdist.data.preprocess import PreprocessSpec
     from mmdist.data.shards import shard_paths, verify_manifest
+    from mmdist.errors import CommandError
 
     cfg = load_config(args.config)
     if args.batch_size < 1 or args.cpus < 1:
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
     """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
-    from mmdist.data.pipeline import _shard_tables, load_tokenizer
+    from mmdist.data.pipeline import load_tokenizer, shard_tables
     from mmdist.data.preprocess import preprocess_batch, reuse_freed_memory
 
     reuse_freed_memory()  # as in the workers of both sides
@@ -213,7 +213,7 @@ def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> fl
 
         threadpool_limits = contextlib.nullcontext  # type: ignore[assignment]
     tok = load_tokenizer(data_dir)
-    batches = list(_shard_tables([path], batch_size))
+    batches = list(shard_tables([path], batch_size))
     with threadpool_limits(1):
         preprocess_batch(batches[0], spec, tok)
         t0 = time.perf_counter()

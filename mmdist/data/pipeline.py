@@ -39,6 +39,7 @@ from mmdist.data.preprocess import (
     preprocess_batch,
     reuse_freed_memory,
 )
+from mmdist.data.schema import as_tensors
 from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 
@@ -168,32 +169,8 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
 # ---- the plain torch path -------------------------------------------------------------------
 
 
-def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A numpy batch of the contract -> CPU tensors sharing its memory (no copy).
-
-    Columns that are views of Arrow or object-store memory are read-only; nothing writes to a
-    batch, so torch's "not writable" warning (printed once by every worker) is silenced here.
-
-    Raises:
-        TypeError: a column holds Python objects; the message names it.
-    """
-    import warnings
-
-    import torch
-
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for key, value in batch.items():
-            if value.dtype == object:
-                raise TypeError(f"batch column {key!r} holds Python objects (ragged or "
-                                f"non-numeric rows); the batch contract is fixed-size numeric "
-                                f"arrays")
-            out[key] = torch.from_numpy(value)
-    return out
-
-
-def _shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
+def shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Raw shard columns of ``paths``, ``batch_size`` rows at a time, in file order."""
     import pyarrow.parquet as pq
 
     for path in paths:
@@ -236,7 +213,7 @@ class ShardBatches(IterableDataset):
         if info is not None:
             paths = paths[info.id::info.num_workers]
         reuse_freed_memory()
-        for raw in _shard_tables(paths, self.batch_size):
+        for raw in shard_tables(paths, self.batch_size):
             if self.shuffle_seed is not None:
                 order = np.random.default_rng([self.shuffle_seed, int(raw["sample_id"][0])]
                                               ).permutation(len(raw["sample_id"]))

@@ -32,7 +32,13 @@ so every rank runs every encoder every step (no ZeRO-3 hang on mixed modality su
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 SHARD_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),
@@ -83,3 +89,28 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
         "has_audio": torch.ones(B, dtype=torch.bool),
     }
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A numpy batch of the contract -> CPU tensors sharing its memory (no copy).
+
+    Columns that are views of Arrow or object-store memory are read-only; nothing writes to a
+    batch, so torch's "not writable" warning (printed once by every worker) is silenced here.
+
+    Raises:
+        TypeError: a column holds Python objects; the message names it.
+    """
+    import warnings
+
+    import torch  # schema is read where torch is not needed (prepare, the CLI)
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for key, value in batch.items():
+            if value.dtype == object:
+                raise TypeError(f"batch column {key!r} holds Python objects (ragged or "
+                                f"non-numeric rows); the batch contract is fixed-size numeric "
+                                f"arrays")
+            out[key] = torch.from_numpy(value)
+    return out

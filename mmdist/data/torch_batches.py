@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from mmdist.data.pipeline import as_tensors
+from mmdist.data.schema import as_tensors
 
 # Batches prefetched when blocks can live on other nodes (Ray's default is 1).
 PREFETCH_BATCHES_MULTI_NODE = 2
@@ -32,7 +32,7 @@ PREFETCH_BATCHES_MULTI_NODE = 2
 
 class NumpyToTorch(NumpyBatchCollateFn):
     """``collate_fn`` for ``iter_torch_batches``: each numpy column -> a CPU tensor sharing its
-    memory (:func:`mmdist.data.pipeline.as_tensors`, as the DataLoader path; Ray then moves it
+    memory (:func:`mmdist.data.schema.as_tensors`, as the DataLoader path; Ray then moves it
     to ``device``)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mmdist.config import Config
-from mmdist.data.pipeline import as_tensors
+from mmdist.data.schema import as_tensors
 
 INPUT_COLUMNS = ("text", "image", "audio")
 
