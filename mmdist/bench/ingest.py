@@ -206,12 +206,7 @@ def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> fl
     from mmdist.data.preprocess import preprocess_batch, reuse_freed_memory
 
     reuse_freed_memory()  # as in the workers of both sides
-    try:  # one BLAS thread, like every worker on both sides
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        threadpool_limits = contextlib.nullcontext  # type: ignore[assignment]
+    from threadpoolctl import threadpool_limits  # one BLAS thread, like every worker
     tok = load_tokenizer(data_dir)
     batches = list(shard_tables([path], batch_size))
     with threadpool_limits(1):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from torch.utils.data import IterableDataset
 
 from mmdist.data.preprocess import (
@@ -226,13 +227,8 @@ def one_blas_thread(worker_id: int = 0) -> None:
 
     Ray already starts its workers with ``OMP_NUM_THREADS=1``; forked DataLoader workers
     inherit the parent's multi-threaded OpenBLAS instead, and N workers x M BLAS threads on N
-    cores spin against each other (measured: the log-mel projection 2-3x slower). Uses
-    threadpoolctl when it is installed (it comes with scikit-learn); otherwise a no-op.
+    cores spin against each other (measured: the log-mel projection 2-3x slower).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return
     threadpool_limits(1)
 
 

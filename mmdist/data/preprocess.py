@@ -461,10 +461,8 @@ def _task_index() -> int:
     # Imported here, not at the top: ray_scheduling imports Ray Data (seconds of CPU), and
     # this module also serves the DataLoader baseline and inference, where only Ray Data tasks
     # (already holding it) ever call this.
-    try:
-        from mmdist.data import ray_scheduling
-    except ImportError:  # no Ray: treat every call as the first
-        return 0
+    from mmdist.data import ray_scheduling
+
     return ray_scheduling.task_index()
 
 
