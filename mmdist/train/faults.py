@@ -35,6 +35,10 @@ def from_environ() -> dict[str, str]:
 
 @dataclass
 class Faults:
+    """The faults one worker injects: ``loss`` wraps every micro-batch's loss, ``after_step``
+    runs after every optimizer step; both do nothing when no fault is set."""
+
+    rank: int = 0  # this worker's rank
     kill_at_step: int = 0
     kill_rank: int = 0
     nan_ranges: tuple[tuple[int, int], ...] = ()
@@ -42,10 +46,12 @@ class Faults:
     marker: Path | None = None
     raise_at_step: int = 0
     raise_log: Path | None = None
+    batches_seen: int = 0  # micro-batches this attempt has computed a loss for
 
     @classmethod
-    def parse(cls, env: dict[str, str], marker_dir: str | Path) -> Faults:
-        f = cls()
+    def parse(cls, env: dict[str, str], marker_dir: str | Path, rank: int = 0) -> Faults:
+        """The faults of ``env`` (:func:`from_environ` on the driver) for worker ``rank``."""
+        f = cls(rank=rank)
         if env.get(PREFIX + "KILL_AT_STEP"):
             f.kill_at_step = int(env[PREFIX + "KILL_AT_STEP"])
             f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
@@ -64,26 +70,28 @@ class Faults:
             f.step_sleep = float(env[PREFIX + "STEP_SLEEP"])
         return f
 
-    def loss(self, loss, batch_number: int):
-        """NaN for the micro-batches named in MMDIST_FAULT_NAN_BATCHES."""
-        if any(a <= batch_number <= b for a, b in self.nan_ranges):
+    def loss(self, loss):
+        """The loss of the next micro-batch: NaN for those named in MMDIST_FAULT_NAN_BATCHES.
+        Call it once per micro-batch (it counts them)."""
+        self.batches_seen += 1
+        if any(a <= self.batches_seen <= b for a, b in self.nan_ranges):
             return loss * float("nan")
         return loss
 
-    def after_step(self, step: int, rank: int) -> None:
+    def after_step(self, step: int) -> None:
         """Sleep; raise at ``raise_at_step``; SIGKILL this worker once at ``kill_at_step``."""
         if self.step_sleep:
             time.sleep(self.step_sleep)
-        if self.raise_at_step and step == self.raise_at_step and rank == self.kill_rank:
+        if self.raise_at_step and step == self.raise_at_step and self.rank == self.kill_rank:
             assert self.raise_log is not None
             self.raise_log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.raise_log, "a") as f:
                 f.write("raised\n")
             raise RuntimeError(f"fault injection: a deterministic error after step {step}")
-        if (self.kill_at_step and step == self.kill_at_step and rank == self.kill_rank
+        if (self.kill_at_step and step == self.kill_at_step and self.rank == self.kill_rank
                 and self.marker is not None and not self.marker.exists()):
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             self.marker.write_text("killed\n")
-            print(f"[mmdist] fault injection: rank {rank} SIGKILLs itself after step {step}",
+            print(f"[mmdist] fault injection: rank {self.rank} SIGKILLs itself after step {step}",
                   flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

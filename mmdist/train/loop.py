@@ -2,6 +2,8 @@
 
 Read top to bottom: build the model and the DeepSpeed engine, restore the latest checkpoint,
 then per epoch stream batches from this worker's Ray Data shard, step, evaluate and checkpoint.
+Saving and restoring live in ``checkpointer.py``, metrics and progress lines in ``reporter.py``,
+fault injection (a loss wrapper and an after-step hook) in ``faults.py``.
 
 Rules that keep ranks in lock step (a hang in a collective is the worst failure mode):
 - every rank runs every encoder on every batch (missing modalities go through the model's
@@ -13,20 +15,25 @@ Rules that keep ranks in lock step (a hang in a collective is the worst failure 
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as torch_dist
 
 from mmdist.config import Config
+from mmdist.data.pipeline import iter_train_batches
+from mmdist.data.torch_batches import iter_torch
+from mmdist.models.metrics import compute_metrics
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
+from mmdist.train.checkpointer import Checkpointer
+from mmdist.train.engine import build_engine
+from mmdist.train.faults import Faults
+from mmdist.train.reporter import Reporter, at_step
 
 
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
@@ -44,126 +51,68 @@ def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": {...}}`` where job holds
     what the driver resolved: data_dir, train_rows, vocab, tracking_uri, mlflow_run_id,
-    run_name. Returns the final summary on rank 0 (``Result.return_value``)."""
-    import ray.train
-
-    from mmdist.data.pipeline import iter_train_batches
-    from mmdist.train.engine import build_engine
-
-    cfg = Config.from_dict(config["cfg"])
-    job = config["job"]
+    run_name, storage, faults. Returns the final summary on rank 0 (``Result.return_value``)."""
+    cfg, job = Config.from_dict(config["cfg"]), config["job"]
+    t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    t = cfg.train
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    reporter = Reporter(rank, job.get("tracking_uri"), job.get("mlflow_run_id"))
 
     t_setup = time.perf_counter()
-    vocab = job["vocab"]
     n_total = total_steps(cfg, job["train_rows"], world)
-    engine = build_engine(cfg, vocab, world, n_total, log=lambda m: _say(rank, m))
-    _say(rank, f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
-               f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
+    engine = build_engine(cfg, job["vocab"], world, n_total, log=reporter.say)
+    reporter.say(f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
+                 f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
+    checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
+    state = checkpointer.restore()
 
-    state = _restore(engine, cfg, job["storage"], rank, world)
-
-    mlflow_log = None
-    if rank == 0 and job.get("mlflow_run_id"):
-        from mmdist.tracking import MetricsLogger
-
-        mlflow_log = MetricsLogger(job["tracking_uri"], job["mlflow_run_id"], fail_fast=True)
-        mlflow_log.add(state.mlflow_pending)  # what the crashed attempt could not deliver
-
-    from mmdist.train.faults import Faults
-
-    faults = Faults.parse(job.get("faults", {}), job.get("storage", "."))
+    faults = Faults.parse(job.get("faults", {}), job.get("storage", "."), rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    eval_every = t.eval_every or steps_per_epoch(cfg, job["train_rows"], world)
-    ckpt_every = t.checkpoint_every or steps_per_epoch(cfg, job["train_rows"], world)
+    per_epoch = steps_per_epoch(cfg, job["train_rows"], world)
+    eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
+    bad_losses = _NonFiniteLosses(t.max_bad_steps, reporter.say)
+    train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)
     last_metrics: dict[str, float] = {}
-    consecutive_bad = batches_seen = 0
-    loss_sum, loss_n, t_log, step_at_log = 0.0, 0, time.perf_counter(), state.global_step
+    ledger: list[int] = []  # sample ids this rank consumed in the epoch, in order
     t_start = time.perf_counter()
 
-    def report(metrics: dict[str, float], save: bool, final: bool = False) -> None:
-        metrics = {**metrics, "global_step": state.global_step, "epoch": state.epoch}
-        if not save:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="mmdist-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
-            ckpt_lib.write_ledger(tmp, rank, state.epoch, epoch_ledger, state.order_hash)
-            if final:
-                _save_consolidated(engine, cfg, vocab, job, Path(tmp) / ckpt_lib.MODEL_DIR, rank)
-            if rank == 0:
-                if mlflow_log:  # metrics up to this step reach MLflow or the checkpoint
-                    mlflow_log.flush()
-                    state.mlflow_pending = [list(r) for r in mlflow_log.pending()]
-                ckpt_lib.write_state(tmp, state, {
-                    "run_name": job["run_name"], "world_size": world,
-                    "zero_stage": t.zero_stage, "config": cfg.to_dict(), "metrics": metrics})
-                shutil.copytree(Path(job["data_dir"]) / "tokenizer", Path(tmp) / "tokenizer")
-            ckpt_lib.write_file_list(tmp, rank)  # last: its presence marks this rank complete
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    epoch_ledger: list[int] = []
     while state.global_step < n_total and (t.max_steps or state.epoch < t.epochs):
         skip, state.consumed = state.consumed, set()
-        epoch_ledger = sorted(skip)  # consumed before a restart still count for this epoch
+        ledger = sorted(skip)  # consumed before a restart still count for this epoch
         steps_before = state.global_step
         engine.train()
         batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
         for batch in _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device):
-            out = engine(batch)
-            batches_seen += 1
-            loss = faults.loss(out["loss"], batches_seen)
-            if not _all_finite(loss):
-                consecutive_bad += 1
-                state.bad_steps_total += 1
-                _say(rank, f"step {state.global_step}: non-finite loss skipped "
-                           f"({consecutive_bad} in a row)")
-                if consecutive_bad >= t.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{consecutive_bad} consecutive non-finite losses at step "
-                        f"{state.global_step} (train.max_bad_steps={t.max_bad_steps}); lower "
-                        "train.lr or check the data. The last good checkpoint is kept.")
+            loss = faults.loss(engine(batch)["loss"])
+            if bad_losses.skip(loss, state):
                 continue
-            consecutive_bad = 0
             engine.backward(loss)
             engine.step()
             ids = batch["sample_id"].tolist()
-            epoch_ledger.extend(ids)
+            ledger.extend(ids)
             state.order_hash = ckpt_lib.update_order_hash(state.order_hash, ids)
-            loss_sum += float(loss.detach())
-            loss_n += 1
+            train_log.add(loss)
             if engine.global_steps == state.global_step:
                 continue  # inside a gradient-accumulation window
             state.global_step = engine.global_steps
-            faults.after_step(state.global_step, rank)
+            faults.after_step(state.global_step)
 
-            if state.global_step % t.log_every == 0 or state.global_step == n_total:
-                avg = _mean_across_ranks(loss_sum / max(1, loss_n), device)
-                rate = (state.global_step - step_at_log) / max(time.perf_counter() - t_log, 1e-9)
-                lr = engine.get_lr()[0]
-                _say(rank, f"step {state.global_step}/{n_total}  epoch {state.epoch}  "
-                           f"loss {avg:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
-                if mlflow_log:
-                    mlflow_log.log({"train_loss": avg, "lr": lr, "steps_per_s": rate},
-                                   state.global_step)
-                last_metrics.update(train_loss=avg, lr=lr)
-                loss_sum, loss_n, t_log, step_at_log = 0.0, 0, time.perf_counter(), state.global_step
-
+            if train_log.due(state.global_step):
+                last_metrics.update(train_log.log(engine, state))
             if state.global_step >= n_total:
                 break  # the final evaluation and checkpoint follow the loop
             do_eval = state.global_step % eval_every == 0
             do_ckpt = state.global_step % ckpt_every == 0
             if do_eval:
                 last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
-                _say(rank, "eval " + _fmt(last_metrics))
-                if mlflow_log:
-                    mlflow_log.log(_only_val(last_metrics), state.global_step)
-            if do_eval or do_ckpt:
-                report(dict(last_metrics), save=do_ckpt)
+                reporter.say("eval " + _fmt(last_metrics))
+                reporter.log(_only_val(last_metrics), state.global_step)
+            if do_ckpt:
+                checkpointer.save(state, ledger, last_metrics)
+            elif do_eval:
+                reporter.report(at_step(last_metrics, state))
         else:  # the epoch's data ran out
             if state.global_step == steps_before and not skip:
                 raise RuntimeError(
@@ -174,57 +123,77 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     # Final evaluation and the consolidated model, in the last checkpoint.
     last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
-    _say(rank, "final eval " + _fmt(last_metrics))
-    if mlflow_log:
-        mlflow_log.log(_only_val(last_metrics), state.global_step)
-    report(dict(last_metrics), save=True, final=True)  # flushes rank 0's metrics first
-    if rank == 0:
-        return {"global_step": state.global_step, "metrics": _only_val(last_metrics),
-                "train_loss": last_metrics.get("train_loss"),
-                "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
-                "train_seconds": time.perf_counter() - t_start,
-                "mlflow_failed_flushes": mlflow_log.failed_flushes if mlflow_log else 0,
-                # metric values MLflow did not take (server down): the driver delivers them
-                "mlflow_pending": mlflow_log.pending() if mlflow_log else []}
-    return None
+    reporter.say("final eval " + _fmt(last_metrics))
+    reporter.log(_only_val(last_metrics), state.global_step)
+    checkpointer.save(state, ledger, last_metrics, final=True)  # flushes rank 0's MLflow first
+    if rank != 0:
+        return None
+    return {"global_step": state.global_step, "metrics": _only_val(last_metrics),
+            "train_loss": last_metrics.get("train_loss"),
+            "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
+            "train_seconds": time.perf_counter() - t_start,
+            "mlflow_failed_flushes": reporter.failed_flushes,
+            # metric values MLflow did not take (server down): the driver delivers them
+            "mlflow_pending": reporter.pending()}
 
 
 # ---- helpers of the loop -----------------------------------------------------------------
 
 
-def _restore(engine, cfg: Config, run_dir: str, rank: int, world: int) -> TrainState:
-    """Load the newest complete checkpoint of the run folder, if any, into ``engine``.
+class _NonFiniteLosses:
+    """Skips a step whose loss is not finite on some rank (all ranks agree), counts it in
+    ``state.bad_steps_total``, and stops training after ``max_bad`` such steps in a row."""
 
-    Ray's ``get_checkpoint()`` names the newest checkpoint Ray registered; a checkpoint can
-    still be incomplete on storage (a node died while uploading, a file was truncated), so the
-    run folder is searched for the newest complete one instead and every newer one skipped is
-    named with its reason. All ranks read the same folder and so pick the same checkpoint.
-    """
-    chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
-    for note in skipped:
-        _say(rank, f"WARNING: skipping incomplete checkpoint {note}")
-    if chosen is None:
-        if skipped:
-            _say(rank, "WARNING: no complete checkpoint to resume from; starting from step 0")
-        return TrainState()
-    ckpt_lib.check_resume(chosen, world, cfg.train.zero_stage, cfg.to_dict()["model"])
-    engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG, load_module_strict=True)
-    state = ckpt_lib.read_state(chosen, rank)
-    if engine.global_steps != state.global_step:
-        raise RuntimeError(f"checkpoint mismatch in {chosen}: DeepSpeed is at step "
-                           f"{engine.global_steps}, mmdist state at {state.global_step}")
-    state.resumes.append({"from_step": state.global_step, "checkpoint": chosen.name,
-                          "skipped": skipped})
-    _say(rank, f"resumed from {chosen.name} at step {state.global_step} (epoch {state.epoch}, "
-               f"{len(state.consumed)} samples of this epoch already consumed)")
-    return state
+    def __init__(self, max_bad: int, say: Callable[[str], None]):
+        self.max_bad, self.say, self.in_a_row = max_bad, say, 0
+
+    def skip(self, loss: torch.Tensor, state: TrainState) -> bool:
+        if _all_finite(loss):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        state.bad_steps_total += 1
+        self.say(f"step {state.global_step}: non-finite loss skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.max_bad:
+            raise FloatingPointError(
+                f"{self.in_a_row} consecutive non-finite losses at step {state.global_step} "
+                f"(train.max_bad_steps={self.max_bad}); lower train.lr or check the data. "
+                "The last good checkpoint is kept.")
+        return True
 
 
-def _say(rank: int, msg: str) -> None:
-    if rank == 0:
-        # the process's real stdout: Ray Train patches print() to log *and*, once anything has
-        # wrapped sys.stdout, print as well, so every line would reach the driver twice
-        print(f"[mmdist] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
+class _TrainLossLog:
+    """The training loss since the last log step (mean over micro-batches, then over ranks) and
+    the steps per second, printed and sent to MLflow every ``train.log_every`` steps and at the
+    last step."""
+
+    def __init__(self, every: int, n_total: int, device: torch.device, reporter: Reporter,
+                 step: int):
+        self.every, self.n_total, self.device, self.reporter = every, n_total, device, reporter
+        self._restart(step)
+
+    def _restart(self, step: int) -> None:
+        self.loss_sum, self.loss_n, self.since, self.since_step = 0.0, 0, time.perf_counter(), step
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += float(loss.detach())
+        self.loss_n += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.n_total
+
+    def log(self, engine, state: TrainState) -> dict[str, float]:
+        """Report the window that ends at ``state.global_step`` (a collective) and start the
+        next; returns ``train_loss`` and ``lr``."""
+        step = state.global_step
+        avg = _mean_across_ranks(self.loss_sum / max(1, self.loss_n), self.device)
+        rate = (step - self.since_step) / max(time.perf_counter() - self.since, 1e-9)
+        lr = engine.get_lr()[0]
+        self.reporter.say(f"step {step}/{self.n_total}  epoch {state.epoch}  "
+                          f"loss {avg:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
+        self.reporter.log({"train_loss": avg, "lr": lr, "steps_per_s": rate}, step)
+        self._restart(step)
+        return {"train_loss": avg, "lr": lr}
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -241,9 +210,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
+    return torch_dist if torch_dist.is_available() and torch_dist.is_initialized() else None
 
 
 def _reduce(value: float, device: torch.device, op: str) -> float:
@@ -309,9 +276,6 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
     the val split exactly as the run reported. Ranks without a batch in the last round run a
     throw-away forward so ZeRO-3 parameter gathers stay paired.
     """
-    from mmdist.data.torch_batches import iter_torch
-    from mmdist.models.metrics import compute_metrics
-
     engine.eval()
     outputs: list[dict[str, torch.Tensor]] = []
     it = iter_torch(val_shard, batch_size=cfg.train.micro_batch_size, drop_last=False)
@@ -343,38 +307,3 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
         parts = [g for g in gathered if g]
         local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return {k: float(v) for k, v in compute_metrics(cfg.model.task, local).items()}
-
-
-def _save_consolidated(engine, cfg: Config, vocab: dict, job: dict, out_dir: Path,
-                       rank: int) -> None:
-    """Consolidate the ZeRO-partitioned fp32 master weights into one safetensors model.
-
-    Every rank takes part (gathering a ZeRO-3 parameter is a collective); rank 0 writes.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module = engine.module
-    state: dict[str, torch.Tensor] = {}
-    for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        if full is None:  # no partitioned master copy (ZeRO-0 fp32, frozen params)
-            full = p.detach()
-        if rank == 0:
-            state[name] = full.detach().float().cpu().clone()
-    for name, b in module.named_buffers():
-        if rank == 0:
-            state[name] = b.detach().cpu().clone()
-    if rank != 0:
-        return
-    from mmdist.models import FusedModel
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    FusedModel.save_state_dict_pretrained(state, cfg, vocab, out_dir)
-    shutil.copytree(Path(job["data_dir"]) / "tokenizer", out_dir / "tokenizer",
-                    dirs_exist_ok=True)
-    manifest = Path(job["data_dir"]) / "manifest.json"
-    if manifest.exists():
-        (out_dir / "data_manifest.json").write_text(manifest.read_text())
-    (out_dir / "training.json").write_text(json.dumps(
-        {"run_name": job["run_name"], "mlflow_run_id": job.get("mlflow_run_id"),
-         "global_step": engine.global_steps}, indent=1))

@@ -1,0 +1,139 @@
+"""One worker's side of a run's checkpoints: save, restore, and the consolidated final model.
+
+What a checkpoint holds and when it is complete: :mod:`mmdist.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdist.config import Config
+from mmdist.models import FusedModel
+from mmdist.train import checkpoint as ckpt_lib
+from mmdist.train.checkpoint import TrainState
+from mmdist.train.reporter import Reporter, at_step
+
+
+class Checkpointer:
+    """Saves and restores this rank's part of the run's checkpoints.
+
+    Every rank calls every method at the same point of training: saving the DeepSpeed engine
+    and consolidating ZeRO-partitioned weights are collectives.
+
+    Args:
+        engine: the DeepSpeed engine.
+        cfg: the run's config.
+        job: what the driver resolved (data_dir, vocab, run_name, mlflow_run_id, storage).
+        rank: this worker's rank.
+        world: the number of workers.
+        reporter: where progress lines, MLflow values and Ray reports go.
+    """
+
+    def __init__(self, engine: Any, cfg: Config, job: dict[str, Any], rank: int, world: int,
+                 reporter: Reporter):
+        self.engine, self.cfg, self.job = engine, cfg, job
+        self.rank, self.world, self.reporter = rank, world, reporter
+
+    def restore(self) -> TrainState:
+        """Load the newest complete checkpoint of the run folder, if any, into the engine; the
+        MLflow values it kept back are queued for MLflow again.
+
+        Ray's ``get_checkpoint()`` names the newest checkpoint Ray registered; a checkpoint can
+        still be incomplete on storage (a node died while uploading, a file was truncated), so
+        the run folder is searched for the newest complete one instead and every newer one
+        skipped is named with its reason. All ranks read the same folder and so pick the same
+        checkpoint.
+        """
+        say = self.reporter.say
+        chosen, skipped = ckpt_lib.choose_checkpoint(self.job["storage"])
+        for note in skipped:
+            say(f"WARNING: skipping incomplete checkpoint {note}")
+        if chosen is None:
+            if skipped:
+                say("WARNING: no complete checkpoint to resume from; starting from step 0")
+            state = TrainState()
+        else:
+            state = self._load(chosen, skipped)
+        self.reporter.resend(state.mlflow_pending)  # what the crashed attempt did not deliver
+        return state
+
+    def _load(self, chosen: Path, skipped: list[str]) -> TrainState:
+        ckpt_lib.check_resume(chosen, self.world, self.cfg.train.zero_stage,
+                              self.cfg.to_dict()["model"])
+        self.engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG, load_module_strict=True)
+        state = ckpt_lib.read_state(chosen, self.rank)
+        if self.engine.global_steps != state.global_step:
+            raise RuntimeError(f"checkpoint mismatch in {chosen}: DeepSpeed is at step "
+                               f"{self.engine.global_steps}, mmdist state at {state.global_step}")
+        state.resumes.append({"from_step": state.global_step, "checkpoint": chosen.name,
+                              "skipped": skipped})
+        self.reporter.say(
+            f"resumed from {chosen.name} at step {state.global_step} (epoch {state.epoch}, "
+            f"{len(state.consumed)} samples of this epoch already consumed)")
+        return state
+
+    def save(self, state: TrainState, ledger: list[int], metrics: dict[str, float],
+             final: bool = False) -> None:
+        """Write this rank's part of a checkpoint at ``state`` and report it to Ray Train with
+        ``metrics``.
+
+        Every rank writes its DeepSpeed shards and its ledger (``ledger``: the sample ids it
+        consumed in this epoch); rank 0 adds the state (with the MLflow values not delivered
+        by now), the resolved config and the tokenizer; ``final`` adds the consolidated model.
+        The rank's file list is written last: its presence marks the rank's part complete.
+        """
+        metrics = at_step(metrics, state)
+        with tempfile.TemporaryDirectory(prefix="mmdist-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
+            ckpt_lib.write_ledger(tmp, self.rank, state.epoch, ledger, state.order_hash)
+            if final:
+                self.consolidate(Path(tmp) / ckpt_lib.MODEL_DIR)
+            if self.rank == 0:
+                self.reporter.hand_over(state)
+                t = self.cfg.train
+                ckpt_lib.write_state(tmp, state, {
+                    "run_name": self.job["run_name"], "world_size": self.world,
+                    "zero_stage": t.zero_stage, "config": self.cfg.to_dict(), "metrics": metrics})
+                shutil.copytree(Path(self.job["data_dir"]) / "tokenizer", Path(tmp) / "tokenizer")
+            ckpt_lib.write_file_list(tmp, self.rank)  # last: marks this rank complete
+            self.reporter.report(metrics, tmp)
+
+    def consolidate(self, out_dir: Path) -> None:
+        """Consolidate the ZeRO-partitioned fp32 master weights into one safetensors model in
+        ``out_dir``, with the tokenizer, the data manifest and where the model comes from.
+
+        Every rank takes part (gathering a ZeRO-3 parameter is a collective); rank 0 writes.
+        """
+        # DeepSpeed is imported here, as in engine.build_engine: the driver imports this module
+        # (through loop.py, to hand train_fn_per_worker to Ray) and never needs DeepSpeed.
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        weights: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:  # no partitioned master copy (ZeRO-0 fp32, frozen params)
+                full = p.detach()
+            if self.rank == 0:
+                weights[name] = full.detach().float().cpu().clone()
+        for name, b in module.named_buffers():
+            if self.rank == 0:
+                weights[name] = b.detach().cpu().clone()
+        if self.rank != 0:
+            return
+        data_dir = Path(self.job["data_dir"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        FusedModel.save_state_dict_pretrained(weights, self.cfg, self.job["vocab"], out_dir)
+        shutil.copytree(data_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
+        manifest = data_dir / "manifest.json"
+        if manifest.exists():
+            (out_dir / "data_manifest.json").write_text(manifest.read_text())
+        (out_dir / "training.json").write_text(json.dumps(
+            {"run_name": self.job["run_name"], "mlflow_run_id": self.job.get("mlflow_run_id"),
+             "global_step": self.engine.global_steps}, indent=1))
