@@ -368,8 +368,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
         raise CommandError(f"--resume {name}: no sweep of that name under {storage}")
     data_dir = ensure_data(cfg, data_cache)
     check_data(data_dir)
-    resolved = cfg.resolve()
-    metric, mode = resolved["primary_metric"], resolved["metric_mode"]
+    metric, mode = cfg.primary_metric, cfg.metric_mode
     init_ray(address, num_cpus, dashboard=True)
     check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none
     uri = tracking.tracking_uri(cfg)

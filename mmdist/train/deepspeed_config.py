@@ -19,12 +19,12 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
         ValueError: the global batch is not divisible by micro batch x world size.
     """
     t = cfg.train
-    world = world_size or t.num_workers
-    global_batch = t.global_batch_size or t.micro_batch_size * world
-    if global_batch % (t.micro_batch_size * world):
+    if world_size and world_size != t.world_size:  # the batch plan at another world size
+        t = t.model_copy(update={"num_workers": world_size})
+    if t.train_batch_size % (t.micro_batch_size * t.world_size):
         raise ValueError(
-            f"train.global_batch_size ({global_batch}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world})")
+            f"train.global_batch_size ({t.train_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size}) x world size ({t.world_size})")
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True)
@@ -34,9 +34,9 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     ds: dict[str, Any] = {
-        "train_batch_size": global_batch,
+        "train_batch_size": t.train_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": global_batch // (t.micro_batch_size * world),
+        "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},

@@ -89,8 +89,7 @@ def data_size_problems(cfg: Config, counts: dict[str, Any], where: str) -> list[
     train split too small for one optimizer step, no val rows."""
     t = cfg.train
     train_rows, val_rows = int(counts.get("train_rows", 0)), int(counts.get("val_rows", 0))
-    accum = cfg.resolve()["grad_accum_steps"]
-    per_step = t.micro_batch_size * t.num_workers * accum
+    accum, per_step = t.grad_accum_steps, t.train_batch_size  # one optimizer step, all ranks
     problems = []
     if train_rows < per_step:
         problems.append(
