@@ -4,8 +4,8 @@ The step is the one ``mmdist train`` runs on every worker (``mmdist.train.loop``
 ``build_model``, ``build_optimizer`` and ``deepspeed.initialize`` with ``deepspeed_config(cfg,
 1)``, then ``engine(batch)["loss"]``, ``engine.backward``, ``engine.step``. It runs in a plain
 process without Ray: when no process group exists it creates a 1-rank group itself (gloo on
-CPU, NCCL on CUDA; MASTER_ADDR=127.0.0.1 and a free port). ``torchrun`` works too, and sets the
-rendezvous variables itself::
+CPU, NCCL on CUDA; MASTER_ADDR=127.0.0.1 and a free port; :mod:`mmdist.bench.process_group`).
+``torchrun`` works too, and sets the rendezvous variables itself::
 
     mmdist bench mfu --config mfu_lm_1b
     torchrun --standalone --nproc-per-node=1 -m mmdist.cli bench mfu --config mfu_lm_1b
@@ -39,20 +39,32 @@ Definitions:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
-import socket
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmdist.arguments import add_config_arguments
+from mmdist.bench.mfu_measure import (
+    count_tokens,
+    cycle_batches,
+    peak_memory,
+    profile_steps,
+    real_batches,
+    timed_steps,
+)
+from mmdist.bench.process_group import single_process_group
+from mmdist.config import Config, load_config
+from mmdist.data.prepare import prepare_synthetic
+from mmdist.data.schema import audio_frames, random_batch
+from mmdist.errors import CommandError
+
+# torch and DeepSpeed (and the mmdist modules that import them) are imported inside the
+# functions that use them: `mmdist bench --help` imports this module to build its parser.
 if TYPE_CHECKING:
     import torch
-
-    from mmdist.config import Config
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendor datasheets, matched in
 # order against torch.cuda.get_device_name(): the first pattern that matches wins, so the
@@ -79,8 +91,6 @@ DISTINCT_SYNTHETIC_BATCHES = 4
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-
     add_config_arguments(parser, default="tiny")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pass (default 20)")
     parser.add_argument("--warmup", type=int, default=5,
@@ -139,9 +149,6 @@ def resolve_peak(device_name: str, override_tflops: float | None) -> tuple[float
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from mmdist.config import load_config
-    from mmdist.errors import CommandError
-
     problems = []
     if args.steps < 1:
         problems.append(f"--steps={args.steps}: must be >= 1")
@@ -172,8 +179,6 @@ def _config(args: argparse.Namespace) -> Config:
 def _device(cfg: Config) -> torch.device:
     import torch
 
-    from mmdist.errors import CommandError
-
     if not cfg.train.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -182,65 +187,10 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@contextlib.contextmanager
-def single_process_group(device: torch.device) -> Iterator[None]:
-    """A 1-rank torch process group (gloo on CPU, NCCL on CUDA) for the block, unless one
-    exists; on leaving, the group this made is destroyed and the rendezvous variables it set
-    are removed again (a caller in a long process, a test, keeps its environment).
-
-    Under ``torchrun`` the rendezvous variables are already set and are used as they are.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from mmdist.errors import CommandError
-
-    if dist.is_initialized():
-        world = dist.get_world_size()
-    else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise CommandError(f"mmdist bench mfu measures one device; the process group has "
-                           f"{world} ranks (use torchrun --nproc-per-node=1)")
-    if dist.is_initialized():
-        yield
-        return
-    env_before = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    try:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=int(os.environ["RANK"]), world_size=1)
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def ensure_shards(cfg: Config, rows_needed: int, workers: int) -> tuple[Path, Config]:
     """A shard directory for the real-preprocessing pass: ``data.path``, or synthetic shards
     for ``cfg`` sized to ``rows_needed`` train rows, split in at least ``workers`` files
     (cached under ``.cache/bench_mfu/``; reused when the parameters match)."""
-    from mmdist.data.prepare import prepare_synthetic
-
     d = cfg.data
     if d.path:
         return Path(d.path).resolve(), cfg
@@ -267,112 +217,6 @@ def build_engine(cfg: Config, vocab: dict[str, int], device: torch.device, total
                                  log=lambda m: print(f"[bench mfu] {m}", flush=True))
 
 
-# ---- measurement -------------------------------------------------------------------------------
-
-
-def _synchronize(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(step: Callable[[dict], None], batches: Iterator[dict], warmup: int, steps: int,
-           device: torch.device) -> float:
-    """Seconds per step over ``steps`` steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step(next(batches))
-    _synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches))
-    _synchronize(device)
-    return (time.perf_counter() - t0) / steps
-
-
-def _cycle(batches: list[dict]) -> Iterator[dict]:
-    while True:
-        yield from batches
-
-
-def _real_batches(data_dir: Path, cfg: Config, workers: int,
-                  device: torch.device) -> Iterator[dict]:
-    """Full micro batches from the shards through a DataLoader, moved to ``device`` (as the
-    training loop does); starts a new epoch when the shards run out."""
-    from torch.utils.data import DataLoader
-
-    from mmdist.data.pipeline import ShardBatches
-    from mmdist.data.preprocess import PreprocessSpec
-    from mmdist.train.loop import _to_device
-
-    b = cfg.train.micro_batch_size
-    spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment)
-    ds = ShardBatches(data_dir, "train", spec, batch_size=b, shuffle_seed=cfg.train.seed)
-    loader = DataLoader(ds, batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers else None)
-    while True:
-        n = 0
-        for batch in loader:
-            if batch["input_ids"].shape[0] != b:
-                continue  # the last partial batch of a shard file
-            n += 1
-            yield _to_device(batch, device)
-        if n == 0:
-            raise RuntimeError(f"{data_dir}: no full batch of {b} rows in the train shards")
-
-
-def _count_tokens(engine, step: Callable[[dict], None], batch: dict, cfg: Config) -> dict[str, int]:
-    """Run one step with hooks on the encoders: tokens per sample by modality."""
-    module = engine.module
-    seen: dict[str, int] = {}
-    handles = []
-    for name, enc in getattr(module, "encoders", {}).items():
-        def hook(_mod, _inp, out, name=name):
-            seen[name] = int(out[0].shape[1])
-        handles.append(enc.register_forward_hook(hook))
-    try:
-        step(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    tokens = {"text": cfg.data.max_text_len} if "text" in cfg.model.modalities else {}
-    tokens.update({m: n for m, n in seen.items() if m != "text"})
-    return tokens
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
-
-
-def _profile(step: Callable[[dict], None], batches: Iterator[dict], n: int,
-             device: torch.device, rows: int) -> list[dict[str, Any]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(n):
-            step(next(batches))
-        _synchronize(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = prof.key_averages()
-    print(f"\nwhere the time goes: torch.profiler over {n} on-device steps, top ops by "
-          f"{key.replace('_', ' ')}")
-    print(averages.table(sort_by=key, row_limit=rows), flush=True)
-    total = sum(getattr(e, key) for e in averages) or 1.0
-    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
-    return [{"op": e.key, "self_us": float(getattr(e, key)), "calls": int(e.count),
-             "share": float(getattr(e, key)) / total} for e in top]
-
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -381,7 +225,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mmdist.data.pipeline import load_tokenizer
-    from mmdist.data.schema import audio_frames, random_batch
     from mmdist.models.accounting import flops_per_sample
 
     cfg = _config(args)
@@ -426,23 +269,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         d = cfg.data
         frames = audio_frames(d.sample_rate, d.audio_seconds, d.hop_length)
-        synthetic = _cycle([random_batch(b, vocab["vocab_size"], d.max_text_len, d.image_size,
-                                         d.n_mels, frames, m.num_classes, seed=i,
-                                         device=str(device))
-                            for i in range(DISTINCT_SYNTHETIC_BATCHES)])
+        synthetic = cycle_batches([random_batch(b, vocab["vocab_size"], d.max_text_len,
+                                                 d.image_size, d.n_mels, frames, m.num_classes,
+                                                 seed=i, device=str(device))
+                                    for i in range(DISTINCT_SYNTHETIC_BATCHES)])
         # The first step (eager, hooks on the encoders) measures tokens per sample.
-        tokens = _count_tokens(engine, step, next(synthetic), cfg)
+        tokens = count_tokens(engine, step, next(synthetic), cfg)
         if m.compile:
             engine.compile()
         tokens_per_sample = sum(tokens.values())
 
-        step_s = _timed(step, synthetic, args.warmup - 1, args.steps, device)
-        real_s = _timed(step, _real_batches(data_dir, cfg, workers, device), args.warmup,
-                        args.steps, device)
+        step_s = timed_steps(step, synthetic, args.warmup - 1, args.steps, device)
+        real_s = timed_steps(step, real_batches(data_dir, cfg, workers, device), args.warmup,
+                             args.steps, device)
         loss = float(last_loss[0]) if last_loss else float("nan")
-        profile_top = (_profile(step, synthetic, min(5, args.steps), device, args.profile_rows)
-                       if args.profile else None)
-        peak_mem, mem_kind = _peak_memory(device)
+        profile_top = (profile_steps(step, synthetic, min(5, args.steps), device,
+                                     args.profile_rows) if args.profile else None)
+        peak_mem, mem_kind = peak_memory(device)
 
     samples_per_s = b / step_s
     achieved = samples_per_s * flops

@@ -40,7 +40,7 @@ def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
     """Optimizer steps in one epoch (each rank drops its last partial micro batch)."""
     t = cfg.train
     micro_batches = (train_rows // world_size) // t.micro_batch_size
-    accum = cfg.resolve()["grad_accum_steps"] if world_size == t.num_workers else 1
+    accum = t.grad_accum_steps if world_size == t.num_workers else 1
     return max(1, micro_batches // accum)
 
 
@@ -120,6 +120,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     f"rows over {world} workers is less than one batch "
                     f"(train.micro_batch_size={t.micro_batch_size})")
             state.epoch += 1
+            ledger = []  # the new epoch has consumed nothing yet (the final checkpoint says so)
 
     # Final evaluation and the consolidated model, in the last checkpoint.
     last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
@@ -204,7 +205,7 @@ def _only_val(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith("val_")}
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
 
@@ -240,7 +241,7 @@ def _all_have(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
         batch = next(it, None)
         if _reduce(1.0 if batch is not None else 0.0, device, "min") == 0:
             return
-        yield _to_device(batch, device)
+        yield to_device(batch, device)
 
 
 def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> Iterator[dict]:
@@ -283,7 +284,7 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
 
     def run_group(group: list[dict]) -> None:
         mine = group[rank] if rank < len(group) else None
-        out = engine(_to_device(mine if mine is not None else group[0], device), mode="eval")
+        out = engine(to_device(mine if mine is not None else group[0], device), mode="eval")
         if mine is not None:
             outputs.append({k: v.detach().float().cpu() if v.is_floating_point()
                             else v.detach().cpu() for k, v in out.items() if v.ndim >= 1})

@@ -42,8 +42,7 @@ def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
     if not (model_dir / "model.safetensors").exists():
         raise FileNotFoundError(f"{model_dir}: no consolidated model.safetensors to register")
     name = cfg.tracking.model_name
-    resolved = cfg.resolve()
-    metric, mode = resolved["primary_metric"], resolved["metric_mode"]
+    metric, mode = cfg.primary_metric, cfg.metric_mode
     value = metrics.get(metric)
     mlflow.set_tracking_uri(uri)
     example = pd.DataFrame({"text": ["a red circle with a low tone"]})
