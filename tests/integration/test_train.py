@@ -37,10 +37,12 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert s["alias"] == "champion" and s["model_uri"] == "models:/zero2-model/1"
     # one local node: Ray Train started no preemption watcher (ray_env.LOCAL_TRAIN_ENV)
+    import ray
     from ray.util.state import list_actors
 
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
-    assert list_actors(filters=[("class_name", "=", "TrainController")])  # the query works
+    here = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the host
+    assert not list_actors(address=here, filters=[("class_name", "=", "PreemptionWatcher")])
+    assert list_actors(address=here, filters=[("class_name", "=", "TrainController")])
 
     # The registered model loads without pickle and scores the val split like training did.
     import mlflow
