@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from mmdist.bench.mfu import single_process_group
+from mmdist.bench.process_group import single_process_group
 from mmdist.config import (
     AUDIO_ENCODERS,
     DECODERS,
