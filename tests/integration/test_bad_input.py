@@ -274,7 +274,7 @@ def test_cli_and_jobs_name_the_problem_without_a_traceback(name, files, small_sh
 
 
 def test_wrong_image_modes_convert_and_empty_audio_is_quarantined(files, tmp_path):
-    from mmdist.data.preprocess import decode_image
+    from mmdist.data.image import decode_image
 
     cfg = load_config("tiny")
     out = tmp_path / "shards"

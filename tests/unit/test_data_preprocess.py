@@ -6,15 +6,9 @@ import soundfile as sf
 from PIL import Image
 
 from mmdist.config import DataConfig
-from mmdist.data.preprocess import (
-    BatchPreprocessor,
-    PreprocessSpec,
-    decode_audio,
-    decode_image,
-    log_mel,
-    mel_filterbank,
-    preprocess_batch,
-)
+from mmdist.data.audio import decode_audio, log_mel, mel_filterbank
+from mmdist.data.image import decode_image
+from mmdist.data.preprocess import BatchPreprocessor, PreprocessSpec, preprocess_batch
 from mmdist.data.schema import BATCH_KEYS, audio_frames
 from mmdist.data.tokenizer import TextTokenizer
 
@@ -162,7 +156,7 @@ def test_log_mel_peaks_at_the_tone():
 def test_log_mel_of_a_large_batch_is_each_clip_on_its_own():
     """log_mel works through a batch LOG_MEL_ROWS clips at a time (to stay in cache): a batch
     that is not a multiple of it gives each clip what it gives alone, in order."""
-    from mmdist.data.preprocess import LOG_MEL_ROWS
+    from mmdist.data.audio import LOG_MEL_ROWS
 
     n = 2 * LOG_MEL_ROWS + 3
     waves = np.random.default_rng(0).standard_normal((n, 4000)).astype(np.float32)
