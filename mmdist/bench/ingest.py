@@ -18,7 +18,7 @@ times from Ray Data's stats, the share of ``cpus`` x time its tasks were running
 its workers vs the driver vs Ray's daemons, and the time the consumer spent waiting.
 
 Without ``--data`` it writes realistic shards once into ``.cache/bench_ingest/``: 224-pixel
-JPEGs, 2-5 s of 22.05 kHz audio, sentence captions.
+JPEGs, 2-5 s of 22.05 kHz audio, sentence captions (:mod:`mmdist.bench.realistic_shards`).
 
 The Ray side runs the training pipeline unchanged, with the settings that bring it to the
 DataLoader's rate on a small node: where each lives and why is documented there
@@ -38,24 +38,34 @@ again), so the bench raises ``RAY_num_workers_soft_limit`` as every local Ray mm
 
 On a shared machine wall-clock rates swing with other tenants (and a side with more runnable
 processes gets a larger share), so the bench also reports CPU milliseconds per sample summed
-over every process of each side: the cost a dedicated box would pay.
+over every process of each side (:mod:`mmdist.bench.cpu_meter`): the cost a dedicated box would
+pay.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
+from mmdist.bench.cpu_meter import CpuMeter
+from mmdist.bench.ray_breakdown import ray_breakdown
+from mmdist.bench.realistic_shards import realistic_shards
+from mmdist.config import load_config
+from mmdist.data.preprocess import PreprocessSpec, preprocess_batch, reuse_freed_memory
+from mmdist.data.shards import shard_paths, verify_manifest
+from mmdist.errors import CommandError
+from mmdist.ray_env import local_init_kwargs
+
+# Ray and torch (and the mmdist modules that import them) are imported inside the functions
+# that use them: `mmdist bench --help` imports this module to build its parser.
+
 IDLE_S = 3.0  # seconds of idle Ray measured before each timed epoch
-_WORDS = ("a dog runs across the green field while children play near the old wooden fence "
-          "under a bright sky with clouds and a man holds an umbrella on the busy street as "
-          "cars pass by the red building next to the river where birds sing loudly").split()
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -91,11 +101,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.config import load_config
-    from mmdist.data.preprocess import PreprocessSpec
-    from mmdist.data.shards import shard_paths, verify_manifest
-    from mmdist.errors import CommandError
-
     cfg = load_config(args.config)
     if args.batch_size < 1 or args.cpus < 1:
         raise CommandError(f"--batch-size={args.batch_size} and --cpus={args.cpus} must be >= 1")
@@ -203,13 +208,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
     """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
     from mmdist.data.pipeline import load_tokenizer, shard_tables
-    from mmdist.data.preprocess import preprocess_batch, reuse_freed_memory
 
     reuse_freed_memory()  # as in the workers of both sides
-    from threadpoolctl import threadpool_limits  # one BLAS thread, like every worker
     tok = load_tokenizer(data_dir)
     batches = list(shard_tables([path], batch_size))
-    with threadpool_limits(1):
+    with threadpool_limits(1):  # one BLAS thread, like every worker
         preprocess_batch(batches[0], spec, tok)
         t0 = time.perf_counter()
         n = 0
@@ -217,115 +220,6 @@ def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> fl
             preprocess_batch(b, spec, tok)
             n += len(b["sample_id"])
     return (time.perf_counter() - t0) / max(n, 1)
-
-
-class CpuMeter:
-    """CPU seconds used by this process and all its descendants (Ray's GCS, raylet and workers,
-    DataLoader workers) while running, grouped by process kind. Unlike wall time this does not
-    depend on what else the machine is running, so it shows the cost of each side honestly on
-    a shared box.
-
-    Processes are polled every ``interval`` seconds; a direct child that exits and is reaped
-    while the meter runs (DataLoader workers at the end of the epoch) is counted in full from
-    the kernel's totals for reaped children, not just up to the last poll before it exited
-    (as "reaped children" if it exited before any poll saw it). Polling is not free: a poll
-    reads /proc for every process, and at 0.2 s polls the meter itself used 0.37 CPU-s per
-    20 s beside an idle Ray (~15 processes), CPU the side with more processes lost on a busy
-    box; at 1 s it is a fifth of that.
-    """
-
-    def __init__(self, interval: float = 1.0):
-        import psutil
-
-        self._psutil, self.interval = psutil, interval
-        self._base: dict[int, float] = {}
-        self._last: dict[int, tuple[str, float]] = {}
-        self._parent: dict[int, int] = {}
-        self._kinds: dict[tuple[int, str], str] = {}
-        self._alive: set[int] = set()
-        self._reaped = 0.0
-        self._stop = None
-        self._thread = None
-
-    def _poll(self) -> None:
-        psutil = self._psutil
-        me = psutil.Process()
-        alive = set()
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                # A Ray worker's title changes with the task it runs, its kind does not: the
-                # kind is derived once per (process, name); a forked DataLoader worker is
-                # "python" until torch renames it, so the name is part of the key.
-                if p.pid not in self._last:
-                    self._parent[p.pid] = p.ppid()
-                key = (p.pid, p.name())
-                if key not in self._kinds:
-                    self._kinds[key] = self._kind(p)
-                self._last[p.pid] = (self._kinds[key], t.user + t.system)
-                alive.add(p.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        self._alive = alive
-
-    @staticmethod
-    def _kind(p: Any) -> str:
-        name = p.name()
-        if name.startswith("ray::") or name in ("python", "python3"):
-            cmd = p.cmdline()
-            if name.startswith("ray::"):
-                # actors keep their class as title (ray::_StatsActor.method, ray::DashboardAgent);
-                # task workers show ray::IDLE or the task running (ray::ReadParquet->...)
-                title = cmd[0].split("(")[0].split(".")[0]
-                actor = title.startswith("ray::_") or title.endswith(("Actor", "Agent"))
-                name = title if actor else "ray::worker"
-            else:  # Ray's helper daemons (dashboard, log_monitor, ...)
-                name = Path(next((c for c in cmd[1:] if c.endswith(".py")), name)).stem
-            name = name[:40]
-        return name
-
-    @staticmethod
-    def _reaped_children_s() -> float:
-        t = os.times()
-        return t.children_user + t.children_system
-
-    def __enter__(self) -> CpuMeter:
-        import threading
-
-        self._poll()
-        self._base = {pid: v for pid, (_, v) in self._last.items()}
-        self._reaped = self._reaped_children_s()
-        self._stop = threading.Event()
-
-        def loop():
-            while not self._stop.wait(self.interval):
-                self._poll()
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-        self._reaped = self._reaped_children_s() - self._reaped
-
-    def by_kind(self) -> dict[str, float]:
-        me = os.getpid()
-        out: dict[str, float] = {}
-        gone: dict[str, float] = {}  # direct children that exited: CPU seen up to their last poll
-        for pid, (name, v) in self._last.items():
-            kind = "driver" if pid == me else name
-            used = v - self._base.get(pid, 0.0)
-            out[kind] = out.get(kind, 0.0) + used
-            if pid not in self._alive and self._parent.get(pid) == me:
-                gone[kind] = gone.get(kind, 0.0) + v  # reaped totals count from their start
-        unseen = self._reaped - sum(gone.values())
-        if unseen > 0:  # what they used after their last poll, or in full if never polled
-            kind = max(gone, key=gone.get) if gone else "reaped children"
-            out[kind] = out.get(kind, 0.0) + unseen
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
 def _cpu_ms_per_sample(res: dict[str, Any]) -> float:
@@ -400,7 +294,6 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     from mmdist.data import ray_scheduling
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
     from mmdist.data.torch_batches import iter_torch
-    from mmdist.ray_env import local_init_kwargs
 
     started = not ray.is_initialized()
     if started:
@@ -437,7 +330,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
             res = _consume(iter(iter_torch(ds, batch_size=batch_size, device="cpu")), limit)
         res["cpu_s"] = cpu.by_kind()
         res["idle_cpu_s_per_s"] = {k: round(v / IDLE_S, 3) for k, v in idle_cpu.items()}
-        res["breakdown"] = _ray_breakdown(ds, res, cpus)
+        res["breakdown"] = ray_breakdown(ds, res, cpus)
         res["warmup_s"] = warmup_s
         if os.environ.get("MMDIST_BENCH_STATS"):
             print(ds.stats())
@@ -445,118 +338,3 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         if started:
             ray.shutdown()
     return res
-
-
-def _ray_breakdown(ds: Any, res: dict[str, Any], cpus: int) -> dict[str, Any]:
-    """Seconds spent per stage of the Ray Data path, from Ray's own stats and our consumer.
-
-    ``task_*`` sums are over all tasks (two run at once on two CPUs); ``udf_s`` is the time
-    inside ``preprocess_batch``; ``tasks_busy_share`` is ``tasks_wall_s`` over ``cpus`` x the
-    whole iteration (what is missing to 1.0 is CPU time with no task running: scheduling gaps
-    between tasks, start and tail); ``iter_*`` are the consumer side in the driver (waiting for
-    blocks, slicing/formatting them into batches, converting to torch). ``cpu_*`` split the
-    measured CPU seconds into the read+preprocess workers and everything else Ray runs;
-    ``cpu_idle_background_s`` is what the same Ray used per second while nothing ran (measured
-    for :data:`IDLE_S` before the epoch) times the epoch's length: the part of Ray's extra CPU
-    that is not work.
-    """
-
-    def total(x: Any) -> float | None:
-        if x is None:
-            return None
-        v = getattr(x, "sum", None)
-        if v is None and hasattr(x, "get"):
-            v = x.get()
-        return round(float(v), 2) if v is not None else None
-
-    cpu = res.get("cpu_s", {})
-    workers = cpu.get("ray::worker", 0.0)
-    out: dict[str, Any] = {"consumer_elapsed_s": round(res["elapsed_s"], 2),
-                           "consumer_wait_s": round(res["wait_s"], 2),
-                           "cpu_workers_s": round(workers, 2),
-                           "cpu_driver_s": cpu.get("driver", 0.0),
-                           "cpu_idle_background_s": round(
-                               sum(res.get("idle_cpu_s_per_s", {}).values())
-                               * (res["startup_s"] + res["elapsed_s"]), 2),
-                           "cpu_ray_daemons_s": round(sum(cpu.values()) - workers
-                                                      - cpu.get("driver", 0.0), 2)}
-    try:
-        summary = ds._get_stats_summary()
-        for op in summary.operators_stats:
-            wall = total(op.wall_time)
-            out[f"op {op.operator_name}"] = {
-                "tasks_wall_s": wall, "tasks_cpu_s": total(op.cpu_time),
-                "udf_s": total(op.function_body_time),
-                "output_build_s": total(op.output_build_time),
-                "tasks_busy_share": (round(wall / (cpus * (res["startup_s"] + res["elapsed_s"])),
-                                           2) if wall else None)}
-        it = summary.iter_stats
-        for name in ("time_to_first_batch", "wait_time", "get_time", "format_time",
-                     "collate_time", "finalize_batch_time", "blocked_production_wait_time"):
-            out[f"iter {name}_s"] = total(getattr(it, name, None))
-    except Exception as e:  # stats internals change between Ray versions; never fail the bench
-        out["stats_error"] = f"{type(e).__name__}: {e}"
-    return out
-
-
-# ---- realistic shards -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RealisticSource:
-    """224-pixel JPEGs (smooth content + shapes + grain), 2-5 s of 22.05 kHz mono audio, and a
-    10-20 word caption per row; a pure function of (seed, index)."""
-
-    num_samples: int
-    seed: int = 0
-    name: str = "bench-realistic"
-
-    def records(self):
-        for i in range(self.num_samples):
-            yield {"sample_id": i, "origin": f"bench index={i}", "group": str(i)}
-
-    def load(self, record: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-        import soundfile as sf
-        from PIL import Image, ImageDraw
-
-        i = record["sample_id"]
-        rng = np.random.default_rng([self.seed, i])
-        base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize((224, 224), Image.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(3):
-            x, y = rng.integers(0, 200, size=2)
-            w, h = rng.integers(20, 100, size=2)
-            draw.ellipse([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        arr = np.asarray(img, dtype=np.int16) + rng.integers(-8, 9, size=(224, 224, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=85)
-        sr = 22050
-        n = int(sr * rng.uniform(2.0, 5.0))
-        t = np.arange(n) / sr
-        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) + rng.normal(0, 0.05, n)
-        abuf = io.BytesIO()
-        sf.write(abuf, wave.astype(np.float32), sr, format="WAV", subtype="PCM_16")
-        words = rng.choice(_WORDS, size=int(rng.integers(10, 21)))
-        return {"sample_id": i, "text": " ".join(words).capitalize() + ".", "target": None,
-                "label": int(i % 8), "image": buf.getvalue(), "audio": abuf.getvalue()}
-
-
-def realistic_shards(rows: int, shard_rows: int, cfg: Any, seed: int = 0) -> Path:
-    """Write (once) and return ``.cache/bench_ingest/rows{rows}-shard{shard_rows}``."""
-    from mmdist.data.prepare import convert
-    from mmdist.data.shards import MANIFEST, ManifestError, verify_manifest
-
-    out = Path(".cache") / "bench_ingest" / f"rows{rows}-shard{shard_rows}-seed{seed}"
-    if (out / MANIFEST).exists():
-        try:
-            verify_manifest(out)
-            return out
-        except ManifestError:
-            pass
-    data = cfg.override({"data.val_fraction": 0.0, "data.shard_rows": shard_rows}).data
-    print(f"writing realistic shards to {out} ...", flush=True)
-    convert(RealisticSource(rows, seed), out, data, seed=seed, params={"bench": rows},
-            parallel="local")
-    return out

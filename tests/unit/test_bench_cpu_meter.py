@@ -4,7 +4,7 @@ exits between two polls is still counted, under its kind when a poll saw it, els
 import subprocess
 import sys
 
-from mmdist.bench.ingest import CpuMeter
+from mmdist.bench.cpu_meter import CpuMeter
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
 
