@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mmdist.config import Config, load_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,8 @@ def _timed(step, warmup: int, steps: int) -> float:
 
 def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
                threads: int) -> dict[str, float]:
+    import torch  # heavy: `mmdist --help` imports this module to build its parser
+
     from mmdist.models import build_model
     from mmdist.train.optim import build_optimizer
 
@@ -86,7 +89,10 @@ def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 
 def engine_steps(config: dict[str, Any]) -> dict[str, float]:
     """Build training's DeepSpeed engine at world size 1 and time its steps (needs a torch
-    process group: Ray Train's in a worker, ``bench.mfu.single_process_group`` in this one)."""
+    process group: Ray Train's in a worker, ``bench.process_group.single_process_group`` in
+    this one)."""
+    import torch
+
     from mmdist.train.engine import build_engine
 
     torch.set_num_threads(config["threads"])
@@ -141,7 +147,9 @@ def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
-    from mmdist.bench.mfu import single_process_group
+    import torch
+
+    from mmdist.bench.process_group import single_process_group
     from mmdist.ray_env import init_ray
 
     cfg = load_config(args.config, [*args.overrides, "train.num_workers=1"])

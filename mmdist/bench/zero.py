@@ -13,8 +13,6 @@ import argparse
 import tempfile
 from typing import Any
 
-import torch
-
 from mmdist.config import Config, load_config
 
 
@@ -26,6 +24,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _bytes(tensors) -> int:
+    import torch  # heavy: `mmdist --help` imports this module to build its parser
+
     return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
 
 

@@ -44,11 +44,11 @@ class RowError(ValueError):
 
 def check_image(data: bytes) -> None:
     """Decode image bytes the way training will (any mode -> 8-bit RGB, see
-    ``preprocess.decode_image``); raise RowError when that fails, so a row that passes here
+    ``image.decode_image``); raise RowError when that fails, so a row that passes here
     never turns into a missing image at training time."""
     from PIL import Image
 
-    from mmdist.data.preprocess import decode_image
+    from mmdist.data.image import decode_image
 
     mode = None
     try:
