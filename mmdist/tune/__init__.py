@@ -51,7 +51,7 @@ from mmdist.tune.space import (
 )
 from mmdist.tune.trial import TrialConfigError, run_trial, trial_fn
 
-__all__ = ["TrialConfigError", "check_fits", "concurrent_trials", "configure_parser",
+__all__ = ["TrialConfigError", "best_trial", "check_fits", "concurrent_trials", "configure_parser",
            "default_space", "error_line", "expected_trials", "parse_space_arg", "refusal",
            "resolve_space", "run", "run_trial", "space_points", "sweep", "to_tune_space",
            "trial_cpus", "trial_fn", "trial_overrides", "valid_fusion_pairs", "write_report"]
@@ -207,7 +207,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
                 + "; ".join(f"{format_overrides(f['overrides'])}: {f['error']}" for f in failed)
                 + f" (logs under {tune_path})")
         raise CommandError(f"sweep {name}: no trial reported {metric}; see {tune_path}")
-    best = (max if mode == "max" else min)(valid, key=lambda r: r["metric"])
+    best = best_trial(valid, mode)
     files = write_report(rows, grid, metric, mode, report_dir, dropped)
     for f in files:
         _retry_log_artifact(uri, parent, f)
@@ -230,6 +230,16 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return summary
+
+
+def best_trial(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """The best of the trials that ran to the end (they have a model to register), or of all
+    when none did. A trial ASHA stopped is judged at an early rung, against finished trials
+    judged at the end; with concurrent trials the order of reports decides which ones ASHA
+    stops, so an early rung can look better than a finished run and leave nothing to
+    register."""
+    finished = [r for r in rows if r.get("model_dir")]
+    return (max if mode == "max" else min)(finished or rows, key=lambda r: r["metric"])
 
 
 def _unfinished_trials(tune_dir: Path, expected: int) -> int:
