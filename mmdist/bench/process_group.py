@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,15 @@ def single_process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                # DeepSpeed wrapped this group and caches it: its own destroy releases those
+                # references, so an engine built under a later group in this process (a test
+                # session, repeated benches) does not use the dead one ("Group ... is not
+                # registered").
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
         for key, value in env_before.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -160,9 +160,11 @@ def test_mlflow_server_answers_run_searches(cluster):
     assert "Traceback" not in log, log[-4000:]
 
 
+AUTH_ONLY = pytest.mark.parametrize("cluster", [True], ids=["auth"], indirect=True)
+
+
+@AUTH_ONLY  # only the --mlflow-auth server has a password
 def test_mlflow_server_refuses_requests_without_the_password(cluster):
-    if not cluster.auth:
-        pytest.skip("only the --mlflow-auth server has a password")
     password = cluster.vars["MLFLOW_TRACKING_PASSWORD"]
     assert len(password) >= 24 and (cluster.state / "mlflow_admin_password").stat().st_mode \
         & 0o077 == 0
@@ -173,9 +175,8 @@ def test_mlflow_server_refuses_requests_without_the_password(cluster):
     assert _mlflow_request(cluster, api, user="admin", password=password).code == 200
 
 
+@AUTH_ONLY  # the Ray head is the same in both modes: checked once
 def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_path):
-    if not cluster.auth:
-        pytest.skip("the Ray head is the same in both modes: checked once, with the auth cluster")
     work = tmp_path / "job"
     work.mkdir()
     (work / "hello.py").write_text(
