@@ -10,30 +10,33 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from mmdist import registry
 from mmdist.config_io import build, flatten, read_text, read_yaml, report, space_problems
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# Choices, read by the CLI help and sweep defaults and typing the fields: one edit adds a name.
-TASKS = ("itm", "contrastive", "classify", "lm", "vqa", "multitask")
+# Choices, read by the CLI help and sweep defaults and typing the fields: tasks, fusion methods
+# and encoders come from the registry (one entry there adds a name here).
+TASKS = tuple(registry.TASKS)
 SIZES = ("tiny", "small", "base", "1b", "7b")
 MODALITIES = ("text", "image", "audio")
-FUSIONS = ("concat", "add", "mul", "weighted", "attention", "transformer", "conv", "recurrent")
+FUSIONS = tuple(registry.FUSIONS)
 FUSION_STAGES = ("early", "mid", "late")
-TEXT_ENCODERS = ("bert", "lstm", "gru")
-IMAGE_ENCODERS = ("cnn", "resnet18", "resnet50", "vit_b_16")
-AUDIO_ENCODERS = ("conv", "transformer")
-DECODERS = ("gpt2", "llama", "lstm")
+TEXT_ENCODERS = registry.TEXT_ENCODERS
+IMAGE_ENCODERS = registry.IMAGE_ENCODERS
+AUDIO_ENCODERS = registry.AUDIO_ENCODERS
+DECODERS = registry.DECODERS
 LM_CONDITIONING = ("prefix", "cross_attention")
 VQA_ANSWERS = ("generate", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGS = ("random", "grid")
+LOWER_IS_BETTER = ("_loss", "_perplexity")  # metric name endings where lower is better
 
-# The metric each task is judged by (higher is better unless listed in LOWER_IS_BETTER).
-PRIMARY_METRIC = {"itm": "val_accuracy", "contrastive": "val_r1_mean", "classify": "val_accuracy",
-                  "lm": "val_loss", "vqa": "val_accuracy", "multitask": "val_loss"}
-LOWER_IS_BETTER = {"val_loss", "val_perplexity"}
+
+def task_class(name: str) -> Any:
+    """The task registered as ``name`` (``mmdist.tasks``; imports torch on first use)."""
+    return registry.load(registry.TASKS, name, "task")
 
 
 class ConfigError(ValueError):
@@ -101,28 +104,15 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> ModelConfig:
-        task, mods, w = self.task, self.modalities, self.task_weights
-        pair = [k for k in ("itm", "contrastive") if w.get(k, 0) > 0]
+        mods = self.modalities
         return report(self, info, [
             (len(set(mods)) != len(mods), f"model.modalities={mods}: listed twice"),
-            (task in ("itm", "contrastive", "lm", "vqa") and "text" not in mods,
-             f"model.modalities={mods}: task {task!r} needs 'text'"),
-            (task in ("itm", "contrastive") and len(mods) < 2, f"model.modalities={mods}: task "
-             f"{task!r} matches text against another modality; add 'image' or 'audio'"),
-            (self.num_classes < 2 and task in ("classify", "multitask"),
-             f"model.num_classes={self.num_classes}: must be >= 2 for task {task!r}"),
-            *((True, f"model.task_weights.{k}: unknown task; choose from {list(TASKS[:-1])}")
-              if k not in TASKS[:-1] else (v < 0, f"model.task_weights.{k}={v}: must be >= 0")
-              for k, v in w.items()),
+            *((True, p) for p in task_class(self.task).config_problems(self,
+                                                                         f"task {self.task!r}")),
             (self.fusion_stage == "late" and self.fusion == "attention",
              "model.fusion=attention with model.fusion_stage=late: late fusion combines one "
              "pooled output per modality, so cross-attention has no token sequence to attend "
              "over; use stage early/mid or fusion transformer/weighted/concat"),
-            (self.decoder == "llama" and self.lm_conditioning == "cross_attention" and (
-                task in ("lm", "multitask") or (task == "vqa" and self.vqa_answer == "generate")),
-             "model.decoder=llama with model.lm_conditioning=cross_attention: transformers' "
-             "Llama has no cross-attention layers; use model.lm_conditioning=prefix or "
-             "model.decoder=gpt2/lstm"),
             *((self.fusion_stage == "early" and getattr(self, k), f"model.{k}={getattr(self, k)!r} "
                "with model.fusion_stage=early: early fusion replaces the encoders by input "
                "embeddings, so the pretrained weights would be unused; use stage mid or late")
@@ -131,16 +121,7 @@ class ModelConfig(Section):
              f"{self.text_pretrained!r}: loads a transformers BERT; set model.text_encoder=bert"),
             (self.image_pretrained and self.image_encoder == "cnn", f"model.image_pretrained="
              f"{self.image_pretrained!r}: loads torchvision weights; set model.image_encoder to "
-             "resnet18, resnet50 or vit_b_16"),
-            (task == "multitask" and "vqa" in w, "model.task_weights.vqa: multitask combines itm, "
-             "contrastive, classify and lm (vqa answer generation is lm on question+answer data)"),
-            (task == "multitask" and w and not any(v > 0 for v in w.values()),
-             f"model.task_weights={w}: multitask needs a task with weight > 0"),
-            (task == "multitask" and pair and ("text" not in mods or len(mods) < 2),
-             f"model.modalities={mods}: multitask {pair} matches text against another "
-             "modality; needs 'text' and 'image' or 'audio'"),
-            (task == "multitask" and w.get("lm", 0) > 0 and "text" not in mods,
-             f"model.modalities={mods}: multitask lm needs 'text'")])
+             "resnet18, resnet50 or vit_b_16")])
 
 
 class TrainConfig(Section):
@@ -243,11 +224,13 @@ class Config(Section):
     @property
     def primary_metric(self) -> str:
         """What trials and checkpoints are judged by: ``tune.metric`` or the task's metric."""
-        return self.tune.metric or PRIMARY_METRIC[self.model.task]
+        return self.tune.metric or task_class(self.model.task).primary_metric
 
     @property
     def metric_mode(self) -> Literal["min", "max"]:
-        return "min" if self.primary_metric in LOWER_IS_BETTER else "max"
+        if not self.tune.metric:
+            return task_class(self.model.task).mode
+        return "min" if self.tune.metric.endswith(LOWER_IS_BETTER) else "max"
 
     def resolve(self) -> dict[str, Any]:
         """The derived values (properties of the config), logged beside it as MLflow params."""

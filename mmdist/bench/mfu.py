@@ -56,7 +56,7 @@ from mmdist.bench.mfu_measure import (
     timed_steps,
 )
 from mmdist.bench.process_group import single_process_group
-from mmdist.config import Config, load_config
+from mmdist.config import Config, load_config, task_class
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.schema import audio_frames, random_batch
 from mmdist.errors import CommandError
@@ -240,8 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data_dir, cfg = ensure_shards(cfg, (args.warmup + args.steps) * b, workers)
     tokenizer = load_tokenizer(data_dir)
-    vocab = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
-             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    vocab = tokenizer.model_vocab()
     data_s = time.perf_counter() - t0
     flops = flops_per_sample(cfg, vocab["vocab_size"])
 
@@ -251,8 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               + (5 if args.profile else 0))
         setup_s = time.perf_counter() - t0
         params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        has_decoder = any(task_class(t).uses_decoder(m)
+                          for t in task_class(m.task).components(m))
         print(f"[bench mfu] config={args.config} task={m.task} size={m.size} "
-              f"decoder={m.decoder if engine.module.decoder is not None else '-'} "
+              f"decoder={m.decoder if has_decoder else '-'} "
               f"params={params / 1e6:.2f}M vocab={vocab['vocab_size']} batch={b} "
               f"zero={t.zero_stage} precision={t.precision} device={device_name} "
               f"compile={m.compile} activation_checkpointing={m.activation_checkpointing}; "

@@ -18,6 +18,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -148,6 +149,19 @@ class TextTokenizer:
     @property
     def eos_id(self) -> int:
         return self._eos_id
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token ([PAD]/[BOS]/[EOS] and the tokenizer's added specials):
+        never text, so generation metrics drop them."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        return sorted({i for i, t in added.items() if t.special}
+                      | {self._pad_id, self._bos_id, self._eos_id})
+
+    def model_vocab(self) -> dict[str, Any]:
+        """What a model is built with: ``vocab_size`` and the special ids."""
+        return {"vocab_size": self.vocab_size, "pad_id": self.pad_id, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "special_ids": self.special_ids}
 
     # ---- encoding -------------------------------------------------------------------------
     def encode_batch(self, texts: Sequence[str | None], max_len: int) -> tuple[np.ndarray, np.ndarray]:

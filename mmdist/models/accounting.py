@@ -15,14 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mmdist.config import Config
-from mmdist.models.fused import (
-    DECODER_POSITIONS,
-    SLOTS,
-    TASK_GROUP,
-    encoded_modalities,
-    task_list,
-)
+from mmdist.config import Config, task_class
+from mmdist.data.schema import audio_frames
+from mmdist.models.builder import DECODER_POSITIONS, SLOTS, encoded_modalities
 from mmdist.models.input_embeddings import AUDIO_TOKENS, GRID
 from mmdist.models.sizes import SizeSpec, size_spec
 
@@ -46,19 +41,19 @@ class Cost:
         return Cost(self.params + o.params, self.flops + o.flops, o.tokens or self.tokens)
 
 
-def _linear(i: int, o: int, n: float = 1, bias: bool = True) -> Cost:
+def linear_cost(i: int, o: int, n: float = 1, bias: bool = True) -> Cost:
     return Cost(i * o + (o if bias else 0), 2.0 * i * o * n)
 
 
-def _ln(d: int) -> Cost:
+def ln_cost(d: int) -> Cost:
     return Cost(2 * d, 0.0)
 
 
 def _block(d: int, t: int, tk: int | None = None) -> Cost:
     """One of mmdist's pre-LN transformer blocks on t tokens (cross-attending to tk tokens)."""
     tk = t if tk is None else tk
-    c = _ln(d) + _linear(d, d, t) + _linear(d, 2 * d, tk) + _linear(d, d, t) + _ln(d)
-    c = c + _linear(d, 4 * d, t) + _linear(4 * d, d, t)
+    c = ln_cost(d) + linear_cost(d, d, t) + linear_cost(d, 2 * d, tk) + linear_cost(d, d, t) + ln_cost(d)
+    c = c + linear_cost(d, 4 * d, t) + linear_cost(4 * d, d, t)
     return c + Cost(0, 4.0 * t * tk * d)
 
 
@@ -66,7 +61,7 @@ def _stack(d: int, t: int, layers: int) -> Cost:
     c = Cost()
     for _ in range(layers):
         c = c + _block(d, t)
-    return c + _ln(d)
+    return c + ln_cost(d)
 
 
 def _rnn(gates: int, i: int, h: int, t: int, layers: int, bidirectional: bool) -> Cost:
@@ -83,8 +78,8 @@ def _conv_out(n: int) -> int:  # kernel 3, stride 2, padding 1
     return (n - 1) // 2 + 1
 
 
-def _mlp_head(d: int, out: int, n: int = 1) -> Cost:
-    return _ln(d) + _linear(d, d, n) + _linear(d, out, n)
+def mlp_head_cost(d: int, out: int, n: int = 1) -> Cost:
+    return ln_cost(d) + linear_cost(d, d, n) + linear_cost(d, out, n)
 
 
 def _text_encoder(kind: str, s: SizeSpec, vocab: int, length: int) -> Cost:
@@ -92,15 +87,15 @@ def _text_encoder(kind: str, s: SizeSpec, vocab: int, length: int) -> Cost:
     if kind in ("lstm", "gru"):
         h = d // 2
         c = Cost(vocab * d) + _rnn(4 if kind == "lstm" else 3, d, h, length, s.enc_layers, True)
-        return c + _linear(2 * h, d, length) + _ln(d) + Cost(tokens=length)
+        return c + linear_cost(2 * h, d, length) + ln_cost(d) + Cost(tokens=length)
     # bert: embeddings (word, position, token type) + LN, layers, projection
     p = max(length, 64)
-    c = Cost((vocab + p + 2) * d) + _ln(d)
+    c = Cost((vocab + p + 2) * d) + ln_cost(d)
     for _ in range(s.enc_layers):
-        c = c + _linear(d, d, length) + _linear(d, d, length) + _linear(d, d, length)
-        c = c + _linear(d, d, length) + _ln(d) + _linear(d, 4 * d, length)
-        c = c + _linear(4 * d, d, length) + _ln(d) + Cost(0, 4.0 * length * length * d)
-    return c + _linear(d, d, length) + _ln(d) + Cost(tokens=length)
+        c = c + linear_cost(d, d, length) + linear_cost(d, d, length) + linear_cost(d, d, length)
+        c = c + linear_cost(d, d, length) + ln_cost(d) + linear_cost(d, 4 * d, length)
+        c = c + linear_cost(4 * d, d, length) + ln_cost(d) + Cost(0, 4.0 * length * length * d)
+    return c + linear_cost(d, d, length) + ln_cost(d) + Cost(tokens=length)
 
 
 def _cnn(channels: tuple[int, ...], c_in: int, size: int, dim: int, two_d: bool) -> Cost:
@@ -113,7 +108,7 @@ def _cnn(channels: tuple[int, ...], c_in: int, size: int, dim: int, two_d: bool)
         c = c + Cost(c_in * ch * k + ch + 2 * ch, 2.0 * c_in * ch * k * pos)
         c_in = ch
     t = n * n if two_d else n
-    return c + _linear(c_in, dim, t) + _ln(dim) + Cost(tokens=t)
+    return c + linear_cost(c_in, dim, t) + ln_cost(dim) + Cost(tokens=t)
 
 
 def _image_encoder(kind: str, s: SizeSpec, size: int) -> Cost:
@@ -125,15 +120,15 @@ def _image_encoder(kind: str, s: SizeSpec, size: int) -> Cost:
         grid = math.ceil(size / 32)
         t = grid * grid + 1
         c = Cost(tv["params"], 2.0 * tv["macs"] * (size / 224) ** 2)
-        return c + _linear(tv["width"], d, t) + _ln(d) + Cost(tokens=t)
+        return c + linear_cost(tv["width"], d, t) + ln_cost(d) + Cost(tokens=t)
     v = VIT_B16
     w, t = v["width"], (size // v["patch"]) ** 2 + 1
     c = Cost(3 * v["patch"] ** 2 * w + w, 2.0 * 3 * v["patch"] ** 2 * w * (t - 1))
     c = c + Cost(w + t * w)  # class token, positions
     for _ in range(v["layers"]):  # torchvision encoder block: LN, MHA, LN, MLP
-        c = c + _ln(w) + _linear(w, 3 * w, t) + _linear(w, w, t) + _ln(w)
-        c = c + _linear(w, v["mlp"], t) + _linear(v["mlp"], w, t) + Cost(0, 4.0 * t * t * w)
-    return c + _ln(w) + _linear(w, d, t) + _ln(d) + Cost(tokens=t)
+        c = c + ln_cost(w) + linear_cost(w, 3 * w, t) + linear_cost(w, w, t) + ln_cost(w)
+        c = c + linear_cost(w, v["mlp"], t) + linear_cost(v["mlp"], w, t) + Cost(0, 4.0 * t * t * w)
+    return c + ln_cost(w) + linear_cost(w, d, t) + ln_cost(d) + Cost(tokens=t)
 
 
 def _audio_encoder(kind: str, s: SizeSpec, n_mels: int, frames: int) -> Cost:
@@ -141,39 +136,39 @@ def _audio_encoder(kind: str, s: SizeSpec, n_mels: int, frames: int) -> Cost:
     if kind == "conv":
         return _cnn(s.cnn_channels, n_mels, frames, d, two_d=False)
     t = math.ceil(frames / 4)
-    return _linear(n_mels, d, t) + Cost(t * d) + _stack(d, t, s.enc_layers) + Cost(tokens=t)
+    return linear_cost(n_mels, d, t) + Cost(t * d) + _stack(d, t, s.enc_layers) + Cost(tokens=t)
 
 
 def _early(mod: str, s: SizeSpec, cfg: Config, vocab: int, frames: int) -> Cost:
     d, data = s.hidden, cfg.data
     if mod == "text":
-        return Cost(vocab * d + data.max_text_len * d) + _ln(d) + Cost(tokens=data.max_text_len)
+        return Cost(vocab * d + data.max_text_len * d) + ln_cost(d) + Cost(tokens=data.max_text_len)
     if mod == "image":
         p = max(1, data.image_size // GRID)
         t = (data.image_size // p) ** 2
-        return Cost(3 * p * p * d + d + t * d, 2.0 * 3 * p * p * d * t) + _ln(d) + Cost(tokens=t)
+        return Cost(3 * p * p * d + d + t * d, 2.0 * 3 * p * p * d * t) + ln_cost(d) + Cost(tokens=t)
     stride = math.ceil(frames / AUDIO_TOKENS)
     t = math.ceil(frames / stride)
-    return _linear(cfg.data.n_mels, d, t) + Cost(t * d) + _ln(d) + Cost(tokens=t)
+    return linear_cost(cfg.data.n_mels, d, t) + Cost(t * d) + ln_cost(d) + Cost(tokens=t)
 
 
 def _fusion(name: str, s: SizeSpec, tokens: list[int], k: int) -> Cost:
     d, m = s.hidden, len(tokens)
     if name == "concat":
-        return _linear(m * d, d, k) + _ln(d) + Cost(tokens=k)
+        return linear_cost(m * d, d, k) + ln_cost(d) + Cost(tokens=k)
     if name == "add":
-        return _ln(d) + Cost(tokens=k)
+        return ln_cost(d) + Cost(tokens=k)
     if name == "mul":
-        return Cost(m * (d * d + d), 2.0 * m * d * d * k) + _ln(d) + Cost(tokens=k)
+        return Cost(m * (d * d + d), 2.0 * m * d * d * k) + ln_cost(d) + Cost(tokens=k)
     if name == "weighted":
-        c = Cost(m) + _linear(d, 1, m * k) + Cost(m * (d * d + d), 2.0 * m * d * d * k)
-        return c + _ln(d) + Cost(tokens=k)
+        c = Cost(m) + linear_cost(d, 1, m * k) + Cost(m * (d * d + d), 2.0 * m * d * d * k)
+        return c + ln_cost(d) + Cost(tokens=k)
     if name == "conv":
         kernel = 3
-        c = Cost(d * d * kernel + d, 2.0 * d * d * kernel * m * k) + _linear(m * d, d, k)
-        return c + _ln(d) + Cost(tokens=k)
+        c = Cost(d * d * kernel + d, 2.0 * d * d * kernel * m * k) + linear_cost(m * d, d, k)
+        return c + ln_cost(d) + Cost(tokens=k)
     if name == "recurrent":
-        return (_rnn(3, d, d, m * k, s.fusion_layers, False) + _linear(d, d, k) + _ln(d)
+        return (_rnn(3, d, d, m * k, s.fusion_layers, False) + linear_cost(d, d, k) + ln_cost(d)
                 + Cost(tokens=k))
     if name == "attention":
         tq = tokens[0]
@@ -181,55 +176,53 @@ def _fusion(name: str, s: SizeSpec, tokens: list[int], k: int) -> Cost:
         c = Cost()
         for _ in range(s.fusion_layers):
             c = c + _block(d, tq, tk)
-        return c + _ln(d) + _ln(d) + Cost(tokens=tq)
+        return c + ln_cost(d) + ln_cost(d) + Cost(tokens=tq)
     # transformer
     t = sum(tokens)
     c = Cost(m * d)
     for _ in range(s.fusion_layers):
         c = c + _block(d, t)
-    return c + _ln(d) + Cost(tokens=t)
+    return c + ln_cost(d) + Cost(tokens=t)
 
 
-def _decoder(kind: str, cond: str, s: SizeSpec, vocab: int, length: int, memory: int,
+def decoder_cost(kind: str, cond: str, s: SizeSpec, vocab: int, length: int, memory: int,
              d: int) -> Cost:
     w, n_layers, t = s.dec_width, s.dec_layers, length - 1
     n = t + memory if cond == "prefix" else t  # positions the LM runs on
-    c = _linear(d, w, memory) + _ln(w)  # memory projection
+    c = linear_cost(d, w, memory) + ln_cost(w)  # memory projection
     if kind == "lstm":
-        c = c + Cost(vocab * w) + _linear(w, 2 * n_layers * w)
-        c = c + _rnn(4, w, w, n, n_layers, False) + _linear(2 * w, w, t) + _ln(w)
+        c = c + Cost(vocab * w) + linear_cost(w, 2 * n_layers * w)
+        c = c + _rnn(4, w, w, n, n_layers, False) + linear_cost(2 * w, w, t) + ln_cost(w)
         if cond != "prefix":
             c = c + Cost(0, 4.0 * t * memory * w)
-        return c + _linear(w, vocab, t)
+        return c + linear_cost(w, vocab, t)
     if kind == "gpt2":
         c = c + Cost((vocab + DECODER_POSITIONS + length) * w)
         for _ in range(n_layers):
-            c = c + _ln(w) + _linear(w, 3 * w, n) + _linear(w, w, n) + _ln(w)
-            c = c + _linear(w, 4 * w, n) + _linear(4 * w, w, n) + Cost(0, 4.0 * n * n * w)
+            c = c + ln_cost(w) + linear_cost(w, 3 * w, n) + linear_cost(w, w, n) + ln_cost(w)
+            c = c + linear_cost(w, 4 * w, n) + linear_cost(4 * w, w, n) + Cost(0, 4.0 * n * n * w)
             if cond == "cross_attention":
-                c = c + _ln(w) + _linear(w, w, n) + _linear(w, 2 * w, memory)
-                c = c + _linear(w, w, n) + Cost(0, 4.0 * n * memory * w)
-        return c + _ln(w) + Cost(0, 2.0 * n * w * vocab)  # lm head tied to the embedding
+                c = c + ln_cost(w) + linear_cost(w, w, n) + linear_cost(w, 2 * w, memory)
+                c = c + linear_cost(w, w, n) + Cost(0, 4.0 * n * memory * w)
+        return c + ln_cost(w) + Cost(0, 2.0 * n * w * vocab)  # lm head tied to the embedding
     # llama: bias-free q/k/v/o, SwiGLU MLP, RMSNorm, untied head
     c = c + Cost(vocab * w)
     for _ in range(n_layers):
-        c = c + Cost(2 * w) + _linear(w, w, n, False)
-        c = c + _linear(w, 2 * w, n, False) + _linear(w, w, n, False)
-        c = c + _linear(w, 2 * s.dec_ffn, n, False) + _linear(s.dec_ffn, w, n, False)
+        c = c + Cost(2 * w) + linear_cost(w, w, n, False)
+        c = c + linear_cost(w, 2 * w, n, False) + linear_cost(w, w, n, False)
+        c = c + linear_cost(w, 2 * s.dec_ffn, n, False) + linear_cost(s.dec_ffn, w, n, False)
         c = c + Cost(0, 4.0 * n * n * w)
-    return c + Cost(w) + _linear(w, vocab, n, False)
+    return c + Cost(w) + linear_cost(w, vocab, n, False)
 
 
 def _costs(cfg: Config, vocab_size: int) -> Cost:
-    from mmdist.data.schema import audio_frames
-
     m, data = cfg.model, cfg.data
     s = size_spec(m.size, m.hidden_size)
     d = s.hidden
     frames = audio_frames(data.sample_rate, data.audio_seconds, data.hop_length)
     mods = [x for x in ("text", "image", "audio") if x in m.modalities]
     total = Cost(len(mods) * d)  # missing-modality embeddings
-    tasks = task_list(m.task, m.task_weights)
+    tasks = list(task_class(m.task).components(m))
     enc_tokens: dict[str, int] = {}
     for mod in encoded_modalities(mods, tasks):
         if m.fusion_stage == "early":
@@ -243,11 +236,9 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
         enc_tokens[mod] = c.tokens
         total = total + Cost(c.params, c.flops)
 
-    vqa_classify = m.task == "vqa" and m.vqa_answer == "classify"
     trunk_layers = s.trunk_layers + (s.enc_layers if m.fusion_stage == "early" else 0)
     fusers: dict[str, Cost] = {}
-    for group in sorted({"all" if (t == "vqa" or TASK_GROUP[t] == "all") else "context"
-                         for t in tasks}):
+    for group in sorted({task_class(t).group for t in tasks}):
         gm = mods if group == "all" else [x for x in mods if x != "text"]
         if not gm:
             total = total + Cost(d)  # null memory token
@@ -257,30 +248,20 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
         c = Cost()
         if m.fusion_stage == "late":
             for _ in gm:
-                c = c + _mlp_head(d, d)
+                c = c + mlp_head_cost(d, d)
             tokens = [1] * len(gm)
         f = _fusion(m.fusion, s, tokens, SLOTS[m.fusion_stage])
         c = c + f
         trunk = Cost()
         for _ in range(trunk_layers):
             trunk = trunk + _block(d, f.tokens)
-        fusers[group] = c + trunk + _ln(d) + Cost(tokens=f.tokens)
+        fusers[group] = c + trunk + ln_cost(d) + Cost(tokens=f.tokens)
         total = total + Cost(fusers[group].params)
-    n_out = 1 if m.num_classes == 2 else m.num_classes
     for t in tasks:
-        passes = {"itm": 2}.get(t, 1)
-        group = "all" if (t == "vqa" or TASK_GROUP[t] == "all") else "context"
-        total = total + Cost(0, passes * fusers[group].flops)
-        if t == "itm":
-            h = _mlp_head(d, 1, 2)
-        elif t == "classify" or (t == "vqa" and vqa_classify):
-            h = _mlp_head(d, n_out)
-        elif t == "contrastive":
-            h = _ln(d) + _linear(d, d) + _ln(d) + _linear(d, d) + Cost(1)
-        else:
-            h = _decoder(m.decoder, m.lm_conditioning, s, vocab_size, data.max_text_len,
-                         fusers[group].tokens, d)
-        total = total + h
+        task = task_class(t)
+        fused = fusers[task.group]
+        total = total + Cost(0, task.fusion_passes * fused.flops)
+        total = total + task.head_cost(cfg, s, vocab_size, fused.tokens)
     return total
 
 

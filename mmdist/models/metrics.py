@@ -1,113 +1,171 @@
-"""Validation metrics from per-sample model outputs gathered over all batches and ranks.
+"""Validation metrics on torchmetrics: states that sum or concatenate, reduced across ranks by
+torchmetrics' own sync when ``compute()`` runs in a process group.
 
-``compute_metrics(task, outputs)`` reads what :meth:`FusedModel.eval_outputs` returns
-(``loss`` plus ``<task>.<name>`` tensors, first dim = samples) and gives ``val_loss`` and the
-task's metrics: itm ``val_accuracy``; contrastive ``val_r{1,5,10}_{t2i,i2t}`` and
-``val_r1_mean``; classify / vqa ``val_accuracy``; lm ``val_perplexity`` and ``val_bleu``;
-multitask each task's metrics as ``val_<task>_<metric>``.
+Each task builds a :class:`TaskMetrics` (``mmdist.tasks``); :class:`EvalMetrics` holds them
+with the mean validation loss and names the results: ``val_<metric>`` for one task,
+``val_<task>_<metric>`` for each task of a multitask model.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.utilities import dim_zero_cat
 
-N_SPECIAL = 6  # ids of mmdist's special tokens ([PAD] [UNK] [BOS] [EOS] [SEP] [MASK])
-EOS_ID = 3
+
+class TaskMetrics(nn.Module):
+    """The metrics of one task: fed its per-sample eval outputs, computed to named floats."""
+
+    def update(self, outputs: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
 
 
-def compute_metrics(task: str, outputs: dict[str, Tensor]) -> dict[str, float]:
-    """Metrics of one task (or of each task of a multitask model) from per-sample outputs.
+class EvalMetrics(nn.Module):
+    """Mean validation loss plus each task's metrics.
 
     Args:
-        task: ``cfg.model.task``.
-        outputs: concatenated :meth:`FusedModel.eval_outputs`.
+        tasks: task name -> its metrics.
+        prefixed: name results ``val_<task>_<metric>`` (multitask) instead of ``val_<metric>``.
     """
-    if not outputs:
-        return {}
-    metrics = {"val_loss": float(outputs["loss"].float().mean())}
-    tasks = sorted({k.split(".", 1)[0] for k in outputs if "." in k})
-    for t in tasks:
-        sub = {k.split(".", 1)[1]: v for k, v in outputs.items() if k.startswith(t + ".")}
-        m = _task_metrics(t, sub)
-        if task == "multitask":
-            metrics.update({f"val_{t}_{k[4:]}": v for k, v in m.items()})
-        else:
-            metrics.update(m)
-    if task != "multitask" and "val_token_loss" in metrics:
-        metrics["val_loss"] = metrics.pop("val_token_loss")  # token-weighted, as perplexity
-    return metrics
 
+    def __init__(self, tasks: dict[str, TaskMetrics], prefixed: bool):
+        super().__init__()
+        self.loss = MeanMetric(nan_strategy="disable")
+        self.tasks = nn.ModuleDict(tasks)
+        self.prefixed = prefixed
 
-def _task_metrics(task: str, o: dict[str, Tensor]) -> dict[str, float]:
-    if "logit_pos" in o:  # itm
-        correct = torch.cat([o["logit_pos"] > 0, o["logit_neg"] <= 0]).float()
-        return {"val_accuracy": float(correct.mean())}
-    if "text_emb" in o:  # contrastive
-        return retrieval_metrics(o["text_emb"].float(), o["other_emb"].float())
-    if "logits" in o:  # classify / vqa classification
-        valid = o["label"] >= 0
-        acc = (o["logits"].argmax(-1) == o["label"])[valid].float()
-        return {"val_accuracy": float(acc.mean()) if acc.numel() else float("nan")}
-    if "nll_sum" in o:  # lm / vqa generation
-        nll = float(o["nll_sum"].double().sum() / o["n_tokens"].double().sum().clamp_min(1))
-        out = {"val_token_loss": nll, "val_perplexity": math.exp(min(nll, 50.0))}
-        if task == "vqa":
-            out["val_accuracy"] = float(o["exact_match"].float().mean())
-        if "generated" in o:
-            out["val_bleu"] = corpus_bleu(o["generated"], o["target"])
+    def update(self, outputs: dict[str, Tensor]) -> None:
+        """Outputs of ``FusedModel.eval_outputs``: ``loss`` and ``<task>.<name>`` tensors."""
+        self.loss.update(outputs["loss"].float())
+        for name, metrics in self.tasks.items():
+            metrics.update({k.split(".", 1)[1]: v for k, v in outputs.items()
+                            if k.startswith(name + ".")})
+
+    def compute(self) -> dict[str, float]:
+        out = {"val_loss": float(self.loss.compute())}
+        for name, metrics in self.tasks.items():
+            values = metrics.compute()
+            if self.prefixed:
+                out.update({f"val_{name}_{k[4:]}": v for k, v in values.items()})
+            else:
+                out.update(values)
+        if not self.prefixed and "val_token_loss" in out:
+            out["val_loss"] = out.pop("val_token_loss")  # token-weighted, as perplexity
         return out
-    return {}
+
+
+class PairRecall(Metric):
+    """Recall@K both ways over paired unit-norm embeddings (row i of each is a pair); the
+    candidates are every pair of the split, gathered from all ranks."""
+
+    full_state_update = False
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
+        super().__init__()
+        self.ks = ks
+        # flat, so a rank without samples contributes an empty tensor of the same rank (1-D)
+        self.add_state("text", default=[], dist_reduce_fx="cat")
+        self.add_state("other", default=[], dist_reduce_fx="cat")
+        self.add_state("dim", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="max")
+
+    def update(self, text: Tensor, other: Tensor) -> None:
+        self.text.append(text.float().reshape(-1))
+        self.other.append(other.float().reshape(-1))
+        self.dim = torch.tensor(text.shape[-1], device=self.dim.device)
+
+    def compute(self) -> dict[str, float]:
+        dim = int(self.dim)
+        return retrieval_metrics(dim_zero_cat(self.text).reshape(-1, dim),
+                                 dim_zero_cat(self.other).reshape(-1, dim), self.ks)
 
 
 def retrieval_metrics(text: Tensor, other: Tensor, ks: tuple[int, ...] = (1, 5, 10)
                       ) -> dict[str, float]:
     """Recall@K both ways for paired unit-norm embeddings (row i of each is a pair)."""
     sim = text @ other.t()
-    n = sim.shape[0]
-    target = torch.arange(n)
+    target = torch.arange(sim.shape[0], device=sim.device)
     out = {}
     for name, s in (("t2i", sim), ("i2t", sim.t())):
         # rank of the true pair = number of candidates scoring strictly higher
-        true = s[target, target].unsqueeze(1)
-        rank = (s > true).sum(1)
+        rank = (s > s[target, target].unsqueeze(1)).sum(1)
         for k in ks:
             out[f"val_r{k}_{name}"] = float((rank < k).float().mean())
     out["val_r1_mean"] = (out["val_r1_t2i"] + out["val_r1_i2t"]) / 2
     return out
 
 
-def _strip(ids: list[int]) -> list[int]:
+def content_ids(ids: Iterable[int], eos_id: int, special_ids: Iterable[int]) -> list[int]:
+    """The ids of a generated or reference row that are text: cut at the first EOS, the
+    tokenizer's special tokens dropped."""
+    special = set(special_ids)
     out = []
     for i in ids:
-        if i == EOS_ID:
+        if i == eos_id:
             break
-        if i >= N_SPECIAL:
+        if i not in special:
             out.append(i)
     return out
 
 
-def corpus_bleu(generated: Tensor, target: Tensor, max_n: int = 4) -> float:
-    """Corpus BLEU-4 (0..1) over token ids, specials removed, cut at EOS; add-one smoothing of
-    the n-gram precisions for n > 1 so short captions do not score 0."""
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(generated.tolist(), target.tolist()):
-        h, r = _strip(hyp), _strip(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-            totals[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0 or matches[0] == 0:
-        return 0.0
-    log_p = 0.0
-    for n in range(max_n):
-        m, t = (matches[n], totals[n]) if n == 0 else (matches[n] + 1, totals[n] + 1)
-        log_p += math.log(m / t) / max_n
-    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return bp * math.exp(log_p)
+class TokenBLEU(Metric):
+    """Corpus BLEU-4 (0..1) over token ids, cut at the tokenizer's EOS, its special tokens
+    removed; add-one smoothing of the n-gram precisions for n > 1, so that short captions
+    without a 4-gram match do not score 0.
+
+    Args:
+        eos_id: the end-of-sequence id of the tokenizer in use.
+        special_ids: every special-token id of that tokenizer.
+    """
+
+    full_state_update = False
+
+    def __init__(self, eos_id: int, special_ids: Iterable[int], max_n: int = 4):
+        super().__init__()
+        self.eos_id, self.special_ids, self.max_n = int(eos_id), sorted(set(special_ids)), max_n
+        for name, size in (("matches", max_n), ("totals", max_n), ("hyp_len", 1), ("ref_len", 1)):
+            self.add_state(name, default=torch.zeros(size, dtype=torch.float64),
+                           dist_reduce_fx="sum")
+
+    def update(self, generated: Tensor, target: Tensor) -> None:
+        n_max = self.max_n
+        matches, totals = [0] * n_max, [0] * n_max
+        hyp_len = ref_len = 0
+        for hyp, ref in zip(generated.tolist(), target.tolist()):
+            h = content_ids(hyp, self.eos_id, self.special_ids)
+            r = content_ids(ref, self.eos_id, self.special_ids)
+            hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+            for n in range(1, n_max + 1):
+                hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+                rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+                matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+                totals[n - 1] += max(len(h) - n + 1, 0)
+        dev = self.matches.device
+        self.matches += torch.tensor(matches, dtype=torch.float64, device=dev)
+        self.totals += torch.tensor(totals, dtype=torch.float64, device=dev)
+        self.hyp_len += hyp_len
+        self.ref_len += ref_len
+
+    def compute(self) -> Tensor:
+        hyp_len, ref_len = float(self.hyp_len), float(self.ref_len)
+        m, t = self.matches.tolist(), self.totals.tolist()
+        if hyp_len == 0 or m[0] == 0:
+            return torch.tensor(0.0)
+        log_p = sum(math.log((m[n] + (n > 0)) / (t[n] + (n > 0))) for n in range(self.max_n))
+        bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+        return torch.tensor(bp * math.exp(log_p / self.max_n))
+
+
+def corpus_bleu(generated: Tensor, target: Tensor, eos_id: int,
+                special_ids: Iterable[int]) -> float:
+    """:class:`TokenBLEU` of one batch of generated rows against their references."""
+    metric = TokenBLEU(eos_id, special_ids)
+    metric.update(generated, target)
+    return float(metric.compute())

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from mmdist.config import Config
 from mmdist.data.shards import canonical_batches, verify_manifest
+from mmdist.models.model_files import read_meta
 from mmdist.serve.predictor import Predictor
+from mmdist.tasks import compute_metrics
 
 
 class EvalActor:
@@ -47,17 +50,13 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
                          batch_size: int | None = None, actors: int = 1,
                          use_gpu: bool = False) -> dict[str, Any]:
     """Metrics of a model on a shard split, computed by a Ray Data actor pool."""
-    import json
-
     import ray
     import torch
 
-    from mmdist.models.metrics import compute_metrics
-
     verify_manifest(data_dir)
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    task = cfg["config"]["model"]["task"] if "config" in cfg else cfg["model"]["task"]
-    bs = batch_size or (cfg.get("config", cfg)["train"]["micro_batch_size"])
+    meta = read_meta(model_dir)
+    cfg = Config.from_dict(meta["config"])
+    bs = batch_size or cfg.train.micro_batch_size
     ds = ray.data.from_arrow(canonical_batches(data_dir, split, bs))  # one block per batch
     out = ds.map_batches(EvalActor, fn_constructor_args=(str(model_dir),
                                                          "cuda" if use_gpu else "cpu"),
@@ -69,7 +68,7 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
         for k, v in b.items():
             merged.setdefault(k, []).append(torch.from_numpy(np.array(v)))
     outputs = {k: torch.cat(v) for k, v in merged.items()}
-    return {k: float(v) for k, v in compute_metrics(task, outputs).items()}
+    return compute_metrics(cfg, outputs, meta["vocab"])
 
 
 def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,

@@ -15,6 +15,10 @@ import torch
 
 from mmdist.config import Config
 from mmdist.data.schema import as_tensors
+from mmdist.data.shards import canonical_batches
+from mmdist.data.tokenizer import TextTokenizer
+from mmdist.models.model_files import load_model
+from mmdist.tasks import compute_metrics
 
 INPUT_COLUMNS = ("text", "image", "audio")
 
@@ -75,11 +79,8 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        from mmdist.data.tokenizer import TextTokenizer
-        from mmdist.models import FusedModel
-
         path = Path(path)
-        model = FusedModel.from_pretrained(path)
+        model = load_model(path)
         return cls(model, TextTokenizer.load(path / "tokenizer"), Config.from_dict(model.config),
                    device)
 
@@ -198,12 +199,9 @@ class Predictor:
                      batch_size: int | None = None) -> dict[str, float]:
         """The task's metrics on one split of a shard directory, in this process, over the
         same canonical batches as evaluation during training."""
-        from mmdist.data.shards import canonical_batches
-        from mmdist.models.metrics import compute_metrics
-
         outputs = [self.eval_outputs({k: np.array(v, dtype=object)
                                       for k, v in table.to_pydict().items()})
                    for table in canonical_batches(data_dir, split,
                                                   batch_size or self.cfg.train.micro_batch_size)]
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
-        return {k: float(v) for k, v in compute_metrics(self.task, merged).items()}
+        return compute_metrics(self.cfg, merged, self.model.vocab)

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from mmdist.config import Config
-from mmdist.models import FusedModel
+from mmdist.models.model_files import save_state_dict
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
+from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
 
 
@@ -29,13 +30,13 @@ class Checkpointer:
     Args:
         engine: the DeepSpeed engine.
         cfg: the run's config.
-        job: what the driver resolved (data_dir, vocab, run_name, mlflow_run_id, storage).
+        job: what the driver resolved (:class:`mmdist.train.job.Job`).
         rank: this worker's rank.
         world: the number of workers.
         reporter: where progress lines, MLflow values and Ray reports go.
     """
 
-    def __init__(self, engine: Any, cfg: Config, job: dict[str, Any], rank: int, world: int,
+    def __init__(self, engine: Any, cfg: Config, job: Job, rank: int, world: int,
                  reporter: Reporter):
         self.engine, self.cfg, self.job = engine, cfg, job
         self.rank, self.world, self.reporter = rank, world, reporter
@@ -51,7 +52,7 @@ class Checkpointer:
         checkpoint.
         """
         say = self.reporter.say
-        chosen, skipped = ckpt_lib.choose_checkpoint(self.job["storage"])
+        chosen, skipped = ckpt_lib.choose_checkpoint(self.job.storage)
         for note in skipped:
             say(f"WARNING: skipping incomplete checkpoint {note}")
         if chosen is None:
@@ -98,9 +99,9 @@ class Checkpointer:
                 self.reporter.hand_over(state)
                 t = self.cfg.train
                 ckpt_lib.write_state(tmp, state, {
-                    "run_name": self.job["run_name"], "world_size": self.world,
+                    "run_name": self.job.run_name, "world_size": self.world,
                     "zero_stage": t.zero_stage, "config": self.cfg.to_dict(), "metrics": metrics})
-                shutil.copytree(Path(self.job["data_dir"]) / "tokenizer", Path(tmp) / "tokenizer")
+                shutil.copytree(Path(self.job.data_dir) / "tokenizer", Path(tmp) / "tokenizer")
             ckpt_lib.write_file_list(tmp, self.rank)  # last: marks this rank complete
             self.reporter.report(metrics, tmp)
 
@@ -127,13 +128,13 @@ class Checkpointer:
                 weights[name] = b.detach().cpu().clone()
         if self.rank != 0:
             return
-        data_dir = Path(self.job["data_dir"])
+        data_dir = Path(self.job.data_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        FusedModel.save_state_dict_pretrained(weights, self.cfg, self.job["vocab"], out_dir)
+        save_state_dict(weights, self.cfg, self.job.vocab, out_dir)
         shutil.copytree(data_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
         manifest = data_dir / "manifest.json"
         if manifest.exists():
             (out_dir / "data_manifest.json").write_text(manifest.read_text())
         (out_dir / "training.json").write_text(json.dumps(
-            {"run_name": self.job["run_name"], "mlflow_run_id": self.job.get("mlflow_run_id"),
+            {"run_name": self.job.run_name, "mlflow_run_id": self.job.mlflow_run_id,
              "global_step": self.engine.global_steps}, indent=1))

@@ -27,12 +27,13 @@ import torch.distributed as torch_dist
 from mmdist.config import Config
 from mmdist.data.pipeline import iter_train_batches
 from mmdist.data.torch_batches import iter_torch
-from mmdist.models.metrics import compute_metrics
+from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.engine import build_engine
 from mmdist.train.faults import Faults
+from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
 
 
@@ -49,28 +50,28 @@ def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": {...}}`` where job holds
-    what the driver resolved: data_dir, train_rows, vocab, tracking_uri, mlflow_run_id,
-    run_name, storage, faults. Returns the final summary on rank 0 (``Result.return_value``)."""
-    cfg, job = Config.from_dict(config["cfg"]), config["job"]
+    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
+    (:class:`mmdist.train.job.Job`: what the driver resolved). Returns the final summary on
+    rank 0 (``Result.return_value``)."""
+    cfg, job = Config.from_dict(config["cfg"]), Job.from_dict(config["job"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    reporter = Reporter(rank, job.get("tracking_uri"), job.get("mlflow_run_id"))
+    reporter = Reporter(rank, job.tracking_uri, job.mlflow_run_id)
 
     t_setup = time.perf_counter()
-    n_total = total_steps(cfg, job["train_rows"], world)
-    engine = build_engine(cfg, job["vocab"], world, n_total, log=reporter.say)
+    n_total = total_steps(cfg, job.train_rows, world)
+    engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say)
     reporter.say(f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
                  f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
     state = checkpointer.restore()
 
-    faults = Faults.parse(job.get("faults", {}), job.get("storage", "."), rank)
+    faults = Faults.parse(job.faults, job.storage, rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    per_epoch = steps_per_epoch(cfg, job["train_rows"], world)
+    per_epoch = steps_per_epoch(cfg, job.train_rows, world)
     eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
     bad_losses = _NonFiniteLosses(t.max_bad_steps, reporter.say)
     train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)
@@ -116,7 +117,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         else:  # the epoch's data ran out
             if state.global_step == steps_before and not skip:
                 raise RuntimeError(
-                    f"epoch {state.epoch} produced no optimizer step: {job['train_rows']} train "
+                    f"epoch {state.epoch} produced no optimizer step: {job.train_rows} train "
                     f"rows over {world} workers is less than one batch "
                     f"(train.micro_batch_size={t.micro_batch_size})")
             state.epoch += 1
@@ -269,7 +270,8 @@ def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> 
 
 def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
               world: int) -> dict[str, float]:
-    """Evaluate on the val split; outputs of all ranks are gathered, then scored.
+    """Evaluate on the val split: each rank feeds its batches to the tasks' torchmetrics, and
+    ``compute()`` reduces them across ranks (torchmetrics' own sync).
 
     Every rank streams the whole (unsplit, order-preserving) val dataset in canonical batches of
     ``train.micro_batch_size``; batch k is computed by rank k % world. Batch composition is thus
@@ -278,33 +280,29 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
     throw-away forward so ZeRO-3 parameter gathers stay paired.
     """
     engine.eval()
-    outputs: list[dict[str, torch.Tensor]] = []
+    metrics = build_metrics(cfg, engine.module.vocab).to(device)
     it = iter_torch(val_shard, batch_size=cfg.train.micro_batch_size, drop_last=False)
     group: list[dict] = []
+    seen = 0
 
-    def run_group(group: list[dict]) -> None:
+    def run_group(group: list[dict]) -> int:
         mine = group[rank] if rank < len(group) else None
         out = engine(to_device(mine if mine is not None else group[0], device), mode="eval")
-        if mine is not None:
-            outputs.append({k: v.detach().float().cpu() if v.is_floating_point()
-                            else v.detach().cpu() for k, v in out.items() if v.ndim >= 1})
+        if mine is None:
+            return 0
+        metrics.update({k: v.detach() for k, v in out.items() if v.ndim >= 1})
+        return 1
 
     with torch.no_grad():
         for batch in it:
             group.append(batch)
             if len(group) == world:
-                run_group(group)
+                seen += run_group(group)
                 group = []
         if group:
-            run_group(group)
+            seen += run_group(group)
+        if _reduce(float(seen), device, "sum") == 0:
+            raise RuntimeError("the val split is empty; set data.val_fraction > 0")
+        result = metrics.compute()
     engine.train()
-    if not outputs and world == 1:
-        raise RuntimeError("the val split is empty; set data.val_fraction > 0")
-    local = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
-    dist = _dist()
-    if dist is not None and world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, local)
-        parts = [g for g in gathered if g]
-        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return {k: float(v) for k, v in compute_metrics(cfg.model.task, local).items()}
+    return result

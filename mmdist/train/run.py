@@ -15,6 +15,7 @@ from typing import Any
 
 from mmdist.config import Config, load_config
 from mmdist.ray_env import init_ray, release_ray
+from mmdist.train.job import Job
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +103,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     print(f"[mmdist] run {run_dir.name} resumes from {chosen.name}", flush=True)
 
 
-def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: str,
+def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
                   storage_path: str, callbacks: list | None = None):
     """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -116,7 +117,7 @@ def build_trainer(cfg: Config, job: dict[str, Any], datasets: dict, run_name: st
         resources["GPU"] = 1
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "job": job},
+        train_loop_config={"cfg": cfg.to_dict(), "job": job.to_dict()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -147,24 +148,17 @@ def _ordered():
 
 
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
-                run_id: str | None) -> tuple[dict[str, Any], dict]:
+                run_id: str | None) -> tuple[Job, dict]:
     """What every worker needs beyond the config, and the Ray Datasets."""
     from mmdist.data.pipeline import build_datasets, load_tokenizer
     from mmdist.train.faults import from_environ
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
-    job = {
-        "data_dir": str(data_dir),
-        "train_rows": int(manifest["counts"]["train_rows"]),
-        "vocab": {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
-                  "eos_id": tok.eos_id},
-        "tracking_uri": uri,
-        "mlflow_run_id": run_id,
-        "run_name": run_name,
-        "storage": str(Path(cfg.train.storage_path or "runs").resolve() / run_name),
-        "faults": from_environ(),
-    }
+    job = Job(data_dir=str(data_dir), train_rows=int(manifest["counts"]["train_rows"]),
+              vocab=tok.model_vocab(), run_name=run_name,
+              storage=str(Path(cfg.train.storage_path or "runs").resolve() / run_name),
+              tracking_uri=uri, mlflow_run_id=run_id, faults=from_environ())
     return job, build_datasets(data_dir, cfg)
 
 
@@ -197,7 +191,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     try:
         result = fit_with_retries(
             lambda: build_trainer(cfg, job, datasets, run_name, storage),
-            Path(job["storage"]), cfg.train.max_failures)
+            Path(job.storage), cfg.train.max_failures)
     except BaseException:
         tracking.set_terminated(uri, run_id, "FAILED")
         raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdist.config import Config
+from mmdist.config import Config, task_class
 from mmdist.errors import CommandError
 
 TRIAL_CPUS = 0.01  # the CPU a sweep trial's driver function reserves (mmdist.tune)
@@ -107,15 +107,7 @@ def data_size_problems(cfg: Config, counts: dict[str, Any], where: str) -> list[
 def reads_labels(cfg: Config) -> bool:
     """Whether a task of ``cfg`` trains a class head on the ``label`` column."""
     m = cfg.model
-    if m.task == "classify":
-        return True
-    if m.task == "vqa":
-        return m.vqa_answer == "classify"
-    if m.task == "multitask":
-        from mmdist.models.fused import DEFAULT_MULTITASK
-
-        return (m.task_weights or DEFAULT_MULTITASK).get("classify", 0) > 0
-    return False
+    return any(task_class(t).reads_labels(m) for t in task_class(m.task).components(m))
 
 
 def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> list[str]:

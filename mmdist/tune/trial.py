@@ -87,7 +87,7 @@ def trial_fn(config: dict[str, Any]) -> None:
     result = fit_with_retries(  # the retry rule of `mmdist train`, per trial
         lambda: build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
                               callbacks=[_val_report_callback()]),
-        Path(job["storage"]), cfg.train.max_failures)
+        Path(job.storage), cfg.train.max_failures)
     tracking.set_terminated(uri, run_id, "FINISHED")
     out = result.return_value or {}
     out.update(checkpoint_path=result.checkpoint.path if result.checkpoint else None,

@@ -107,7 +107,7 @@ def tiny_model(tmp_path_factory):
     import torch
 
     from mmdist.data.tokenizer import TextTokenizer
-    from mmdist.models import build_model
+    from mmdist.models import build_model, save_model
     from mmdist.train.register import PYFUNC_CODE, model_signature
 
     d = tmp_path_factory.mktemp("tiny_model")
@@ -115,7 +115,7 @@ def tiny_model(tmp_path_factory):
     tok.save(d / "tok")
     torch.manual_seed(0)
     model = build_model(load_config("tiny"), tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
-    model.save_pretrained(d / "model", tokenizer_dir=d / "tok")
+    save_model(model, d / "model", tokenizer_dir=d / "tok")
     mlflow.pyfunc.save_model(str(d / "pyfunc"), python_model=str(PYFUNC_CODE),
                              artifacts={"model_dir": str(d / "model")},
                              signature=model_signature())

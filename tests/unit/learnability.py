@@ -6,7 +6,7 @@ import torch
 
 from mmdist.config import Config
 from mmdist.models import build_model
-from mmdist.models.metrics import compute_metrics
+from mmdist.tasks import compute_metrics
 from tests.unit.synthetic_mm import VOCAB, make_batch
 
 
@@ -36,4 +36,4 @@ def train_and_eval(cfg: Config, steps: int = 300, batch_size: int = 32, lr: floa
     with torch.no_grad():
         outs = [model.eval_outputs(b) for b in val]
     merged = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-    return compute_metrics(cfg.model.task, merged)
+    return compute_metrics(cfg, merged, model.vocab)

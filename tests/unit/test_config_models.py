@@ -113,5 +113,8 @@ def test_config_io_is_private_to_config():
     assert graph.find_modules_that_directly_import("mmdist.config_io") == {"mmdist.config"}
     assert not {m for m in graph.find_modules_directly_imported_by("mmdist.config_io")
                 if m.startswith("mmdist")}
+    # the config reads the registry's names (its choices); the registry imports nothing of ours
     assert {m for m in graph.find_modules_directly_imported_by("mmdist.config")
-            if m.startswith("mmdist")} == {"mmdist.config_io"}
+            if m.startswith("mmdist")} == {"mmdist.config_io", "mmdist.registry"}
+    assert not {m for m in graph.find_modules_directly_imported_by("mmdist.registry")
+                if m.startswith("mmdist")}

@@ -7,8 +7,8 @@ import torch
 from mmdist.config import FUSION_STAGES, FUSIONS, TASKS, ConfigError
 from mmdist.models import build_model, count_parameters
 from mmdist.models.accounting import parameter_count
-from mmdist.models.fusion import FUSIONS as FUSION_REGISTRY
 from mmdist.models.fusion import build_fusion
+from mmdist.registry import FUSIONS as FUSION_REGISTRY
 from tests.unit.synthetic_mm import VOCAB, make_batch, tiny_config
 
 # Small inputs keep the 138 combinations fast; the shapes still exercise every code path.

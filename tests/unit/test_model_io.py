@@ -6,8 +6,11 @@ import pickle
 import pytest
 import torch
 
-from mmdist.models import FusedModel, build_model
-from mmdist.models.metrics import compute_metrics, corpus_bleu, retrieval_metrics
+from mmdist.data.schema import EOS_ID, SPECIAL_TOKENS
+from mmdist.models import build_model, load_model, save_model
+from mmdist.models.metrics import corpus_bleu, retrieval_metrics
+from mmdist.models.model_files import save_state_dict
+from mmdist.tasks import compute_metrics
 from tests.unit.synthetic_mm import VOCAB, make_batch, tiny_config
 
 
@@ -36,10 +39,10 @@ def test_save_load_gives_identical_outputs(tmp_path, overrides):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
-    model.save_pretrained(tmp_path / "m", tokenizer_dir=tok)
+    save_model(model, tmp_path / "m", tokenizer_dir=tok)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer"]
-    loaded = FusedModel.from_pretrained(tmp_path / "m").eval()
+    loaded = load_model(tmp_path / "m").eval()
     assert loaded.config == cfg.to_dict() and loaded.vocab["vocab_size"] == VOCAB
     with torch.no_grad():
         a, b = model.eval_outputs(batch), loaded.eval_outputs(batch)
@@ -53,8 +56,8 @@ def test_consolidated_state_dict_round_trip(tmp_path):
     cfg, model = _model("model.task=lm")
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     state.update({n: b.clone() for n, b in model.named_buffers()})
-    FusedModel.save_state_dict_pretrained(state, cfg, model.vocab, tmp_path)
-    loaded = FusedModel.from_pretrained(tmp_path).eval()
+    save_state_dict(state, cfg, model.vocab, tmp_path)
+    loaded = load_model(tmp_path).eval()
     batch = make_batch(cfg, 3)
     with torch.no_grad():
         assert torch.equal(model.generate(batch, 5), loaded.generate(batch, 5))
@@ -73,18 +76,18 @@ class _Plant:
 @pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
 def test_pickled_weights_are_refused_without_unpickling(tmp_path, name):
     cfg, model = _model()
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     (tmp_path / "model.safetensors").unlink()
     marker = tmp_path / "PWNED"
     (tmp_path / name).write_bytes(pickle.dumps({"w": _Plant(marker)}))
     with pytest.raises(ValueError, match="never unpickle"):
-        FusedModel.from_pretrained(tmp_path)
+        load_model(tmp_path)
     assert not marker.exists()
     # torch.save's zip format is refused too
     (tmp_path / name).unlink()
     torch.save({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="never unpickle"):
-        FusedModel.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_modality_works_and_changes_the_output():
@@ -147,19 +150,19 @@ def test_eval_outputs_are_per_sample_and_metrics_cover_every_task():
         parts = [model.eval_outputs(make_batch(cfg, n, seed=s)) for s, n in ((0, 4), (1, 3))]
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     assert all(v.shape[0] == 7 for v in merged.values())
-    m = compute_metrics("multitask", merged)
+    m = compute_metrics(cfg, merged, model.vocab)
     for key in ("val_loss", "val_itm_accuracy", "val_contrastive_r1_mean",
                 "val_contrastive_r10_i2t", "val_classify_accuracy", "val_lm_perplexity",
                 "val_lm_bleu"):
         assert key in m, sorted(m)
     single = {k: v for k, v in merged.items() if k.startswith("itm.")}
     single["loss"] = merged["loss"]
-    assert set(compute_metrics("itm", single)) == {"val_loss", "val_accuracy"}
+    assert set(compute_metrics(tiny_config(), single, model.vocab)) == {"val_loss", "val_accuracy"}
     # vqa both ways
     for answer, key in (("generate", "val_accuracy"), ("classify", "val_accuracy")):
         cfg, vqa = _model("model.task=vqa", f"model.vqa_answer={answer}")
         with torch.no_grad():
-            assert key in compute_metrics("vqa", vqa.eval_outputs(make_batch(cfg, 3)))
+            assert key in compute_metrics(cfg, vqa.eval_outputs(make_batch(cfg, 3)), vqa.vocab)
 
 
 def test_metric_functions():
@@ -169,8 +172,8 @@ def test_metric_functions():
     r = retrieval_metrics(e, e[[1, 0, 2, 3]])
     assert r["val_r1_t2i"] == 0.5 and r["val_r5_t2i"] == 1.0
     ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0]])
-    assert corpus_bleu(ids[:, 1:], ids) == pytest.approx(1.0)
-    assert corpus_bleu(torch.tensor([[20, 21, 3]]), ids) == 0.0
+    assert corpus_bleu(ids[:, 1:], ids, EOS_ID, range(len(SPECIAL_TOKENS))) == pytest.approx(1.0)
+    assert corpus_bleu(torch.tensor([[20, 21, 3]]), ids, EOS_ID, range(len(SPECIAL_TOKENS))) == 0.0
 
 
 def test_bert_from_a_local_pretrained_directory(tmp_path):
@@ -188,9 +191,9 @@ def test_bert_from_a_local_pretrained_directory(tmp_path):
     torch.testing.assert_close(loaded.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
     # the saved model rebuilds without the pretrained directory
-    model.save_pretrained(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     (tmp_path / "bert" / "model.safetensors").unlink()
-    again = FusedModel.from_pretrained(tmp_path / "m")
+    again = load_model(tmp_path / "m")
     torch.testing.assert_close(again.encoders["text"].bert.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
 

@@ -1,0 +1,157 @@
+"""Build the fused model a config describes: encoders (or early-fusion input embeddings), one
+fusion path per modality group the tasks read, and the tasks (``mmdist.registry.TASKS``).
+
+    model = build_model(cfg, vocab_size=2000)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mmdist.config import Config, task_class
+from mmdist.data.schema import SPECIAL_TOKENS, audio_frames
+from mmdist.models.activation_checkpointing import enable_activation_checkpointing
+from mmdist.models.audio_encoder import build_audio_encoder
+from mmdist.models.blocks import TransformerStack
+from mmdist.models.fused import FusedModel, Fuser
+from mmdist.models.fusion import build_fusion
+from mmdist.models.heads import MLPHead
+from mmdist.models.image_encoder import build_image_encoder
+from mmdist.models.input_embeddings import FrameEmbedding, PatchEmbedding, TextEmbedding
+from mmdist.models.sizes import SizeSpec, size_spec
+from mmdist.models.text_encoder import BertTextEncoder, build_text_encoder
+from mmdist.models.transformers_init import build_transformers_model, hf
+
+# Aligned slots the element-wise fusion methods combine, per stage.
+SLOTS = {"early": 8, "mid": 4, "late": 1}
+DECODER_POSITIONS = 1024  # memory prefix + text positions of the decoder LM
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a task's parts are built from (``Task.build``)."""
+
+    cfg: Config
+    spec: SizeSpec
+    vocab: dict[str, Any]  # vocab_size, pad_id, bos_id, eos_id, special_ids
+    decoder_positions: int  # memory prefix + text positions a decoder LM must cover
+
+    @property
+    def dim(self) -> int:
+        return self.spec.hidden
+
+
+def make_vocab(vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_id: int = 3,
+               special_ids: list[int] | None = None) -> dict[str, Any]:
+    """The tokenizer facts a model is built with; without ``special_ids``, mmdist's own
+    tokenizer's (``schema.SPECIAL_TOKENS`` at ids 0..5)."""
+    special = range(len(SPECIAL_TOKENS)) if special_ids is None else special_ids
+    return {"vocab_size": int(vocab_size), "pad_id": int(pad_id), "bos_id": int(bos_id),
+            "eos_id": int(eos_id), "special_ids": sorted({int(i) for i in special}
+                                                         | {int(pad_id), int(bos_id), int(eos_id)})}
+
+
+def encoded_modalities(modalities: list[str], tasks: list[str]) -> list[str]:
+    """Modalities that get an encoder: text only when a task reads it as input (for ``lm``
+    alone the text is the decoder's token stream, and an unused encoder would hold parameters
+    without gradients)."""
+    text_read = any(task_class(t).reads_text for t in tasks)
+    return [m for m in modalities if m != "text" or text_read]
+
+
+def rebuild_extra(cfg: Config) -> dict[str, Any]:
+    """Facts beyond the config needed to rebuild the architecture without the pretrained dirs."""
+    m = cfg.model
+    if m.text_pretrained and m.text_encoder == "bert" and "text" in m.modalities \
+            and m.fusion_stage != "early":
+        return {"bert_config": hf("BertConfig").from_pretrained(m.text_pretrained).to_dict()}
+    return {}
+
+
+def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, eos_id: int = 3,
+                special_ids: list[int] | None = None, extra: dict[str, Any] | None = None,
+                load_pretrained: bool = True) -> FusedModel:
+    """Build the fused model ``cfg.model`` describes for the data dims in ``cfg.data``.
+
+    Args:
+        cfg: the full (validated) config.
+        vocab_size, pad_id, bos_id, eos_id, special_ids: the tokenizer's size and special ids.
+        extra: facts saved with a model (:func:`rebuild_extra`); None -> read them now.
+        load_pretrained: read ``model.*_pretrained`` weights (False when weights follow).
+    """
+    m, d = cfg.model, cfg.data
+    spec = size_spec(m.size, m.hidden_size)
+    vocab = make_vocab(vocab_size, pad_id, bos_id, eos_id, special_ids)
+    mods = [x for x in ("text", "image", "audio") if x in m.modalities]
+    extra = dict(extra) if extra is not None else (rebuild_extra(cfg) if load_pretrained else {})
+    weights = task_class(m.task).components(m)
+    encoders = _encoders(cfg, spec, vocab, encoded_modalities(mods, list(weights)), extra,
+                         load_pretrained)
+    fusers = nn.ModuleDict()
+    for group in sorted({task_class(t).group for t in weights}):
+        group_mods = mods if group == "all" else [x for x in mods if x != "text"]
+        if group_mods:
+            fusers[group] = _fuser(cfg, spec, len(group_mods))
+    ctx = BuildContext(cfg, spec, vocab, DECODER_POSITIONS)
+    # heads before decoders: the order parameters are created in (and so their initial values)
+    order = sorted(weights, key=lambda t: task_class(t).uses_decoder(m))
+    built = {t: task_class(t).build(ctx) for t in order}
+    model = FusedModel(encoders=encoders, fusers=fusers,
+                       tasks=nn.ModuleDict({t: built[t] for t in weights}), weights=weights,
+                       modalities=mods, dim=spec.hidden, modality_dropout=m.modality_dropout,
+                       max_text_len=d.max_text_len, vocab=vocab, config=cfg.to_dict(),
+                       extra=extra)
+    if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str],
+              extra: dict[str, Any], load_pretrained: bool) -> nn.ModuleDict:
+    m, d, dim = cfg.model, cfg.data, spec.hidden
+    frames = audio_frames(d.sample_rate, d.audio_seconds, d.hop_length)
+    encoders = nn.ModuleDict()
+    for mod in mods:
+        if m.fusion_stage == "early":
+            encoders[mod] = {
+                "text": lambda: TextEmbedding(vocab["vocab_size"], dim, d.max_text_len,
+                                              vocab["pad_id"]),
+                "image": lambda: PatchEmbedding(d.image_size, dim),
+                "audio": lambda: FrameEmbedding(d.n_mels, frames, dim)}[mod]()
+        elif mod == "text":
+            encoders[mod] = _text(m.text_encoder, vocab, spec, d.max_text_len,
+                                  m.text_pretrained if load_pretrained else None,
+                                  extra.get("bert_config"))
+        elif mod == "image":
+            encoders[mod] = build_image_encoder(m.image_encoder, dim, spec.cnn_channels,
+                                                d.image_size,
+                                                m.image_pretrained if load_pretrained else None)
+        else:
+            encoders[mod] = build_audio_encoder(m.audio_encoder, d.n_mels, frames, dim,
+                                                spec.heads, spec.enc_layers, spec.cnn_channels)
+    return encoders
+
+
+def _fuser(cfg: Config, spec: SizeSpec, n_modalities: int) -> Fuser:
+    m = cfg.model
+    late = None
+    if m.fusion_stage == "late":
+        late = nn.ModuleList(MLPHead(spec.hidden, spec.hidden) for _ in range(n_modalities))
+    fusion = build_fusion(m.fusion, spec.hidden, n_modalities, spec.heads, SLOTS[m.fusion_stage],
+                          spec.fusion_layers)
+    trunk_layers = spec.trunk_layers + (spec.enc_layers if m.fusion_stage == "early" else 0)
+    trunk = TransformerStack(spec.hidden, spec.heads, trunk_layers, m.activation_checkpointing)
+    return Fuser(fusion, trunk, late)
+
+
+def _text(kind: str, vocab: dict[str, Any], spec: SizeSpec, max_len: int,
+          pretrained: str | None, bert_config: dict | None) -> nn.Module:
+    if kind == "bert" and bert_config and not pretrained:
+        config = hf("BertConfig").from_dict(bert_config)
+        bert = build_transformers_model(hf("BertModel"), config, add_pooling_layer=False)
+        return BertTextEncoder(bert, spec.hidden)
+    return build_text_encoder(kind, vocab["vocab_size"], spec.hidden, spec.enc_layers,
+                              spec.heads, max_len, vocab["pad_id"], pretrained)

@@ -1,0 +1,146 @@
+"""A fused model on disk: ``model.safetensors`` (never pickle) + ``config.json`` (the full mmdist
+config, the tokenizer's special ids, facts to rebuild the architecture) + ``tokenizer/``.
+
+    save_model(model, "out/", tokenizer_dir="shards/tokenizer")
+    model = load_model("out/")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mmdist.config import Config, task_class
+from mmdist.models.builder import build_model, make_vocab, rebuild_extra
+from mmdist.models.fused import FusedModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "mmdist-fused-model/2"
+OLD_FORMATS = ("mmdist-fused-model/1",)  # heads.<task>.* and decoder.* at the top level
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def save_model(model: FusedModel, directory: str | Path,
+               tokenizer_dir: str | Path | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` and, when given, a copy of the tokenizer
+    directory as ``tokenizer/``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_state_dict(state, model.config, model.vocab, directory, extra=model.extra,
+                    tokenizer_dir=tokenizer_dir)
+
+
+def save_state_dict(state: dict[str, Tensor], cfg: Config | dict[str, Any], vocab: dict[str, Any],
+                    directory: str | Path, extra: dict[str, Any] | None = None,
+                    tokenizer_dir: str | Path | None = None) -> None:
+    """Save a (consolidated) state dict as :func:`save_model` does; for weights gathered from
+    ZeRO shards without building a model on one process.
+
+    Tensors sharing storage (tied embeddings) are written once; loading re-ties them.
+    """
+    cfg_dict = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    if extra is None:
+        extra = rebuild_extra(Config.from_dict(cfg_dict))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    seen: set[tuple] = set()
+    tensors: dict[str, Tensor] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().cpu().contiguous().clone()
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    meta = {"format": FORMAT, "config": cfg_dict, "vocab": make_vocab(**vocab), "extra": extra}
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model directory: ``config``, ``vocab`` (special ids included)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT and meta.get("format") not in OLD_FORMATS:
+        raise ValueError(f"{path}: not an mmdist model (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    meta["vocab"] = make_vocab(**meta["vocab"])
+    return meta
+
+
+def load_model(directory: str | Path, map_location: str = "cpu") -> FusedModel:
+    """Load a model saved by :func:`save_model` (safetensors only, never pickle).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` / ``model.safetensors`` in ``directory``.
+        ValueError: the weights are a pickle (refused, never unpickled) or do not fit.
+    """
+    directory = Path(directory)
+    weights = directory / WEIGHTS_NAME
+    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if not weights.exists():
+        if pickles:
+            raise ValueError(f"{directory}: holds pickled weights {pickles} and no "
+                             f"{WEIGHTS_NAME}; mmdist never unpickles weights (unpickling "
+                             "runs arbitrary code). Convert them to safetensors first.")
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
+    meta = read_meta(directory)
+    try:
+        state = load_file(str(weights), device=map_location)
+    except SafetensorError as e:  # a pickle / torch.save file renamed, or corrupt
+        raise ValueError(f"{weights}: not a valid safetensors file ({e}); mmdist never "
+                         "unpickles weights (unpickling runs arbitrary code)") from None
+    cfg = Config.from_dict(meta["config"])
+    model = build_model(cfg, **meta["vocab"], extra=meta.get("extra") or {},
+                        load_pretrained=False)
+    if meta["format"] in OLD_FORMATS:
+        state = _from_format_1(state, cfg)
+    load_weights(model, state)
+    return model
+
+
+def _from_format_1(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    """Format 1 kept task heads under ``heads.<task>.`` and the decoder under ``decoder.``."""
+    m = cfg.model
+    tasks = task_class(m.task).components(m)
+    owner = next((t for t in tasks if task_class(t).uses_decoder(m)), None)
+    out = {}
+    for k, v in state.items():
+        if k.startswith("heads."):
+            task, rest = k[len("heads."):].split(".", 1)
+            k = f"tasks.{task}.head.{rest}"
+        elif k.startswith("decoder.") and owner:
+            k = f"tasks.{owner}.{k}"
+        out[k] = v
+    return out
+
+
+def load_weights(model: FusedModel, state: dict[str, Tensor]) -> None:
+    """Load a state dict saved by :func:`save_state_dict` (tied weights may be absent;
+    non-persistent buffers may be present).
+
+    Raises:
+        ValueError: keys or shapes do not match this model.
+    """
+    own = model.state_dict()
+    params = dict(model.named_parameters())  # deduplicated: tied copies are left out
+    tied = {k for k in own if k not in params and k not in dict(model.named_buffers())}
+    non_persistent = {k for k, _ in model.named_buffers() if k not in own}
+    state = {k: v for k, v in state.items() if k not in non_persistent}
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit this model: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    result = model.load_state_dict(state, strict=False)
+    if set(result.missing_keys) - tied:
+        raise ValueError(f"weights do not fit this model: missing {result.missing_keys}")

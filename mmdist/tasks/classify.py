@@ -1,0 +1,92 @@
+"""Classification of the fused vector of all modalities into ``model.num_classes`` labels
+(the row's ``label``; rows without one, label -1, are left out of loss and accuracy)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmdist.config import Config, ModelConfig
+from mmdist.models.accounting import Cost, mlp_head_cost
+from mmdist.models.fused import Encoded, FusedModel
+from mmdist.models.heads import MLPHead
+from mmdist.models.metrics import TaskMetrics
+from mmdist.models.sizes import SizeSpec
+from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+
+def head_outputs(num_classes: int) -> int:
+    """Width of a classification head: one sigmoid logit for two classes."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def class_logits(raw: Tensor) -> Tensor:
+    """Head output -> class logits; a binary head's single sigmoid logit z becomes [0, z]."""
+    if raw.shape[-1] == 1:
+        return torch.cat([torch.zeros_like(raw), raw], -1)
+    return raw
+
+
+def classify(head: nn.Module, pooled: Tensor, batch: dict[str, Tensor]) -> TaskOutput:
+    """Cross-entropy of ``head(pooled)`` against ``batch["label"]`` (label -1: no label)."""
+    logits = class_logits(head(pooled).float())
+    label = batch["label"].to(logits.device)
+    valid = label >= 0
+    per_sample = F.cross_entropy(logits, label.clamp_min(0), reduction="none") * valid
+    loss = per_sample.sum() / valid.sum().clamp_min(1)
+    return TaskOutput(loss, per_sample, {"logits": logits, "label": label})
+
+
+class AccuracyMetrics(TaskMetrics):
+    """Accuracy of ``logits`` against ``label``, rows with label -1 left out."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.accuracy = MulticlassAccuracy(max(num_classes, 2), average="micro", ignore_index=-1)
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.accuracy.update(o["logits"].float(), o["label"].long())
+
+    def compute(self) -> dict[str, float]:
+        return {"val_accuracy": float(self.accuracy.compute())}
+
+
+class Classify(Task):
+    name = "classify"
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = MLPHead(dim, head_outputs(num_classes))
+
+    @classmethod
+    def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
+        if m.num_classes < 2:
+            return [f"model.num_classes={m.num_classes}: must be >= 2 for {role}"]
+        return []
+
+    @classmethod
+    def reads_labels(cls, m: ModelConfig) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Classify:
+        return cls(ctx.dim, ctx.cfg.model.num_classes)
+
+    @classmethod
+    def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:
+        return mlp_head_cost(spec.hidden, head_outputs(cfg.model.num_classes))
+
+    @classmethod
+    def metrics(cls, m: ModelConfig, vocab: dict) -> AccuracyMetrics:
+        return AccuracyMetrics(m.num_classes)
+
+    def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+             evaluating: bool) -> TaskOutput:
+        return classify(self.head, model.fuse("all", enc)[2], batch)
+
+    def predict(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+                max_new_tokens: int, num_beams: int) -> dict[str, Tensor]:
+        _, _, pooled = model.fuse("all", enc)
+        return {"probs": class_logits(self.head(pooled).float()).softmax(-1)}

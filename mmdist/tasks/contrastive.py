@@ -1,0 +1,75 @@
+"""Contrastive matching (CLIP-style): the text and the fused non-text modalities projected into
+one embedding space, a symmetric InfoNCE loss over the batch, recall@K both ways."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmdist.config import Config, ModelConfig
+from mmdist.models.accounting import Cost, linear_cost, ln_cost
+from mmdist.models.blocks import masked_mean
+from mmdist.models.fused import Encoded, FusedModel
+from mmdist.models.heads import ContrastiveHead
+from mmdist.models.metrics import PairRecall, TaskMetrics
+from mmdist.models.sizes import SizeSpec
+from mmdist.tasks.base import BuildContext, Task, TaskOutput
+from mmdist.tasks.itm import pair_problems
+
+
+class ContrastiveMetrics(TaskMetrics):
+    def __init__(self):
+        super().__init__()
+        self.recall = PairRecall()
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.recall.update(o["text_emb"], o["other_emb"])
+
+    def compute(self) -> dict[str, float]:
+        return self.recall.compute()
+
+
+class Contrastive(Task):
+    name = "contrastive"
+    group = "context"
+    primary_metric = "val_r1_mean"
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head = ContrastiveHead(dim, dim)
+
+    @classmethod
+    def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
+        return pair_problems(m, role)
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Contrastive:
+        return cls(ctx.dim)
+
+    @classmethod
+    def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:
+        d = spec.hidden
+        return ln_cost(d) + linear_cost(d, d) + ln_cost(d) + linear_cost(d, d) + Cost(1)
+
+    @classmethod
+    def metrics(cls, m: ModelConfig, vocab: dict) -> ContrastiveMetrics:
+        return ContrastiveMetrics()
+
+    def embed(self, model: FusedModel, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
+        _, _, other = model.fuse("context", enc)
+        return self.head(masked_mean(*enc["text"]), other)
+
+    def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+             evaluating: bool) -> TaskOutput:
+        t, o, scale = self.embed(model, enc)
+        logits = scale * t @ o.t()
+        labels = torch.arange(t.shape[0], device=t.device)
+        per_sample = (F.cross_entropy(logits, labels, reduction="none")
+                      + F.cross_entropy(logits.t(), labels, reduction="none")) / 2
+        return TaskOutput(per_sample.mean(), per_sample, {"text_emb": t, "other_emb": o})
+
+    def predict(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+                max_new_tokens: int, num_beams: int) -> dict[str, Tensor]:
+        t, o, _ = self.embed(model, enc)
+        return {"text_emb": t, "other_emb": o}

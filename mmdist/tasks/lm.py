@@ -1,0 +1,126 @@
+"""Language modelling: a decoder LM writes the row's target text conditioned on the fused
+non-text modalities (captioning, transcription); perplexity and BLEU of greedy generations."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, SumMetric
+
+from mmdist.config import Config, ModelConfig
+from mmdist.models.accounting import Cost, decoder_cost
+from mmdist.models.decoder import build_decoder, sequence_nll
+from mmdist.models.fused import Encoded, FusedModel
+from mmdist.models.metrics import TaskMetrics, TokenBLEU
+from mmdist.models.sizes import SizeSpec
+from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+
+def decoder_problems(m: ModelConfig, role: str) -> list[str]:
+    """Rules of a task that writes text with the decoder LM."""
+    problems = []
+    if "text" not in m.modalities:
+        problems.append(f"model.modalities={m.modalities}: {role} needs 'text'")
+    if m.decoder == "llama" and m.lm_conditioning == "cross_attention":
+        problems.append("model.decoder=llama with model.lm_conditioning=cross_attention: "
+                        "transformers' Llama has no cross-attention layers; use "
+                        "model.lm_conditioning=prefix or model.decoder=gpt2/lstm")
+    return problems
+
+
+def make_decoder(ctx: BuildContext) -> nn.Module:
+    m, s, v = ctx.cfg.model, ctx.spec, ctx.vocab
+    return build_decoder(m.decoder, v["vocab_size"], s.dec_width, s.dec_layers, s.dec_heads,
+                         s.dec_ffn, ctx.decoder_positions + ctx.cfg.data.max_text_len, s.hidden,
+                         m.lm_conditioning, v["pad_id"], v["bos_id"], v["eos_id"])
+
+
+def teacher_forced(decoder: nn.Module, memory: Tensor, mask: Tensor,
+                   batch: dict[str, Tensor]) -> TaskOutput:
+    """Token-weighted NLL of ``target_ids`` and the exact-match of the argmax tokens."""
+    ids, tmask = batch["target_ids"], batch["target_mask"]
+    logits = decoder(ids[:, :-1], memory, mask)
+    nll, n = sequence_nll(logits, ids, tmask)
+    valid = tmask[:, 1:].bool()
+    correct = ((logits.argmax(-1) == ids[:, 1:]) | ~valid).all(1) & valid.any(1)
+    return TaskOutput(nll.sum() / n.sum().clamp_min(1), nll / n.clamp_min(1),
+                      {"nll_sum": nll, "n_tokens": n, "exact_match": correct.float(),
+                       "target": ids})
+
+
+class TextMetrics(TaskMetrics):
+    """Token-weighted loss and perplexity; exact match and BLEU when asked for."""
+
+    def __init__(self, exact_match: bool, bleu: TokenBLEU | None):
+        super().__init__()
+        self.nll = SumMetric(nan_strategy="disable")
+        self.tokens = SumMetric(nan_strategy="disable")
+        self.exact = MeanMetric(nan_strategy="disable") if exact_match else None
+        self.bleu = bleu
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.nll.update(o["nll_sum"].double())
+        self.tokens.update(o["n_tokens"].double())
+        if self.exact is not None:
+            self.exact.update(o["exact_match"].float())
+        if self.bleu is not None:
+            self.bleu.update(o["generated"], o["target"])
+
+    def compute(self) -> dict[str, float]:
+        nll = float(self.nll.compute() / self.tokens.compute().clamp_min(1))
+        out = {"val_token_loss": nll, "val_perplexity": math.exp(min(nll, 50.0))}
+        if self.exact is not None:
+            out["val_accuracy"] = float(self.exact.compute())
+        if self.bleu is not None:
+            out["val_bleu"] = float(self.bleu.compute())
+        return out
+
+
+class LM(Task):
+    name = "lm"
+    group = "context"
+    reads_text = False
+    primary_metric = "val_loss"
+    mode = "min"
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    @classmethod
+    def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
+        return decoder_problems(m, role)
+
+    @classmethod
+    def uses_decoder(cls, m: ModelConfig) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> LM:
+        return cls(make_decoder(ctx))
+
+    @classmethod
+    def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:
+        m = cfg.model
+        return decoder_cost(m.decoder, m.lm_conditioning, spec, vocab_size,
+                            cfg.data.max_text_len, memory_tokens, spec.hidden)
+
+    @classmethod
+    def metrics(cls, m: ModelConfig, vocab: dict) -> TextMetrics:
+        return TextMetrics(False, TokenBLEU(vocab["eos_id"], vocab["special_ids"]))
+
+    def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+             evaluating: bool) -> TaskOutput:
+        memory, mask, _ = model.fuse(self.group, enc)
+        out = teacher_forced(self.decoder, memory, mask, batch)
+        if evaluating:
+            out.outputs["generated"] = model.generate_from(self.decoder, memory, mask,
+                                                           model.max_text_len - 1, 1)
+        return out
+
+    def predict(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
+                max_new_tokens: int, num_beams: int) -> dict[str, Tensor]:
+        memory, mask, _ = model.fuse(self.group, enc)
+        return {"tokens": model.generate_from(self.decoder, memory, mask, max_new_tokens,
+                                              num_beams)}
