@@ -214,3 +214,25 @@ def test_torchvision_weights_from_a_local_safetensors_file(tmp_path):
     with pytest.raises(ValueError, match="never loads pickled"):
         build_model(tiny_config("model.image_encoder=resnet18", f"model.image_pretrained={bad}"),
                     VOCAB)
+
+
+@pytest.mark.parametrize("task", ["model.task=itm", "model.task=lm"])
+def test_models_saved_before_tasks_were_modules_still_load(tmp_path, task):
+    """Format 1 (wave 1's registered models) kept heads under ``heads.<task>.`` and the decoder
+    under ``decoder.``; loading maps them to the task modules."""
+    import json
+
+    cfg, model = _model(task)
+    save_model(model, tmp_path)
+    state = {k.replace("tasks.itm.head.", "heads.itm.").replace("tasks.lm.decoder.", "decoder."): v
+             for k, v in model.state_dict().items()}
+    save_state_dict(state, cfg, model.vocab, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["format"] = "mmdist-fused-model/1"
+    del meta["vocab"]["special_ids"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path).eval()
+    batch = make_batch(cfg, 3)
+    with torch.no_grad():
+        a, b = model.eval_outputs(batch), loaded.eval_outputs(batch)
+    assert all(torch.equal(a[k], b[k]) for k in a)
