@@ -34,6 +34,11 @@ SEARCH_ALGS = ("random", "grid")
 LOWER_IS_BETTER = ("_loss", "_perplexity")  # metric name endings where lower is better
 
 
+def fusion_class(name: str) -> Any:
+    """The fusion method registered as ``name`` (``mmdist.models.fusion``; imports torch)."""
+    return registry.load(registry.FUSIONS, name, "fusion")
+
+
 def task_class(name: str) -> Any:
     """The task registered as ``name`` (``mmdist.tasks``; imports torch on first use)."""
     return registry.load(registry.TASKS, name, "task")
@@ -109,10 +114,9 @@ class ModelConfig(Section):
             (len(set(mods)) != len(mods), f"model.modalities={mods}: listed twice"),
             *((True, p) for p in task_class(self.task).config_problems(self,
                                                                          f"task {self.task!r}")),
-            (self.fusion_stage == "late" and self.fusion == "attention",
-             "model.fusion=attention with model.fusion_stage=late: late fusion combines one "
-             "pooled output per modality, so cross-attention has no token sequence to attend "
-             "over; use stage early/mid or fusion transformer/weighted/concat"),
+            (self.fusion_stage in (refused := getattr(fusion_class(self.fusion), "refused_stages", {})),
+             f"model.fusion={self.fusion} with model.fusion_stage={self.fusion_stage}: "
+             f"{refused.get(self.fusion_stage)}"),
             *((self.fusion_stage == "early" and getattr(self, k), f"model.{k}={getattr(self, k)!r} "
                "with model.fusion_stage=early: early fusion replaces the encoders by input "
                "embeddings, so the pretrained weights would be unused; use stage mid or late")

@@ -2,7 +2,8 @@
 masks to one fused sequence ``(B, T, D)`` with a mask, and shares one constructor signature
 ``(dim, n_modalities, heads, slots, layers)``.
 
-``mmdist.registry.FUSIONS`` lists them by name.
+``mmdist.registry.FUSIONS`` lists them by name. A method that cannot run at a stage says so in
+its class attribute ``refused_stages`` (stage -> reason), which the config's rules read.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ class CrossAttention(nn.Module):
         layers: cross-attention blocks.
     """
 
+    # Stages it can run at, and why not at the others (read by the config's rules).
+    refused_stages = {"late": "late fusion combines one pooled output per modality, so "
+                      "cross-attention has no token sequence to attend over; use stage "
+                      "early/mid or fusion transformer/weighted/concat"}
+
     def __init__(self, dim: int, n_modalities: int = 1, heads: int = 1, slots: int = 1,
                  layers: int = 1):
         super().__init__()
