@@ -9,6 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mmdist import tracking
+from mmdist.ray_env import init_ray
+from mmdist.serve.predict import resolve_model_dir
+from mmdist.serve.pull import source_run
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="URI_OR_DIR",
@@ -34,10 +39,7 @@ def log_evaluation(tracking_uri: str, model_uri: str, split: str, data: str,
                    metrics: dict[str, float]) -> str | None:
     """An MLflow evaluation run tagged with the model version; the version gets the metrics as
     tags too. Returns the run id."""
-    from mlflow.tracking import MlflowClient
-
-    from mmdist import tracking
-    from mmdist.serve.pull import source_run
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     run_id, version = source_run(model_uri, tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -60,10 +62,7 @@ def log_evaluation(tracking_uri: str, model_uri: str, split: str, data: str,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist import tracking
-    from mmdist.ray_env import init_ray
-    from mmdist.serve.batch import evaluate_distributed
-    from mmdist.serve.predict import resolve_model_dir
+    from mmdist.serve.batch import evaluate_distributed  # loads torch: not for --help
 
     turi = args.tracking_uri or tracking.tracking_uri()
     model_dir = resolve_model_dir(args.model, turi, args.cache)

@@ -25,8 +25,11 @@ is up, so a run that could never start fails at once instead of waiting for work
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import socket
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -34,7 +37,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.errors import CommandError
+from mmdist.tracking import tracking_uri
+from mmdist.train.deepspeed_config import deepspeed_config
 from mmdist.train.startable import (
     Check,
     check_resources,
@@ -46,8 +55,6 @@ from mmdist.train.startable import (
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument(
         "--address", default=None,
@@ -61,8 +68,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.errors import CommandError
-
     cfg = load_config(args.config, args.overrides)
     checks = preflight(cfg, address=resolve_address(args.address), sweep=args.sweep,
                        timeout=args.timeout)
@@ -104,7 +109,7 @@ def preflight(cfg: Config, address: str | None = None, sweep: bool = False,
         address = None
     elif address:
         try:
-            import ray
+            import ray  # heavy: not loaded for --help
 
             if not ray.is_initialized():
                 ray.init(address=address, log_to_driver=False, logging_level="WARNING")
@@ -114,8 +119,6 @@ def preflight(cfg: Config, address: str | None = None, sweep: bool = False,
             checks.append(Check("cluster", False, f"cannot connect to Ray at {address}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
     else:
-        import sys
-
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             ray_mod = sys.modules["ray"]
     try:
@@ -139,12 +142,8 @@ def preflight(cfg: Config, address: str | None = None, sweep: bool = False,
 
 def _probe_write(folder: str) -> str:
     """Create ``folder``, write and delete a file in it; return where (runs on a worker)."""
-    import socket
-
     name = f".mmdist-preflight-{uuid.uuid4().hex[:8]}"
     if "://" in folder:
-        import pyarrow.fs as pafs
-
         fs, root = pafs.FileSystem.from_uri(folder)
         fs.create_dir(root, recursive=True)
         path = f"{root.rstrip('/')}/{name}"
@@ -162,8 +161,6 @@ def _probe_write(folder: str) -> str:
 def _probe_manifest(path: str) -> dict[str, Any]:
     """Read and parse a manifest.json (runs on a worker)."""
     if "://" in path:
-        import pyarrow.fs as pafs
-
         fs, p = pafs.FileSystem.from_uri(path)
         with fs.open_input_stream(p) as f:
             return json.loads(f.read())
@@ -252,8 +249,6 @@ def check_data(cfg: Config, ray=None, on_cluster: bool = False, timeout: float =
 
 def check_mlflow(cfg: Config, on_cluster: bool = False) -> Check:
     """A tracking server answers /health (and takes the credentials); a local store is writable."""
-    from mmdist.tracking import tracking_uri
-
     if on_cluster and not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         return Check("mlflow", False,
                      "no tracking URI (tracking.tracking_uri or $MLFLOW_TRACKING_URI): a "
@@ -272,8 +267,6 @@ def check_mlflow(cfg: Config, on_cluster: bool = False) -> Check:
             return Check("mlflow", False, f"tracking server {uri}/health answered {status}")
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         if user:  # basic auth: check the credentials too, not only that the server is up
-            import base64
-
             pw = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
             req = urllib.request.Request(
                 f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
@@ -306,8 +299,6 @@ def check_mlflow(cfg: Config, on_cluster: bool = False) -> Check:
 
 def check_deepspeed(cfg: Config) -> Check:
     """The generated DeepSpeed config is valid for world size train.num_workers."""
-    from mmdist.train.deepspeed_config import deepspeed_config
-
     world = cfg.train.num_workers
     try:
         ds = deepspeed_config(cfg, world)

@@ -39,7 +39,7 @@ def pin_ray_address() -> None:
     test sessions) it fails ("Found multiple active Ray instances"), the placement group of
     every trial ASHA stops leaks, and the next trials wait forever for CPUs.
     """
-    import ray
+    import ray  # heavy: not loaded for --help
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
@@ -83,7 +83,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     about 2 s of ``ray.init`` (2 cores, 2026-11-24; docs/performance.md) and binds 127.0.0.1
     like the rest.
     """
-    import ray  # heavy: command modules import this one when `mmdist --help` builds its parser
+    import ray  # heavy: not loaded for --help
 
     global _RAY_OWNED
     if ray.is_initialized():
@@ -102,7 +102,7 @@ def release_ray() -> None:
     """Disconnect from Ray if :func:`init_ray` connected, before the closing summary: worker
     output still in flight (Ray forwards it with a delay) would otherwise print after, and
     bury, the summary."""
-    import ray
+    import ray  # heavy: not loaded for --help
 
     global _RAY_OWNED
     if (_RAY_OWNED and ray.is_initialized()

@@ -44,7 +44,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
@@ -60,7 +60,7 @@ def get_or_create_run(uri: str, experiment: str, run_name: str,
     A training run started again under the same name (resume after a crash or a killed job)
     continues the same MLflow run instead of opening a second one.
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(uri, experiment)
@@ -90,8 +90,8 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     """Log params; a value already logged with the same content is fine on a resumed run."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Param  # heavy: not loaded for --help
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     client = MlflowClient(uri)
     existing = client.get_run(run_id).data.params
@@ -135,12 +135,12 @@ class MetricsLogger:
     def add(self, rows: list[tuple[str, float, int, int]]) -> None:
         """Buffer ``(key, value, timestamp_ms, step)`` rows (e.g. another logger's
         :meth:`pending`) for the next flush."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: not loaded for --help
 
         self._buffer.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows)
 
     def flush(self, raise_on_error: bool = False) -> bool:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
         self._last_flush = time.monotonic()
         if not self._buffer:
@@ -188,6 +188,6 @@ def retry(fn, what: str, attempts: int = 40, wait_s: float = 3.0):
 
 
 def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     MlflowClient(uri).set_terminated(run_id, status=status)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (CUDA; nothing to wait for on CPU)."""
-    import torch
+    import torch  # heavy: not loaded for --help
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -50,10 +50,10 @@ def real_batches(data_dir: Path, cfg: Config, workers: int,
                  device: torch.device) -> Iterator[dict]:
     """Full micro batches from the shards through a DataLoader, moved to ``device`` (as the
     training loop does); starts a new epoch when the shards run out."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader  # heavy: not loaded for --help
 
-    from mmdist.data.pipeline import ShardBatches
-    from mmdist.train.loop import to_device
+    from mmdist.data.pipeline import ShardBatches  # loads torch: not for --help
+    from mmdist.train.loop import to_device  # loads torch, ray: not for --help
 
     b = cfg.train.micro_batch_size
     spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment)
@@ -94,7 +94,7 @@ def count_tokens(engine, step: Callable[[dict], None], batch: dict, cfg: Config)
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak bytes so far and how they were measured: ``torch.cuda.max_memory_allocated`` on
     CUDA, the process's peak RSS on CPU."""
-    import torch
+    import torch  # heavy: not loaded for --help
 
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
@@ -105,7 +105,7 @@ def profile_steps(step: Callable[[dict], None], batches: Iterator[dict], n: int,
                   device: torch.device, rows: int) -> list[dict[str, Any]]:
     """Run ``n`` steps under torch.profiler, print the top ``rows`` ops by self time and
     return them with their share of the total."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile  # heavy: not loaded for --help
 
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -34,8 +34,8 @@ def single_process_group(device: torch.device) -> Iterator[None]:
 
     Under ``torchrun`` the rendezvous variables are already set and are used as they are.
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # heavy: not loaded for --help
+    import torch.distributed as dist  # heavy: not loaded for --help
 
     if dist.is_initialized():
         world = dist.get_world_size()

@@ -8,10 +8,12 @@ import argparse
 import uuid
 from typing import Any
 
+from mmdist.arguments import add_config_arguments
+from mmdist.config import load_config
+from mmdist.tune import sweep
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-
     add_config_arguments(parser, default="tiny")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                         help="search dimensions as in `mmdist sweep --space` (default: "
@@ -20,9 +22,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.config import load_config
-    from mmdist.tune import sweep
-
     space = args.space or ["model.fusion=concat,add", "model.fusion_stage=mid",
                            "train.lr=0.003,0.00001"]
     cfg = load_config(args.config, args.overrides)

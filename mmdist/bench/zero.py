@@ -13,18 +13,19 @@ import argparse
 import tempfile
 from typing import Any
 
+from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.data.schema import audio_frames, random_batch
+from mmdist.ray_env import init_ray
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-
     add_config_arguments(parser, default="demo")
     parser.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size (default 2000)")
 
 
 def _bytes(tensors) -> int:
-    import torch  # heavy: `mmdist --help` imports this module to build its parser
+    import torch  # heavy: not loaded for --help
 
     return int(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
 
@@ -44,10 +45,9 @@ def zero3_bytes(engine) -> dict[str, int]:
 
 
 def _worker(config: dict[str, Any]) -> dict[str, int]:
-    import ray.train
+    import ray.train  # heavy: not loaded for --help
 
-    from mmdist.data.schema import audio_frames, random_batch
-    from mmdist.train.engine import build_engine
+    from mmdist.train.engine import build_engine  # loads torch, deepspeed: not for --help
 
     cfg = Config.from_dict(config["cfg"])
     world = ray.train.get_context().get_world_size()
@@ -64,8 +64,8 @@ def _worker(config: dict[str, Any]) -> dict[str, int]:
 
 
 def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import RunConfig, ScalingConfig  # heavy: not loaded for --help
+    from ray.train.torch import TorchTrainer  # heavy: not loaded for --help
 
     cfg = cfg.override({"train.num_workers": world, "train.zero_stage": 3,
                         "train.global_batch_size": 0})
@@ -78,8 +78,6 @@ def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.ray_env import init_ray
-
     cfg = load_config(args.config, args.overrides)
     init_ray(dashboard=True)  # the Ray `mmdist train` starts (Ray Train wants its state API)
     one = measure(cfg, 1, args.vocab_size)

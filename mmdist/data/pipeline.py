@@ -30,9 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
 from threadpoolctl import threadpool_limits
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmdist.data import ray_scheduling
 from mmdist.data.preprocess import (
     BatchPreprocessor,
     PreprocessSpec,
@@ -43,9 +47,9 @@ from mmdist.data.preprocess import (
 from mmdist.data.schema import as_tensors
 from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
+from mmdist.data.torch_batches import iter_torch
 
 if TYPE_CHECKING:
-    import ray.data
     import torch
 
     from mmdist.config import Config
@@ -79,11 +83,6 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
             workers hold whole or half CPUs; a data task asking for a full CPU can then never be
             scheduled and training waits forever (seen with 2 sweep trials on 2 CPUs).
     """
-    import ray
-    import ray.data
-
-    from mmdist.data import ray_scheduling
-
     # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
     # files into 2 blocks and was many times slower than the V1 reader, which makes one block
     # per shard file, so the map streams and runs in parallel (docs/performance.md). The flag
@@ -159,8 +158,6 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
     Yields:
         Dicts of CPU torch tensors with the keys, dtypes and shapes of ``schema.BATCH_KEYS``.
     """
-    from mmdist.data.torch_batches import iter_torch
-
     buffer = shuffle_buffer or max(8 * batch_size, 256)
     return iter(iter_torch(
         shard, batch_size=batch_size, local_shuffle_buffer_size=buffer,
@@ -172,8 +169,6 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
 
 def shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
     """Raw shard columns of ``paths``, ``batch_size`` rows at a time, in file order."""
-    import pyarrow.parquet as pq
-
     for path in paths:
         pf = pq.ParquetFile(path)
         for rb in pf.iter_batches(batch_size=batch_size, columns=list(SHARD_COLUMNS)):
@@ -205,8 +200,6 @@ class ShardBatches(IterableDataset):
         self.batch_size, self.shuffle_seed = batch_size, shuffle_seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from torch.utils.data import get_worker_info
-
         info = get_worker_info()
         paths = list(self.paths)
         if self.shuffle_seed is not None:
@@ -236,8 +229,6 @@ def shard_dataloader(data_dir: str | Path, split: str = "val", batch_size: int =
                      num_workers: int = 2, spec: PreprocessSpec | None = None,
                      shuffle_seed: int | None = None, verify: bool = True):
     """A ``torch.utils.data.DataLoader`` over :class:`ShardBatches` (the non-Ray path)."""
-    from torch.utils.data import DataLoader
-
     ds = ShardBatches(data_dir, split, spec, batch_size, shuffle_seed, verify)
     return DataLoader(ds, batch_size=None, num_workers=num_workers,
                       worker_init_fn=one_blas_thread if num_workers else None,

@@ -14,6 +14,7 @@ command calls :func:`prepare_synthetic` when ``data.path`` is not set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,37 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
+from mmdist.arguments import add_config_arguments
+from mmdist.config import load_config
+from mmdist.data.preprocess import PreprocessSpec
+from mmdist.data.schema import SHARD_SCHEMA
+from mmdist.data.shards import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    ManifestError,
+    QuarantineWriter,
+    ShardWriter,
+    label_summary,
+    sha256_file,
+    split_of_groups,
+    verify_manifest,
+    write_manifest,
+)
+from mmdist.data.sources import (
+    SOURCES,
+    AudioCapsSource,
+    CocoSource,
+    JsonlSource,
+    SourceError,
+    SyntheticSource,
+    load_record,
+)
+from mmdist.data.tokenizer import TextTokenizer
+from mmdist.errors import CommandError
+from mmdist.ray_env import local_init_kwargs
+
 if TYPE_CHECKING:
     from mmdist.config import Config, DataConfig
 
@@ -29,9 +61,6 @@ RAY_THRESHOLD = 5000  # rows; below this the conversion runs in-process (no Ray 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-    from mmdist.data.sources import SOURCES
-
     parser.add_argument("--source", choices=SOURCES, default="synthetic",
                         help="input format (default: synthetic)")
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -64,10 +93,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.config import load_config
-    from mmdist.data.sources import SourceError
-    from mmdist.errors import CommandError
-
     flags = {"data.val_fraction": args.val_fraction, "data.shard_rows": args.shard_rows,
              "data.vocab_size": args.vocab_size, "data.synthetic_samples": args.num_samples,
              "data.tokenizer": args.tokenizer}
@@ -91,14 +116,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_source(args: argparse.Namespace, data: DataConfig):
     """The source object for ``--source`` and its flags; every missing flag named at once."""
-    from mmdist.data.sources import (
-        AudioCapsSource,
-        CocoSource,
-        JsonlSource,
-        SourceError,
-        SyntheticSource,
-    )
-
     need = {"coco": ("images", "captions"), "jsonl": ("manifest",),
             "audiocaps": ("audio", "captions")}.get(args.source, ())
     missing = [f"--{n}" for n in need if not getattr(args, n, None)]
@@ -117,8 +134,6 @@ def build_source(args: argparse.Namespace, data: DataConfig):
 
 def source_params(source: Any, data: DataConfig, seed: int) -> dict[str, Any]:
     """Everything that determines the shards' content (compared to reuse a synthetic set)."""
-    import dataclasses
-
     return {"source": source.name, **{k: v for k, v in dataclasses.asdict(source).items()
                                       if k != "name"},
             "seed": seed, "val_fraction": data.val_fraction, "shard_rows": data.shard_rows,
@@ -142,20 +157,6 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
         SourceError: the source cannot be read, or has no rows.
         FileExistsError: ``out`` exists, is not empty and is not a shard directory.
     """
-    from mmdist.data.preprocess import PreprocessSpec
-    from mmdist.data.shards import (
-        MANIFEST,
-        TOKENIZER_DIR,
-        QuarantineWriter,
-        ShardWriter,
-        label_summary,
-        sha256_file,
-        split_of_groups,
-        write_manifest,
-    )
-    from mmdist.data.sources import SourceError
-    from mmdist.data.tokenizer import TextTokenizer
-
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
@@ -242,9 +243,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
 
 
 def _load_local(source: Any, records: list[dict[str, Any]]):
-    from tqdm import tqdm
-
-    from mmdist.data.sources import load_record
+    from tqdm import tqdm  # heavy: not loaded for --help
 
     show = len(records) >= 500 and sys.stderr.isatty()
     for rec in tqdm(records, desc=f"prepare {source.name}", unit="row", disable=not show):
@@ -259,11 +258,6 @@ class _LoadRecords:
         self.source = source
 
     def __call__(self, batch: dict[str, Any]):
-        import pyarrow as pa
-
-        from mmdist.data.schema import SHARD_SCHEMA
-        from mmdist.data.sources import load_record
-
         cols: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA} | {"idx": [], "reason": []}
         for idx, rec_json in zip(batch["idx"], batch["record"]):
             rec = json.loads(rec_json)
@@ -279,15 +273,13 @@ class _LoadRecords:
 
 def _load_with_ray(source: Any, records: list[dict[str, Any]]):
     """Decode/validate records in parallel with Ray Data, yielding results in source order."""
-    import ray
+    import ray  # heavy: not loaded for --help
 
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=False)
         else:  # a local Ray bound to 127.0.0.1, like every other command's
-            from mmdist.ray_env import local_init_kwargs
-
             ray.init(**local_init_kwargs(), log_to_driver=False)
         started = True
     try:
@@ -341,9 +333,6 @@ def prepare_synthetic(out_dir: str | Path, cfg: Config, seed: int = 0) -> dict[s
     Returns:
         The summary dict (``reused: True`` when nothing was written).
     """
-    from mmdist.data.shards import MANIFEST, ManifestError, verify_manifest
-    from mmdist.data.sources import SyntheticSource
-
     d = cfg.data
     source = SyntheticSource(num_samples=d.synthetic_samples, seed=seed, image_size=d.image_size,
                              sample_rate=d.sample_rate, audio_seconds=d.audio_seconds)

@@ -284,7 +284,7 @@ def _task_index() -> int:
     # Imported here, not at the top: ray_scheduling imports Ray Data (seconds of CPU), and
     # this module also serves the DataLoader baseline and inference, where only Ray Data tasks
     # (already holding it) ever call this.
-    from mmdist.data import ray_scheduling
+    from mmdist.data import ray_scheduling  # loads ray: not for --help
 
     return ray_scheduling.task_index()
 

@@ -32,6 +32,7 @@ so every rank runs every encoder every step (no ZeRO-3 hang on mixed modality su
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -69,7 +70,7 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
 
     Token ids avoid the special ids; every modality is present.
     """
-    import torch
+    import torch  # heavy: not loaded for --help
 
     g = torch.Generator().manual_seed(seed)
     B, L = batch_size, max_text_len
@@ -100,9 +101,7 @@ def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     Raises:
         TypeError: a column holds Python objects; the message names it.
     """
-    import warnings
-
-    import torch  # schema is read where torch is not needed (prepare, the CLI)
+    import torch  # heavy: not loaded for --help
 
     out = {}
     with warnings.catch_warnings():

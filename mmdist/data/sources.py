@@ -27,6 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from mmdist.data.image import decode_image
+from mmdist.data.synthetic import generate_sample
+
 SOURCES = ("synthetic", "coco", "jsonl", "audiocaps")
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -46,10 +53,6 @@ def check_image(data: bytes) -> None:
     """Decode image bytes the way training will (any mode -> 8-bit RGB, see
     ``image.decode_image``); raise RowError when that fails, so a row that passes here
     never turns into a missing image at training time."""
-    from PIL import Image
-
-    from mmdist.data.image import decode_image
-
     mode = None
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -69,9 +72,6 @@ def check_image(data: bytes) -> None:
 
 def check_audio(data: bytes) -> None:
     """Fully decode WAV/FLAC bytes; raise RowError when soundfile cannot or it is empty."""
-    import numpy as np
-    import soundfile as sf
-
     if not data:
         raise RowError("undecodable audio: empty file (0 bytes)")
     try:
@@ -152,8 +152,6 @@ class SyntheticSource:
                    "group": str(i)}
 
     def load(self, record: dict[str, Any]) -> dict[str, Any]:
-        from mmdist.data.synthetic import generate_sample
-
         s = generate_sample(record["sample_id"], self.seed, self.image_size, self.sample_rate,
                             self.audio_seconds)
         # Generated rows are valid by construction; skip the decode check (it is the hot path).

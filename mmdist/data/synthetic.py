@@ -37,6 +37,8 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import soundfile as sf
+from PIL import Image, ImageDraw
 
 COLOURS = ("red", "blue")
 COLOUR_RGB = {"red": (210, 40, 40), "blue": (40, 60, 210)}
@@ -85,8 +87,6 @@ def target_of(colour: str, shape: str, pitch: str) -> str:
 
 
 def _image(rng: np.random.Generator, colour: str, shape: str, size: int) -> bytes:
-    from PIL import Image, ImageDraw
-
     bg = int(rng.integers(170, 250))
     arr = np.full((size, size, 3), bg, dtype=np.int16)
     img = Image.fromarray(arr.astype(np.uint8))
@@ -106,8 +106,6 @@ def _image(rng: np.random.Generator, colour: str, shape: str, size: int) -> byte
 
 
 def _audio(rng: np.random.Generator, pitch: str, sample_rate: int, seconds: float) -> bytes:
-    import soundfile as sf
-
     n = int(round(sample_rate * seconds))
     t = np.arange(n) / sample_rate
     f0 = PITCH_HZ[pitch] * rng.uniform(0.97, 1.03)

@@ -23,7 +23,7 @@ def enable_activation_checkpointing(model: nn.Module) -> list[str]:
     Returns:
         The qualified names of the parts it was turned on for (empty: nothing supports it).
     """
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel  # heavy: on first use (transformers_init)
 
     done: list[str] = []
     for name, module in model.named_modules():

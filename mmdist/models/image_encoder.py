@@ -163,6 +163,7 @@ def load_torchvision_weights(model: nn.Module, path: str, image_size: int) -> No
         raise ValueError(f"model.image_pretrained={path!r}: not a safetensors file ({e}); "
                          "mmdist never loads pickled weights") from None
     if hasattr(model, "encoder") and hasattr(model, "patch_size"):
+        # heavy: on first use, not with mmdist.models (see transformers_init)
         from torchvision.models.vision_transformer import interpolate_embeddings
 
         state = interpolate_embeddings(image_size, model.patch_size, state)
@@ -179,7 +180,7 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     if kind == "cnn":
         return CNNImageEncoder(channels, dim)
     importable_here("torchvision.models")
-    import torchvision.models as tvm  # on first use: it imports torch._dynamo (seconds)
+    import torchvision.models as tvm  # heavy: on first use (imports torch._dynamo)
 
     if kind in ("resnet18", "resnet50"):
         net = getattr(tvm, kind)(weights=None)

@@ -42,7 +42,7 @@ def hf(name: str) -> Any:
                        f"{sorted(HF_NAMES)}")
     family = HF_NAMES[name]
     importable_here(f"transformers.models.{family}.modeling_{family}")
-    import transformers
+    import transformers  # heavy: on first use, see the module docstring
 
     return getattr(transformers, name)
 
@@ -50,6 +50,7 @@ def hf(name: str) -> Any:
 def preload() -> None:
     """Import every optional model library a build may need (transformers' model classes and
     ZeRO-3 init, torchvision's models): call before opening ``deepspeed.zero.Init``."""
+    # heavy, imported here on purpose (see the module docstring)
     import torchvision.models  # noqa: F401
     from transformers import initialization  # noqa: F401
     from transformers.integrations.deepspeed import initialize_weights_zero3  # noqa: F401
@@ -68,6 +69,7 @@ def build_transformers_model(cls: type, config, **kwargs) -> nn.Module:
     """``cls(config, **kwargs)`` with correct weight init inside or outside ``zero.Init``."""
     if not inside_zero_init():
         return cls(config, **kwargs)
+    # heavy: imported on first use (see the module docstring)
     from transformers import initialization as hf_init
     from transformers.integrations.deepspeed import initialize_weights_zero3
 

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import ray
+import torch
 
 from mmdist.config import Config
 from mmdist.data.shards import canonical_batches, verify_manifest
@@ -32,8 +35,6 @@ class PredictActor:
         self.predictor = Predictor.from_dir(model_dir, device=device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pandas as pd
-
         n = len(rows["sample_id"])
         records = [{c: rows[c][i] for c in ("text", "image", "audio") if c in rows}
                    for i in range(n)]
@@ -50,9 +51,6 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
                          batch_size: int | None = None, actors: int = 1,
                          use_gpu: bool = False) -> dict[str, Any]:
     """Metrics of a model on a shard split, computed by a Ray Data actor pool."""
-    import ray
-    import torch
-
     verify_manifest(data_dir)
     meta = read_meta(model_dir)
     cfg = Config.from_dict(meta["config"])
@@ -75,8 +73,6 @@ def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: st
                         splits: tuple[str, ...] = ("train", "val"), batch_size: int = 64,
                         actors: int = 1, use_gpu: bool = False) -> dict[str, Any]:
     """Write Parquet predictions (one row per input row, with its sample id) to ``out_dir``."""
-    import ray
-
     verify_manifest(data_dir)
     paths = [str(p) for s in splits for p in sorted((Path(data_dir) / s).glob("*.parquet"))]
     if not paths:

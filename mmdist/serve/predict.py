@@ -7,8 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from mmdist.errors import CommandError
+from mmdist.serve.pull import pull
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +31,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model_dir(model: str, tracking_uri: str | None, cache: str | Path) -> Path:
     """A local model directory for a directory path or a models:/ / runs:/ URI (pulled into ``cache``)."""
-    from mmdist.errors import CommandError
-    from mmdist.serve.pull import pull
-
     if not (model.startswith("models:/") or model.startswith("runs:/")):
         p = Path(model)
         if not (p / "config.json").exists():
             raise CommandError(f"--model {model}: not a model directory (no config.json) "
                                "and not a models:/ or runs:/ URI")
         return p
-    import tempfile
 
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -46,8 +46,7 @@ def resolve_model_dir(model: str, tracking_uri: str | None, cache: str | Path) -
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from mmdist.errors import CommandError
-    from mmdist.serve.predictor import Predictor
+    from mmdist.serve.predictor import Predictor  # loads torch: not for --help
 
     if not (args.image or args.audio or args.text):
         raise CommandError("give at least one of --image, --audio, --text")

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mmdist.config import Config
+from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
 from mmdist.data.schema import as_tensors
 from mmdist.data.shards import canonical_batches
+from mmdist.data.sources import check_audio, check_image
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.models.model_files import load_model
 from mmdist.tasks import compute_metrics
@@ -69,8 +72,6 @@ class Predictor:
     """Model + tokenizer + preprocessing spec, loaded from a model directory (no pickle)."""
 
     def __init__(self, model, tokenizer, cfg: Config, device: str = "cpu"):
-        from mmdist.data.preprocess import PreprocessSpec
-
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -90,9 +91,6 @@ class Predictor:
 
     def batch_from_rows(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Raw rows (text, image/audio as path or bytes) -> a model batch on the device."""
-        from mmdist.data.preprocess import preprocess_batch
-        from mmdist.data.sources import check_audio, check_image
-
         known = set(self.cfg.model.modalities)
         cols: dict[str, list] = {"sample_id": list(range(len(rows)))}
         for c in ("text", "target", "label", "image", "audio"):
@@ -162,8 +160,6 @@ class Predictor:
 
     def predict_frame(self, df):
         """pandas DataFrame in (columns text/image/audio) -> DataFrame of answers."""
-        import pandas as pd
-
         if not isinstance(df, pd.DataFrame):
             try:
                 df = pd.DataFrame(df)
@@ -187,8 +183,6 @@ class Predictor:
     @torch.no_grad()
     def eval_outputs(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Shard-row columns of one canonical batch -> the model's per-sample eval outputs."""
-        from mmdist.data.preprocess import preprocess_batch
-
         batch = preprocess_batch(rows, self.spec, self.tokenizer)
         batch = {k: v.to(self.device) for k, v in as_tensors(batch).items()}
         n = len(rows["sample_id"])

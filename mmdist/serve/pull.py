@@ -17,6 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mmdist import tracking
+from mmdist.errors import CommandError
+
 
 def model_dir_in(local: Path) -> Path | None:
     """The mmdist model directory inside a downloaded MLflow pyfunc (``artifacts/<name>/``)."""
@@ -35,7 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def source_run(uri: str, tracking_uri: str) -> tuple[str | None, dict[str, Any]]:
     """The source run id of a model URI and what the registry says about the version."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     client = MlflowClient(tracking_uri)
     if uri.startswith("runs:/"):
@@ -53,11 +58,8 @@ def source_run(uri: str, tracking_uri: str) -> tuple[str | None, dict[str, Any]]
 
 def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str, Any]:
     """Download ``uri`` into ``dst`` and write a model card. Returns the summary."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from mmdist import tracking
-    from mmdist.errors import CommandError
+    import mlflow  # heavy: not loaded for --help
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     if not (uri.startswith("models:/") or uri.startswith("runs:/")):
         raise CommandError(f"{uri!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or "
@@ -91,8 +93,6 @@ def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str
 
 def write_model_card(dst: Path, uri: str, run_id: str | None, version: dict, metrics: dict,
                      manifest_hash: str | None, config: dict) -> None:
-    import yaml
-
     val = {k: v for k, v in sorted(metrics.items()) if k.startswith("val_")}
     lines = [f"# {version.get('name', 'mmdist model')}"
              + (f" v{version['version']}" if version.get("version") else ""), "",

@@ -9,11 +9,11 @@ with the task's answer per row (see ``mmdist.serve.predictor.Predictor.predict_f
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from mmdist.serve.predictor import Predictor
+
 
 class MmdistPyfunc(PythonModel):
     def load_context(self, context):
-        from mmdist.serve.predictor import Predictor
-
         self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params=None):

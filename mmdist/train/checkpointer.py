@@ -111,8 +111,8 @@ class Checkpointer:
 
         Every rank takes part (gathering a ZeRO-3 parameter is a collective); rank 0 writes.
         """
-        # DeepSpeed is imported here, as in engine.build_engine: the driver imports this module
-        # (through loop.py, to hand train_fn_per_worker to Ray) and never needs DeepSpeed.
+        # heavy: the driver imports this module (through loop.py, to hand train_fn_per_worker
+        # to Ray) and never needs DeepSpeed; as in engine.build_engine.
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module

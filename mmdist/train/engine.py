@@ -7,6 +7,11 @@ from typing import Any
 import torch
 
 from mmdist.config import Config
+from mmdist.models import build_model
+from mmdist.models.activation_checkpointing import enable_activation_checkpointing
+from mmdist.models.transformers_init import preload
+from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.optim import build_optimizer
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
@@ -18,11 +23,8 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
     skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``.
     """
+    # heavy: the driver imports this module (via loop.py) and never needs DeepSpeed
     import deepspeed
-
-    from mmdist.models import build_model
-    from mmdist.train.deepspeed_config import deepspeed_config
-    from mmdist.train.optim import build_optimizer
 
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -30,9 +32,7 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
                                auto_mpi_discovery=False)
     if t.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        from mmdist.models.transformers_init import preload
+        from transformers.integrations import HfDeepSpeedConfig  # heavy: see transformers_init
 
         preload()  # model libraries cannot be imported inside zero.Init
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
@@ -42,8 +42,6 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     else:
         model = build_model(cfg, **vocab)
     if cfg.model.activation_checkpointing:
-        from mmdist.models.activation_checkpointing import enable_activation_checkpointing
-
         parts = enable_activation_checkpointing(model)
         if log:
             log(f"activation checkpointing on: {', '.join(parts) or 'no part'}")

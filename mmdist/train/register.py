@@ -19,8 +19,8 @@ VALUE_TAG = "mmdist.primary_metric_value"
 
 
 def model_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.models import ModelSignature  # heavy: not loaded for --help
+    from mlflow.types import ColSpec, Schema  # heavy: not loaded for --help
 
     inputs = Schema([ColSpec("string", "text", required=False),
                      ColSpec("string", "image", required=False),
@@ -35,9 +35,9 @@ def _beats(new: float, old: float, mode: str) -> bool:
 def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
                    metrics: dict[str, float]) -> dict[str, Any]:
     """Log ``model_dir`` to ``run_id``, register it, alias it. Retries while MLflow is down."""
-    import mlflow
-    import pandas as pd
-    from mlflow.tracking import MlflowClient
+    import mlflow  # heavy: not loaded for --help
+    import pandas as pd  # heavy: not loaded for --help
+    from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     if not (model_dir / "model.safetensors").exists():
         raise FileNotFoundError(f"{model_dir}: no consolidated model.safetensors to register")

@@ -17,6 +17,7 @@ Node preemptions stay with Ray's own budget (``FailureConfig.max_preemption_fail
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,8 +82,6 @@ def decide(failure: Failure, previous: Failure | None, failures_so_far: int,
 
 def newest_checkpoint_step(run_dir: str | Path) -> int | None:
     """Global step of the newest complete checkpoint in ``run_dir``, None when there is none."""
-    import json
-
     chosen, _ = choose_checkpoint(run_dir)
     if chosen is None:
         return None
@@ -97,7 +96,7 @@ def fit_with_retries(make_trainer: Callable[[], Any], run_dir: str | Path, max_f
     ``make_trainer`` must build a trainer with Ray's worker-group retries off
     (``FailureConfig(max_failures=0)``).
     """
-    from ray.train import WorkerGroupError
+    from ray.train import WorkerGroupError  # heavy: not loaded for --help
 
     previous: Failure | None = None
     failures = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config import Config, task_class
+from mmdist.data.shards import read_manifest
 from mmdist.errors import CommandError
 
 TRIAL_CPUS = 0.01  # the CPU a sweep trial's driver function reserves (mmdist.tune)
@@ -41,7 +42,7 @@ def local_resources(cfg: Config) -> tuple[dict[str, float], list[dict[str, float
     total = {"CPU": float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else os.cpu_count() or 1)}
     if cfg.train.use_gpu:  # only then pay for importing torch
-        import torch
+        import torch  # heavy: not loaded for --help
 
         total["GPU"] = float(torch.cuda.device_count())
     return total, [total]
@@ -139,9 +140,7 @@ def require_startable(cfg: Config, data_dir: str | Path) -> None:
     Raises:
         CommandError: naming the keys, the resources asked for and what the cluster has.
     """
-    import ray  # heavy: this module is imported by `mmdist preflight --help`
-
-    from mmdist.data.shards import read_manifest  # pyarrow, heavy for the same reason
+    import ray  # heavy: not loaded for --help
 
     problems = []
     if not os.environ.get("MMDIST_SKIP_RESOURCE_CHECK"):

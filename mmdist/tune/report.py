@@ -58,12 +58,11 @@ def write_report(rows: list[dict], grid, metric: str, mode: str, out: Path,
     listed in trials.md and marked "refused" on the heat map. Failed trials are in the tables
     with their error, and left out of the heat map and the curves.
     """
-    # lazy: `mmdist --help` imports this module and must not load matplotlib or pandas
-    import matplotlib
+    import matplotlib  # heavy: not loaded for --help
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
+    import matplotlib.pyplot as plt  # heavy: not loaded for --help
+    import pandas as pd  # heavy: not loaded for --help
 
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame([{**r["overrides"], metric: r["metric"], "steps": r["steps"],

@@ -107,7 +107,7 @@ def to_tune_space(space: dict[str, Any], search: str,
     as ``_choice``, among the completions the config accepts for that trial's grid point.
     Ranges stay independent keys.
     """
-    from ray import tune  # lazy: `mmdist --help` imports this module and must not load Ray
+    from ray import tune  # heavy: not loaded for --help
 
     finite = [k for k, spec in space.items() if _choices(spec) is not None]
     if points is None:
