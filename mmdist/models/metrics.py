@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, SumMetric
+from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
 
@@ -169,3 +170,76 @@ def corpus_bleu(generated: Tensor, target: Tensor, eos_id: int,
     metric = TokenBLEU(eos_id, special_ids)
     metric.update(generated, target)
     return float(metric.compute())
+
+
+class MatchAccuracy(TaskMetrics):
+    """Accuracy of match logits: positives above 0, negatives at or below."""
+
+    def __init__(self):
+        super().__init__()
+        self.accuracy = BinaryAccuracy()
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        pos, neg = o["logit_pos"], o["logit_neg"]
+        preds = torch.cat([pos > 0, neg > 0]).long()
+        target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
+        self.accuracy.update(preds, target)
+
+    def compute(self) -> dict[str, float]:
+        return {"val_accuracy": float(self.accuracy.compute())}
+
+
+class ClassAccuracy(TaskMetrics):
+    """Accuracy of ``logits`` against ``label``, rows with label -1 left out."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.accuracy = MulticlassAccuracy(max(num_classes, 2), average="micro", ignore_index=-1)
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.accuracy.update(o["logits"].float(), o["label"].long())
+
+    def compute(self) -> dict[str, float]:
+        return {"val_accuracy": float(self.accuracy.compute())}
+
+
+class Retrieval(TaskMetrics):
+    """Recall@K both ways of paired text / other embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.recall = PairRecall()
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.recall.update(o["text_emb"], o["other_emb"])
+
+    def compute(self) -> dict[str, float]:
+        return self.recall.compute()
+
+
+class TextMetrics(TaskMetrics):
+    """Token-weighted loss and perplexity; exact match and BLEU when asked for."""
+
+    def __init__(self, exact_match: bool, bleu: TokenBLEU | None):
+        super().__init__()
+        self.nll = SumMetric(nan_strategy="disable")
+        self.tokens = SumMetric(nan_strategy="disable")
+        self.exact = MeanMetric(nan_strategy="disable") if exact_match else None
+        self.bleu = bleu
+
+    def update(self, o: dict[str, Tensor]) -> None:
+        self.nll.update(o["nll_sum"].double())
+        self.tokens.update(o["n_tokens"].double())
+        if self.exact is not None:
+            self.exact.update(o["exact_match"].float())
+        if self.bleu is not None:
+            self.bleu.update(o["generated"], o["target"])
+
+    def compute(self) -> dict[str, float]:
+        nll = float(self.nll.compute() / self.tokens.compute().clamp_min(1))
+        out = {"val_token_loss": nll, "val_perplexity": math.exp(min(nll, 50.0))}
+        if self.exact is not None:
+            out["val_accuracy"] = float(self.exact.compute())
+        if self.bleu is not None:
+            out["val_bleu"] = float(self.bleu.compute())
+        return out

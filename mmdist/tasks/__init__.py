@@ -7,16 +7,20 @@ primary metric and direction, its torchmetrics and the config rules that protect
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from mmdist.config import Config, task_class
-from mmdist.models.metrics import EvalMetrics
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import EvalMetrics
 
 
 def build_metrics(cfg: Config, vocab: dict[str, Any]) -> EvalMetrics:
     """Fresh validation metrics for the tasks of ``cfg`` and the tokenizer ids in ``vocab``."""
+    from mmdist.models.metrics import EvalMetrics  # torchmetrics: only evaluation pays it
+
     m = cfg.model
     tasks = task_class(m.task).components(m)
     return EvalMetrics({name: task_class(name).metrics(m, vocab) for name in tasks},

@@ -10,7 +10,7 @@ it; it never dispatches on task names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -18,8 +18,10 @@ from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost
 from mmdist.models.builder import BuildContext
 from mmdist.models.fused import Encoded, FusedModel
-from mmdist.models.metrics import TaskMetrics
 from mmdist.models.sizes import SizeSpec
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
 
 
 @dataclass

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost, mlp_head_cost
 from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.heads import MLPHead
-from mmdist.models.metrics import TaskMetrics
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
 
 
 def head_outputs(num_classes: int) -> int:
@@ -37,20 +40,6 @@ def classify(head: nn.Module, pooled: Tensor, batch: dict[str, Tensor]) -> TaskO
     per_sample = F.cross_entropy(logits, label.clamp_min(0), reduction="none") * valid
     loss = per_sample.sum() / valid.sum().clamp_min(1)
     return TaskOutput(loss, per_sample, {"logits": logits, "label": label})
-
-
-class AccuracyMetrics(TaskMetrics):
-    """Accuracy of ``logits`` against ``label``, rows with label -1 left out."""
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.accuracy = MulticlassAccuracy(max(num_classes, 2), average="micro", ignore_index=-1)
-
-    def update(self, o: dict[str, Tensor]) -> None:
-        self.accuracy.update(o["logits"].float(), o["label"].long())
-
-    def compute(self) -> dict[str, float]:
-        return {"val_accuracy": float(self.accuracy.compute())}
 
 
 class Classify(Task):
@@ -79,8 +68,11 @@ class Classify(Task):
         return mlp_head_cost(spec.hidden, head_outputs(cfg.model.num_classes))
 
     @classmethod
-    def metrics(cls, m: ModelConfig, vocab: dict) -> AccuracyMetrics:
-        return AccuracyMetrics(m.num_classes)
+    def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
+        from mmdist.models import (
+            metrics,  # torchmetrics (5 s): at evaluation only
+        )
+        return metrics.ClassAccuracy(m.num_classes)
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:

@@ -3,6 +3,8 @@ one embedding space, a symmetric InfoNCE loss over the batch, recall@K both ways
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,22 +14,12 @@ from mmdist.models.accounting import Cost, linear_cost, ln_cost
 from mmdist.models.blocks import masked_mean
 from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.heads import ContrastiveHead
-from mmdist.models.metrics import PairRecall, TaskMetrics
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
 from mmdist.tasks.itm import pair_problems
-
-
-class ContrastiveMetrics(TaskMetrics):
-    def __init__(self):
-        super().__init__()
-        self.recall = PairRecall()
-
-    def update(self, o: dict[str, Tensor]) -> None:
-        self.recall.update(o["text_emb"], o["other_emb"])
-
-    def compute(self) -> dict[str, float]:
-        return self.recall.compute()
 
 
 class Contrastive(Task):
@@ -53,8 +45,11 @@ class Contrastive(Task):
         return ln_cost(d) + linear_cost(d, d) + ln_cost(d) + linear_cost(d, d) + Cost(1)
 
     @classmethod
-    def metrics(cls, m: ModelConfig, vocab: dict) -> ContrastiveMetrics:
-        return ContrastiveMetrics()
+    def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
+        from mmdist.models import (
+            metrics,  # torchmetrics (5 s): at evaluation only
+        )
+        return metrics.Retrieval()
 
     def embed(self, model: FusedModel, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
         _, _, other = model.fuse("context", enc)

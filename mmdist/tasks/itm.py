@@ -4,18 +4,21 @@ audio (the batch rolled by one)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import BinaryAccuracy
 
 from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost, mlp_head_cost
 from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.heads import MLPHead
-from mmdist.models.metrics import TaskMetrics
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
 
 
 def pair_problems(m: ModelConfig, role: str) -> list[str]:
@@ -26,21 +29,6 @@ def pair_problems(m: ModelConfig, role: str) -> list[str]:
         return [f"model.modalities={m.modalities}: {role} matches text against another "
                 "modality; add 'image' or 'audio'"]
     return []
-
-
-class ITMMetrics(TaskMetrics):
-    def __init__(self):
-        super().__init__()
-        self.accuracy = BinaryAccuracy()
-
-    def update(self, o: dict[str, Tensor]) -> None:
-        pos, neg = o["logit_pos"], o["logit_neg"]
-        preds = torch.cat([pos > 0, neg > 0]).long()
-        target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
-        self.accuracy.update(preds, target)
-
-    def compute(self) -> dict[str, float]:
-        return {"val_accuracy": float(self.accuracy.compute())}
 
 
 class ITM(Task):
@@ -64,8 +52,11 @@ class ITM(Task):
         return mlp_head_cost(spec.hidden, 1, 2)
 
     @classmethod
-    def metrics(cls, m: ModelConfig, vocab: dict) -> ITMMetrics:
-        return ITMMetrics()
+    def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
+        from mmdist.models import (
+            metrics,  # torchmetrics (5 s): at evaluation only
+        )
+        return metrics.MatchAccuracy()
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:

@@ -3,18 +3,19 @@ non-text modalities (captioning, transcription); perplexity and BLEU of greedy g
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, SumMetric
 
 from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost, decoder_cost
 from mmdist.models.decoder import build_decoder, sequence_nll
 from mmdist.models.fused import Encoded, FusedModel
-from mmdist.models.metrics import TaskMetrics, TokenBLEU
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
 
 
 def decoder_problems(m: ModelConfig, role: str) -> list[str]:
@@ -49,34 +50,6 @@ def teacher_forced(decoder: nn.Module, memory: Tensor, mask: Tensor,
                        "target": ids})
 
 
-class TextMetrics(TaskMetrics):
-    """Token-weighted loss and perplexity; exact match and BLEU when asked for."""
-
-    def __init__(self, exact_match: bool, bleu: TokenBLEU | None):
-        super().__init__()
-        self.nll = SumMetric(nan_strategy="disable")
-        self.tokens = SumMetric(nan_strategy="disable")
-        self.exact = MeanMetric(nan_strategy="disable") if exact_match else None
-        self.bleu = bleu
-
-    def update(self, o: dict[str, Tensor]) -> None:
-        self.nll.update(o["nll_sum"].double())
-        self.tokens.update(o["n_tokens"].double())
-        if self.exact is not None:
-            self.exact.update(o["exact_match"].float())
-        if self.bleu is not None:
-            self.bleu.update(o["generated"], o["target"])
-
-    def compute(self) -> dict[str, float]:
-        nll = float(self.nll.compute() / self.tokens.compute().clamp_min(1))
-        out = {"val_token_loss": nll, "val_perplexity": math.exp(min(nll, 50.0))}
-        if self.exact is not None:
-            out["val_accuracy"] = float(self.exact.compute())
-        if self.bleu is not None:
-            out["val_bleu"] = float(self.bleu.compute())
-        return out
-
-
 class LM(Task):
     name = "lm"
     group = "context"
@@ -107,8 +80,12 @@ class LM(Task):
                             cfg.data.max_text_len, memory_tokens, spec.hidden)
 
     @classmethod
-    def metrics(cls, m: ModelConfig, vocab: dict) -> TextMetrics:
-        return TextMetrics(False, TokenBLEU(vocab["eos_id"], vocab["special_ids"]))
+    def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
+        from mmdist.models import (
+            metrics,  # torchmetrics (5 s): at evaluation only
+        )
+        bleu = metrics.TokenBLEU(vocab["eos_id"], vocab["special_ids"])
+        return metrics.TextMetrics(False, bleu)
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:

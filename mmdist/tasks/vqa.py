@@ -4,17 +4,21 @@ exact-match accuracy) or classified from the fused vector (``classify``, one cla
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost, decoder_cost, mlp_head_cost
 from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.heads import MLPHead
-from mmdist.models.metrics import TaskMetrics
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
-from mmdist.tasks.classify import AccuracyMetrics, class_logits, classify, head_outputs
-from mmdist.tasks.lm import TextMetrics, decoder_problems, make_decoder, teacher_forced
+
+if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
+    from mmdist.models.metrics import TaskMetrics
+from mmdist.tasks.classify import class_logits, classify, head_outputs
+from mmdist.tasks.lm import decoder_problems, make_decoder, teacher_forced
 
 
 class VQA(Task):
@@ -57,9 +61,12 @@ class VQA(Task):
 
     @classmethod
     def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
+        from mmdist.models import (
+            metrics,  # torchmetrics (5 s): at evaluation only
+        )
         if cls.uses_decoder(m):
-            return TextMetrics(True, None)
-        return AccuracyMetrics(m.num_classes)
+            return metrics.TextMetrics(True, None)
+        return metrics.ClassAccuracy(m.num_classes)
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:
