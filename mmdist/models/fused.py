@@ -102,6 +102,7 @@ class FusedModel(nn.Module):
         """Per modality: tokens ``(B, T, D)`` and mask, with missing ones replaced."""
         out = {}
         self._batch_size = batch["input_ids"].shape[0]
+        present = self.present(batch)
         for m in self.modalities:
             if m not in self.encoders:
                 continue
@@ -110,15 +111,28 @@ class FusedModel(nn.Module):
                 tokens, mask = enc(batch["input_ids"], batch["attention_mask"])
             else:
                 tokens, mask = enc(batch[m])
-            present = batch[f"has_{m}"].to(tokens.device).bool()
-            if self.training and self.modality_dropout > 0 and m != "text":
-                keep = torch.rand(present.shape, device=present.device) >= self.modality_dropout
-                present = present & keep
             missing = self.missing[m].to(tokens.dtype).expand_as(tokens)
-            tokens = torch.where(present[:, None, None], tokens, missing)
-            mask = torch.where(present[:, None], mask, torch.ones_like(mask))
+            here = present[m].to(tokens.device)
+            tokens = torch.where(here[:, None, None], tokens, missing)
+            mask = torch.where(here[:, None], mask, torch.ones_like(mask))
             out[m] = (tokens, mask)
         return out
+
+    def present(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per modality, which samples have it: ``has_<m>``, less modality dropout in training.
+        Dropout never removes a sample's last non-text modality (a matching or correspondence
+        target would become unanswerable and teach the model to output a constant)."""
+        present = {m: batch[f"has_{m}"].bool() for m in self.modalities}
+        others = [m for m in self.modalities if m != "text" and m in self.encoders]
+        if not (self.training and self.modality_dropout > 0 and others):
+            return present
+        keep = {m: torch.rand(present[m].shape, device=present[m].device)
+                >= self.modality_dropout for m in others}
+        any_left = torch.stack([present[m] & keep[m] for m in others]).any(0)
+        had_any = torch.stack([present[m] for m in others]).any(0)
+        undo = had_any & ~any_left  # every remaining one would go: keep them all
+        return {m: present[m] & (keep[m] | undo) if m in keep else present[m]
+                for m in self.modalities}
 
     def fuse(self, group: str, enc: Encoded, roll_others: bool = False
              ) -> tuple[Tensor, Tensor, Tensor]:

@@ -236,3 +236,17 @@ def test_models_saved_before_tasks_were_modules_still_load(tmp_path, task):
     with torch.no_grad():
         a, b = model.eval_outputs(batch), loaded.eval_outputs(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_modality_dropout_never_removes_the_last_non_text_modality():
+    cfg, model = _model("model.modality_dropout=0.9")
+    model.train()
+    batch = make_batch(cfg, 64)
+    batch["has_audio"][:16] = False  # these rows have only the image besides the text
+    torch.manual_seed(0)
+    present = model.present(batch)
+    both = batch["has_image"] & batch["has_audio"]
+    assert (present["image"] | present["audio"])[batch["has_image"] | batch["has_audio"]].all()
+    assert present["image"][:16].equal(batch["has_image"][:16])  # never dropped: the last one
+    assert (~present["image"][both]).any() and (~present["audio"][both]).any()  # dropout acts
+    assert present["text"].equal(batch["has_text"])
