@@ -13,6 +13,7 @@ from mmdist.config import load_config
 from mmdist.train import checkpoint as ck
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.faults import Faults
+from mmdist.train.job import Job
 from mmdist.train.loop import _NonFiniteLosses, _TrainLossLog
 from mmdist.train.reporter import Reporter
 
@@ -59,8 +60,8 @@ def job(tmp_path):
     data = tmp_path / "data"
     (data / "tokenizer").mkdir(parents=True)
     (data / "tokenizer" / "vocab.json").write_text("{}")
-    return {"data_dir": str(data), "storage": str(tmp_path / "run"), "run_name": "r",
-            "vocab": {"vocab_size": 10}, "mlflow_run_id": None}
+    return Job(data_dir=str(data), train_rows=10, storage=str(tmp_path / "run"), run_name="r",
+               vocab={"vocab_size": 10}, mlflow_run_id=None)
 
 
 def test_checkpointer_save_then_restore_round_trip(job, tmp_path):
