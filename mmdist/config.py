@@ -101,6 +101,10 @@ class ModelConfig(Section):
     hidden_size: int = Field(0, ge=0, description="0 = from model.size")
     num_classes: int = 8  # classify / multitask classification head
     modality_dropout: float = Field(0.0, ge=0, lt=1)  # P(drop a non-text modality) per sample
+    # Auxiliary per-modality classification on the data's label_image / label_audio columns:
+    # modality -> classes; {} -> from the data when it has them (training fills it in).
+    aux_classes: dict[str, int] = Field(default_factory=dict)
+    aux_weight: float = Field(0.5, ge=0, description="0 = no auxiliary objectives")
     task_weights: dict[str, float] = Field(default_factory=dict)  # multitask loss weights
     text_pretrained: str | None = None  # local transformers directory for the bert encoder
     image_pretrained: str | None = None  # local safetensors file for the torchvision encoder
@@ -112,6 +116,9 @@ class ModelConfig(Section):
         mods = self.modalities
         return report(self, info, [
             (len(set(mods)) != len(mods), f"model.modalities={mods}: listed twice"),
+            *((m not in mods or m == "text" or n < 2, f"model.aux_classes.{m}={n}: needs a "
+               f"non-text modality of model.modalities={mods} and >= 2 classes")
+              for m, n in self.aux_classes.items()),
             *((True, p) for p in task_class(self.task).config_problems(self,
                                                                          f"task {self.task!r}")),
             (self.fusion_stage in (refused := getattr(fusion_class(self.fusion), "refused_stages", {})),

@@ -44,7 +44,7 @@ from mmdist.data.preprocess import (
     preprocess_batch,
     reuse_freed_memory,
 )
-from mmdist.data.schema import as_tensors
+from mmdist.data.schema import MODALITY_LABELS, as_tensors
 from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.data.torch_batches import iter_torch
@@ -55,6 +55,13 @@ if TYPE_CHECKING:
     from mmdist.config import Config
 
 SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
+
+
+def shard_columns(paths: list[str]) -> list[str]:
+    """The columns to read: :data:`SHARD_COLUMNS` and the per-modality labels where the shards
+    have them (shards written before they existed do not)."""
+    have = set(pq.read_schema(paths[0]).names) if paths else set()
+    return [*SHARD_COLUMNS, *(c for c in MODALITY_LABELS if c in have)]
 MAP_BATCH_SIZE = 64  # rows per preprocess_batch call inside Ray Data
 # Most bytes per block after each task's first (see BatchPreprocessor): Ray's own default target
 # is 128 MiB; half of it bounds what a task holds before handing it over.
@@ -91,7 +98,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     use_v2 = getattr(ctx, "use_datasource_v2", False)
     ctx.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet(paths, columns=list(SHARD_COLUMNS),
+        ds = ray.data.read_parquet(paths, columns=shard_columns(paths),
                                    override_num_blocks=override_num_blocks or len(paths),
                                    num_cpus=cpus_per_task)
     finally:
@@ -171,7 +178,7 @@ def shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
     """Raw shard columns of ``paths``, ``batch_size`` rows at a time, in file order."""
     for path in paths:
         pf = pq.ParquetFile(path)
-        for rb in pf.iter_batches(batch_size=batch_size, columns=list(SHARD_COLUMNS)):
+        for rb in pf.iter_batches(batch_size=batch_size, columns=shard_columns([path])):
             yield arrow_to_numpy(rb)
 
 

@@ -27,8 +27,9 @@ import pyarrow as pa
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import load_config
+from mmdist.data.digits import CAPTIONS, LABELS, DigitsSource
 from mmdist.data.preprocess import PreprocessSpec
-from mmdist.data.schema import SHARD_SCHEMA
+from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
 from mmdist.data.shards import (
     MANIFEST,
     TOKENIZER_DIR,
@@ -66,7 +67,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output shard directory (replaced if it holds an earlier prepare)")
     parser.add_argument("--num-samples", type=int, default=None, metavar="N",
-                        help="synthetic: rows to generate (default: data.synthetic_samples)")
+                        help="synthetic, digits: rows to generate (default: "
+                             "data.synthetic_samples)")
+    parser.add_argument("--digits-caption", choices=CAPTIONS, default="both",
+                        help="digits: the caption names the written digit (written) or the "
+                             "written and the spoken one (both) (default: both)")
+    parser.add_argument("--digits-label", choices=LABELS, default="written",
+                        help="digits: the label is the written digit, the spoken one, or "
+                             "whether they are the same (default: written)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic data and of the train/val split (default: 0)")
     parser.add_argument("--images", metavar="DIR", help="coco: directory of the image files")
@@ -125,6 +133,10 @@ def build_source(args: argparse.Namespace, data: DataConfig):
         return SyntheticSource(num_samples=data.synthetic_samples, seed=args.seed,
                                image_size=data.image_size, sample_rate=data.sample_rate,
                                audio_seconds=data.audio_seconds)
+    if args.source == "digits":
+        return DigitsSource(num_samples=data.synthetic_samples, seed=args.seed,
+                            image_size=data.image_size, audio_seconds=data.audio_seconds,
+                            caption=args.digits_caption, label=args.digits_label)
     if args.source == "coco":
         return CocoSource(captions=args.captions, images=args.images)
     if args.source == "jsonl":
@@ -176,6 +188,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
         quarantine = QuarantineWriter(tmp)
         train_text: list[str] = []
         labels: list[int] = []
+        modality_labels: dict[str, list[int]] = {m: [] for m in MODALITY_LABELS.values()}
         results = _load_with_ray(source, records) if use_ray else _load_local(source, records)
         for rec, row, reason in results:
             if row is None:
@@ -184,6 +197,8 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             split = splits[rec["group"]]
             writers[split].add(row)
             labels.append(row["label"])
+            for col, m in MODALITY_LABELS.items():
+                modality_labels[m].append(row.get(col, -1))
             if split == "train":
                 train_text.extend(t for t in (row["text"], row["target"]) if t)
         for w in writers.values():
@@ -217,6 +232,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             "quarantine_reasons": quarantine.reasons,
             "counts": counts,
             "labels": label_summary(labels),
+            "modality_labels": {m: label_summary(v) for m, v in modality_labels.items()},
             "splits": {s: {"rows": w.rows_written, "shards": len(w.shards)}
                        for s, w in writers.items()},
             "shards": shards,
@@ -264,7 +280,7 @@ class _LoadRecords:
             row, reason = load_record(self.source, rec)
             row = row or {"sample_id": rec["sample_id"]}
             for f in SHARD_SCHEMA:
-                cols[f.name].append(row.get(f.name, -1 if f.name == "label" else None))
+                cols[f.name].append(row.get(f.name, -1 if f.name.startswith("label") else None))
             cols["idx"].append(int(idx))
             cols["reason"].append(reason)
         schema = SHARD_SCHEMA.append(pa.field("idx", pa.int64())).append(pa.field("reason", pa.string()))
@@ -293,8 +309,7 @@ def _load_with_ray(source: Any, records: list[dict[str, Any]]):
             for r in table.to_pylist():
                 rec = records[r["idx"]]
                 reason = r["reason"]
-                row = None if reason else {k: r[k] for k in
-                                           ("sample_id", "text", "target", "label", "image", "audio")}
+                row = None if reason else {f.name: r[f.name] for f in SHARD_SCHEMA}
                 yield rec, row, reason
     finally:
         if started:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmdist.data.audio import decode_audio, log_mel
 from mmdist.data.image import decode_image
-from mmdist.data.schema import audio_frames
+from mmdist.data.schema import MODALITY_LABELS, audio_frames
 
 if TYPE_CHECKING:
     from mmdist.config import DataConfig
@@ -185,20 +185,21 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
         audio[has_audio] = log_mel(waves[has_audio], spec.sample_rate, M, spec.hop_length,
                                    spec.n_fft)
 
-    label = np.array([int(v) if _present(v) else -1 for v in _column(batch, "label", n)],
-                     dtype=np.int64)
+    labels = {k: np.array([int(v) if _present(v) else -1 for v in _column(batch, k, n)],
+                          dtype=np.int64) for k in ("label", *MODALITY_LABELS)}
     return {
         "sample_id": np.asarray(batch["sample_id"], dtype=np.int64),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "target_ids": target_ids,
         "target_mask": target_mask,
-        "label": label,
+        "label": labels["label"],
         "image": images,
         "audio": audio,
         "has_text": np.array([t is not None for t in texts], dtype=bool),
         "has_image": has_image,
         "has_audio": has_audio,
+        **{k: labels[k] for k in MODALITY_LABELS},
     }
 
 

@@ -8,6 +8,8 @@
     label      int64     class label; -1 when absent
     image      binary    encoded image file bytes (PNG/JPEG/...); null when absent
     audio      binary    encoded audio file bytes (WAV/FLAC); null when absent
+    label_image int64    class of what the image alone shows; -1 when absent (auxiliary)
+    label_audio int64    class of what the audio alone says; -1 when absent (auxiliary)
 
 2. Model batches (what preprocessing returns and what `FusedModel.forward` takes; numpy in
    Ray Data, torch tensors on the worker, B = batch size):
@@ -18,6 +20,8 @@
     target_ids      int64   (B, L)   tokenised `target` (or `text` when target is null)
     target_mask     int64   (B, L)
     label           int64   (B,)     -1 when absent
+    label_image     int64   (B,)     -1 when absent; per-modality labels train auxiliary heads
+    label_audio     int64   (B,)     -1 when absent
     image           uint8   (B, 3, S, S)  S = data.image_size; zeros when absent.
                                      Normalisation to float happens inside the model, so
                                      batches cross the object store as uint8.
@@ -48,10 +52,16 @@ SHARD_SCHEMA = pa.schema([
     ("label", pa.int64()),
     ("image", pa.binary()),
     ("audio", pa.binary()),
+    ("label_image", pa.int64()),
+    ("label_audio", pa.int64()),
 ])
 
+# Per-modality label columns (shard and batch), the modality they describe.
+MODALITY_LABELS = {"label_image": "image", "label_audio": "audio"}
+
 BATCH_KEYS = ("sample_id", "input_ids", "attention_mask", "target_ids", "target_mask", "label",
-              "image", "audio", "has_text", "has_image", "has_audio")
+              "image", "audio", "has_text", "has_image", "has_audio", "label_image",
+              "label_audio")
 
 # Special tokens of tokenizers trained by mmdist (ids fixed in this order).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]")
@@ -88,6 +98,8 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
         "has_text": torch.ones(B, dtype=torch.bool),
         "has_image": torch.ones(B, dtype=torch.bool),
         "has_audio": torch.ones(B, dtype=torch.bool),
+        "label_image": torch.full((B,), -1, dtype=torch.int64),
+        "label_audio": torch.full((B,), -1, dtype=torch.int64),
     }
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -34,7 +34,7 @@ from PIL import Image
 from mmdist.data.image import decode_image
 from mmdist.data.synthetic import generate_sample
 
-SOURCES = ("synthetic", "coco", "jsonl", "audiocaps")
+SOURCES = ("synthetic", "digits", "coco", "jsonl", "audiocaps")
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
@@ -93,9 +93,24 @@ def read_file(path: str | Path, what: str) -> bytes:
     return p.read_bytes()
 
 
+def _check_label(value: Any, name: str) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise RowError(f"{name} must be an integer: got {type(value).__name__} "
+                           f"{value!r:.60}")
+    if value < -1:
+        raise RowError(f"{name} must be >= 0 (or -1 / absent): got {value}")
+    return value
+
+
 def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = None,
              image: bytes | None = None, audio: bytes | None = None,
-             text_required: bool = False) -> dict[str, Any]:
+             text_required: bool = False, label_image: Any = None,
+             label_audio: Any = None) -> dict[str, Any]:
     """Validate the fields of one row and return it in the shard schema.
 
     Raises:
@@ -111,15 +126,9 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
         raise RowError(f"target must be a string: got {type(target).__name__} {target!r:.60}")
     if target is not None and not target.strip():
         target = None
-    if label is None:
-        label = -1
-    if isinstance(label, bool) or not isinstance(label, int):
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)
-        else:
-            raise RowError(f"label must be an integer: got {type(label).__name__} {label!r:.60}")
-    if label < -1:
-        raise RowError(f"label must be >= 0 (or -1 / absent): got {label}")
+    label = _check_label(label, "label")
+    label_image = _check_label(label_image, "label_image")
+    label_audio = _check_label(label_audio, "label_audio")
     if text is None and image is None and audio is None:
         raise RowError("no text, image or audio")
     if image is not None:
@@ -127,7 +136,8 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
     if audio is not None:
         check_audio(audio)
     return {"sample_id": int(sample_id), "text": text, "target": target, "label": label,
-            "image": image, "audio": audio}
+            "image": image, "audio": audio, "label_image": label_image,
+            "label_audio": label_audio}
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -203,7 +213,7 @@ class CocoSource:
 @dataclass(frozen=True)
 class JsonlSource:
     """One JSON object per line with any of ``image``, ``audio`` (paths relative to the
-    manifest), ``text``, ``target``, ``label``."""
+    manifest), ``text``, ``target``, ``label``, ``label_image``, ``label_audio``."""
 
     manifest: str
     name: str = "jsonl"
@@ -233,10 +243,11 @@ class JsonlSource:
                 rec["error"] = f"line is not a JSON object: {line:.60}"
                 yield rec
                 continue
-            unknown = sorted(set(obj) - {"image", "audio", "text", "target", "label", "id"})
+            unknown = sorted(set(obj) - {"image", "audio", "text", "target", "label", "id",
+                                         "label_image", "label_audio"})
             if unknown:
-                rec["error"] = ("unknown keys (expected image, audio, text, target, label, id): "
-                                f"{unknown}")
+                rec["error"] = ("unknown keys (expected image, audio, text, target, label, "
+                                f"label_image, label_audio, id): {unknown}")
                 yield rec
                 continue
             for key in ("image", "audio"):
@@ -251,7 +262,8 @@ class JsonlSource:
                 # rows sharing a media file share a split; its path as the manifest writes it,
                 # not where the dataset lies today, so a moved dataset splits the same way
                 rec["group"] = posixpath.normpath(obj["image" if "image_path" in rec else "audio"])
-            rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"))
+            rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"),
+                       label_image=obj.get("label_image"), label_audio=obj.get("label_audio"))
             yield rec
         if i == 0:
             raise SourceError(f"--manifest {path}: no rows (the file is empty or blank); "
@@ -263,7 +275,9 @@ class JsonlSource:
         image = read_file(record["image_path"], "image") if "image_path" in record else None
         audio = read_file(record["audio_path"], "audio") if "audio_path" in record else None
         return make_row(record["sample_id"], text=record.get("text"), target=record.get("target"),
-                        label=record.get("label"), image=image, audio=audio)
+                        label=record.get("label"), image=image, audio=audio,
+                        label_image=record.get("label_image"),
+                        label_audio=record.get("label_audio"))
 
 
 _FILE_COLUMNS = ("file_name", "filename", "file", "path", "audio", "youtube_id", "audiocap_id")

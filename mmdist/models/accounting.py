@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from mmdist.config import Config, task_class
 from mmdist.data.schema import audio_frames
-from mmdist.models.builder import DECODER_POSITIONS, SLOTS, encoded_modalities
+from mmdist.models.builder import DECODER_POSITIONS, SLOTS, aux_modalities, encoded_modalities
 from mmdist.models.input_embeddings import AUDIO_TOKENS, GRID
 from mmdist.models.sizes import SizeSpec, size_spec
 
@@ -262,6 +262,8 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
             trunk = trunk + _block(d, f.tokens)
         fusers[group] = c + trunk + ln_cost(d) + Cost(tokens=f.tokens)
         total = total + Cost(fusers[group].params)
+    for n in aux_modalities(cfg, list(enc_tokens)).values():
+        total = total + linear_cost(d, n)
     for t in tasks:
         task = task_class(t)
         fused = fusers[task.group]

@@ -14,6 +14,15 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def masked_cross_entropy(logits: Tensor, label: Tensor, keep: Tensor) -> Tensor:
+    """Mean cross-entropy over the samples with a label (>= 0) where ``keep`` is true; 0
+    when there are none."""
+    label = label.to(logits.device)
+    valid = (label >= 0) & keep.to(logits.device)
+    per = F.cross_entropy(logits, label.clamp_min(0), reduction="none") * valid
+    return per.sum() / valid.sum().clamp_min(1)
+
+
 class Attention(nn.Module):
     """Multi-head attention (self or cross) on ``scaled_dot_product_attention``.
 

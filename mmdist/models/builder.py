@@ -101,12 +101,26 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
     built = {t: task_class(t).build(ctx) for t in order}
     model = FusedModel(encoders=encoders, fusers=fusers,
                        tasks=nn.ModuleDict({t: built[t] for t in weights}), weights=weights,
+                       aux=_aux_heads(cfg, spec, list(encoders)), aux_weight=m.aux_weight,
                        modalities=mods, dim=spec.hidden, modality_dropout=m.modality_dropout,
                        max_text_len=d.max_text_len, vocab=vocab, config=cfg.to_dict(),
                        extra=extra)
     if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
         enable_activation_checkpointing(model)
     return model
+
+
+def aux_modalities(cfg: Config, encoded: list[str]) -> dict[str, int]:
+    """Modalities with an auxiliary classification head and their class counts."""
+    m = cfg.model
+    if m.aux_weight <= 0:
+        return {}
+    return {k: n for k, n in sorted(m.aux_classes.items()) if k in encoded}
+
+
+def _aux_heads(cfg: Config, spec: SizeSpec, encoded: list[str]) -> nn.ModuleDict:
+    return nn.ModuleDict({k: nn.Linear(spec.hidden, n)
+                          for k, n in aux_modalities(cfg, encoded).items()})
 
 
 def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str],
@@ -155,3 +169,8 @@ def _text(kind: str, vocab: dict[str, Any], spec: SizeSpec, max_len: int,
         return BertTextEncoder(bert, spec.hidden)
     return build_text_encoder(kind, vocab["vocab_size"], spec.hidden, spec.enc_layers,
                               spec.heads, max_len, vocab["pad_id"], pretrained)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (unique) parameters of a built model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

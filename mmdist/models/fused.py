@@ -1,11 +1,6 @@
 """The fused multimodal model: encoders -> fusion (early/mid/late) -> tasks.
 
-    model = build_model(cfg, vocab)            # mmdist.models.builder
-    out = model(batch)                         # {"loss": scalar float32, "<task>_loss": ...}
-    per_sample = model.eval_outputs(batch)     # concatenable across batches and ranks
-    model.predict(batch)                       # itm "score", classify "probs", lm "tokens", ...
-
-Each task (``mmdist.tasks``) owns its head, loss, eval outputs and prediction; this module only
+Build it with ``mmdist.models.builder.build_model``. Each task (``mmdist.tasks``) owns its head, loss, eval outputs and prediction; this module only
 encodes the modalities and fuses them for the group a task reads. ZeRO-3 safety: every encoder
 runs on every step whatever the batch holds. A missing modality (``has_<m>=False``) is replaced
 per sample by a learned "missing" embedding with ``torch.where``; no Python branch depends on
@@ -19,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmdist.models.blocks import masked_mean
+from mmdist.models.blocks import masked_cross_entropy, masked_mean
 from mmdist.models.decoder import generate
 
 # Per modality: tokens (B, T, D) and mask (B, T), missing samples replaced.
@@ -55,13 +50,14 @@ class Fuser(nn.Module):
 class FusedModel(nn.Module):
     """Modality encoders, one fusion path per modality group, and the tasks.
 
-    Build it with ``mmdist.models.builder.build_model``; the constructor takes the built parts.
-
     Args:
         encoders: per modality (``text``/``image``/``audio``), a module returning tokens + mask.
         fusers: ``"all"`` (every modality) and/or ``"context"`` (non-text ones) fusion paths.
         tasks: task name -> task module (``mmdist.tasks``), in training order.
         weights: task name -> loss weight.
+        aux: per modality, a linear head classifying that modality's pooled tokens alone
+            (its ``label_<modality>``); trained with weight ``aux_weight`` beside the tasks.
+        aux_weight: weight of the auxiliary losses.
         modalities: modalities in config order (text first when present).
         dim: shared width D.
         modality_dropout: per-sample probability of dropping each non-text modality in training.
@@ -72,7 +68,8 @@ class FusedModel(nn.Module):
     """
 
     def __init__(self, *, encoders: nn.ModuleDict, fusers: nn.ModuleDict, tasks: nn.ModuleDict,
-                 weights: dict[str, float], modalities: list[str], dim: int,
+                 weights: dict[str, float], aux: nn.ModuleDict, aux_weight: float,
+                 modalities: list[str], dim: int,
                  modality_dropout: float, max_text_len: int, vocab: dict[str, Any],
                  config: dict[str, Any], extra: dict[str, Any] | None = None):
         super().__init__()
@@ -80,6 +77,8 @@ class FusedModel(nn.Module):
         self.fusers = fusers
         self.tasks = tasks
         self.weights = dict(weights)
+        self.aux = aux
+        self.aux_weight = aux_weight
         self.modalities = list(modalities)
         self.dim = dim
         self.modality_dropout = modality_dropout
@@ -102,7 +101,7 @@ class FusedModel(nn.Module):
         """Per modality: tokens ``(B, T, D)`` and mask, with missing ones replaced."""
         out = {}
         self._batch_size = batch["input_ids"].shape[0]
-        present = self.present(batch)
+        present = self._present = self.present(batch)
         for m in self.modalities:
             if m not in self.encoders:
                 continue
@@ -182,8 +181,19 @@ class FusedModel(nn.Module):
             loss = task.loss(self, enc, batch, evaluating=False).loss
             out[f"{name}_loss"] = loss.detach()
             total = total + self.weights[name] * loss.float()
+        for m, head in self.aux.items():
+            loss = self.aux_loss(m, head, enc, batch)
+            out[f"aux_{m}_loss"] = loss.detach()
+            total = total + self.aux_weight * loss
         out["loss"] = total
         return out
+
+    def aux_loss(self, m: str, head: nn.Module, enc: Encoded, batch: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy of modality ``m``'s own label from its pooled tokens, over the samples
+        that have both (the head runs every step either way, as ZeRO-3 needs)."""
+        label = batch.get(f"label_{m}", torch.full_like(batch["label"], -1))
+        return masked_cross_entropy(head(masked_mean(*enc[m])).float(), label,
+                                    self._present[m])
 
     def eval_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample outputs (first dim B, deterministic) for the tasks' metrics.
@@ -234,7 +244,3 @@ class FusedModel(nn.Module):
         return self.generate_from(task.decoder, memory, mask,
                                   max_new_tokens or self.max_text_len - 1, num_beams)
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (unique) parameters of a built model."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

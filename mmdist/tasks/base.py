@@ -56,6 +56,12 @@ class Task(nn.Module):
         return []
 
     @classmethod
+    def constant_loss(cls, cfg: Config, labels: dict[str, Any] | None) -> float | None:
+        """The training loss a constant prediction reaches (``labels``: the manifest's label
+        summary), or None where it is not known; ``mmdist.train.collapse`` warns at it."""
+        return None
+
+    @classmethod
     def uses_decoder(cls, m: ModelConfig) -> bool:
         """Whether the task holds a decoder LM (it then answers ``generate``)."""
         return False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,16 @@ def classify(head: nn.Module, pooled: Tensor, batch: dict[str, Tensor]) -> TaskO
     return TaskOutput(loss, per_sample, {"logits": logits, "label": label})
 
 
+def label_entropy(labels: dict | None) -> float | None:
+    """Entropy of the label distribution (``{"counts": {label: rows}}``): the cross-entropy of
+    always predicting the label frequencies."""
+    counts = [c for c in ((labels or {}).get("counts") or {}).values() if c > 0]
+    if not counts:
+        return None
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts)
+
+
 class Classify(Task):
     name = "classify"
 
@@ -58,6 +69,10 @@ class Classify(Task):
     @classmethod
     def reads_labels(cls, m: ModelConfig) -> bool:
         return True
+
+    @classmethod
+    def constant_loss(cls, cfg: Config, labels: dict | None) -> float | None:
+        return label_entropy(labels)
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Classify:

@@ -3,6 +3,7 @@ one embedding space, a symmetric InfoNCE loss over the batch, recall@K both ways
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +35,10 @@ class Contrastive(Task):
     @classmethod
     def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
         return pair_problems(m, role)
+
+    @classmethod
+    def constant_loss(cls, cfg: Config, labels: dict | None) -> float:
+        return math.log(cfg.train.micro_batch_size)  # uniform over the in-batch candidates
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Contrastive:

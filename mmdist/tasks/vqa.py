@@ -17,7 +17,7 @@ from mmdist.tasks.base import BuildContext, Task, TaskOutput
 
 if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
     from mmdist.models.metrics import TaskMetrics
-from mmdist.tasks.classify import class_logits, classify, head_outputs
+from mmdist.tasks.classify import class_logits, classify, head_outputs, label_entropy
 from mmdist.tasks.lm import decoder_problems, make_decoder, teacher_forced
 
 
@@ -43,6 +43,10 @@ class VQA(Task):
     @classmethod
     def reads_labels(cls, m: ModelConfig) -> bool:
         return not cls.uses_decoder(m)
+
+    @classmethod
+    def constant_loss(cls, cfg: Config, labels: dict | None) -> float | None:
+        return None if cls.uses_decoder(cfg.model) else label_entropy(labels)
 
     @classmethod
     def build(cls, ctx: BuildContext) -> VQA:

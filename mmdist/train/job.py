@@ -19,6 +19,7 @@ class Job:
         tracking_uri: MLflow tracking URI of the run, None without tracking.
         mlflow_run_id: the MLflow run workers log to.
         faults: fault-injection settings for tests (``train.faults``).
+        labels: the manifest's class-label summary (``shards.label_summary``), or None.
     """
 
     data_dir: str
@@ -29,6 +30,7 @@ class Job:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     faults: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

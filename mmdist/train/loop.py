@@ -31,6 +31,7 @@ from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.checkpointer import Checkpointer
+from mmdist.train.collapse import ConstantWatch, constant_losses
 from mmdist.train.engine import build_engine
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
@@ -75,6 +76,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
     bad_losses = _NonFiniteLosses(t.max_bad_steps, reporter.say)
     train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)
+    watch = ConstantWatch(constant_losses(cfg, job.labels), reporter.say,
+                          lambda v: _mean_across_ranks(v, device))
     last_metrics: dict[str, float] = {}
     ledger: list[int] = []  # sample ids this rank consumed in the epoch, in order
     t_start = time.perf_counter()
@@ -86,11 +89,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         engine.train()
         batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
         for batch in _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device):
-            loss = faults.loss(engine(batch)["loss"])
+            out = engine(batch)
+            loss = faults.loss(out["loss"])
             if bad_losses.skip(loss, state):
                 continue
             engine.backward(loss)
             engine.step()
+            watch.add(out)
             ids = batch["sample_id"].tolist()
             ledger.extend(ids)
             state.order_hash = ckpt_lib.update_order_hash(state.order_hash, ids)
@@ -120,6 +125,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     f"epoch {state.epoch} produced no optimizer step: {job.train_rows} train "
                     f"rows over {world} workers is less than one batch "
                     f"(train.micro_batch_size={t.micro_batch_size})")
+            watch.end_epoch(state.epoch)
             state.epoch += 1
             ledger = []  # the new epoch has consumed nothing yet (the final checkpoint says so)
 

@@ -13,13 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.data.shards import ManifestError, read_manifest, shard_labels, verify_manifest
+from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
+from mmdist.train import checkpoint as ckpt_lib
+from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.faults import from_environ
 from mmdist.train.job import Job
+from mmdist.train.retry import fit_with_retries
+from mmdist.train.startable import label_problems, require_startable, with_data_defaults
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--address", default=None,
@@ -68,9 +75,6 @@ def check_data(data_dir: Path, cfg: Config | None = None) -> None:
     """Before Ray starts: refuse shards whose checksums do not match the manifest and, given
     ``cfg``, class labels beyond ``model.num_classes``. (Size and resource problems are
     reported together once Ray is up: :func:`mmdist.train.startable.require_startable`.)"""
-    from mmdist.data.shards import ManifestError, shard_labels, verify_manifest
-    from mmdist.errors import CommandError
-    from mmdist.train.startable import label_problems
 
     try:
         manifest = verify_manifest(data_dir)
@@ -87,8 +91,6 @@ def check_data(data_dir: Path, cfg: Config | None = None) -> None:
 def check_resumable(cfg: Config, run_dir: Path) -> None:
     """Before anything starts: a run name with checkpoints resumes the newest complete one;
     refuse it now, with the reason, if the workers could not load it."""
-    from mmdist.errors import CommandError
-    from mmdist.train import checkpoint as ckpt_lib
 
     chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
     for note in skipped:
@@ -151,14 +153,14 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
                 run_id: str | None) -> tuple[Job, dict]:
     """What every worker needs beyond the config, and the Ray Datasets."""
     from mmdist.data.pipeline import build_datasets, load_tokenizer
-    from mmdist.train.faults import from_environ
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
     job = Job(data_dir=str(data_dir), train_rows=int(manifest["counts"]["train_rows"]),
               vocab=tok.model_vocab(), run_name=run_name,
               storage=str(Path(cfg.train.storage_path or "runs").resolve() / run_name),
-              tracking_uri=uri, mlflow_run_id=run_id, faults=from_environ())
+              tracking_uri=uri, mlflow_run_id=run_id, faults=from_environ(),
+              labels=manifest.get("labels"))
     return job, build_datasets(data_dir, cfg)
 
 
@@ -166,19 +168,17 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints)."""
     from mmdist import tracking
-    from mmdist.train.deepspeed_config import deepspeed_config
     from mmdist.train.register import register_model
-    from mmdist.train.retry import fit_with_retries
 
     t0 = time.perf_counter()
     data_dir = ensure_data(cfg, data_cache)
     check_data(data_dir, cfg)
+    cfg = with_data_defaults(cfg, read_manifest(data_dir))
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)
     init_ray(address, num_cpus, dashboard=True)
-    from mmdist.train.startable import require_startable  # resources + data size, or refuse now
-    require_startable(cfg, data_dir)
+    require_startable(cfg, data_dir)  # resources + data size, or refuse now
 
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)

@@ -123,6 +123,18 @@ def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> li
             f"model.num_classes={top + 1} (labels count from 0)"]
 
 
+def with_data_defaults(cfg: Config, manifest: dict[str, Any]) -> Config:
+    """``cfg`` with what the data decides and the user left unset: ``model.aux_classes`` from
+    the per-modality labels the shards have (``manifest["modality_labels"]``), so auxiliary
+    per-modality objectives are on whenever the labels allow."""
+    m = cfg.model
+    if m.aux_classes or m.aux_weight <= 0:
+        return cfg
+    found = {mod: int(s["max"]) + 1 for mod, s in (manifest.get("modality_labels") or {}).items()
+             if s and s.get("max") is not None and mod in m.modalities and s["max"] >= 1}
+    return cfg.override({"model.aux_classes": found}) if found else cfg
+
+
 def data_problems(cfg: Config, manifest: dict[str, Any], where: str) -> list[str]:
     """Every problem of a shard set for ``cfg``: its size (:func:`data_size_problems`) and its
     labels (:func:`label_problems`)."""

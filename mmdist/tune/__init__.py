@@ -27,6 +27,7 @@ from typing import Any
 from mmdist import tracking
 from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.data.shards import read_manifest
 from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
 from mmdist.train.register import register_model
@@ -36,6 +37,7 @@ from mmdist.train.startable import (
     check_resources,
     cluster_resources,
     data_problems,
+    with_data_defaults,
 )
 from mmdist.tune.report import error_line, format_overrides, trial_rows, write_report
 from mmdist.tune.space import (
@@ -82,10 +84,7 @@ def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
     """Refuse before start when one trial needs more than the cluster has (no PENDING forever)
     or the shards are too small for one step or hold labels beyond ``model.num_classes``: the
     checks of ``mmdist preflight``."""
-    # lazy: `mmdist --help` imports this module and must not load Ray, MLflow or pyarrow
-    import ray
-
-    from mmdist.data.shards import read_manifest
+    import ray  # heavy: not loaded for --help
 
     problems = []
     one_trial = cfg.override({"tune.max_concurrent_trials": 1})
@@ -142,6 +141,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
         raise CommandError(f"--resume {name}: no sweep of that name under {storage}")
     data_dir = ensure_data(cfg, data_cache)
     check_data(data_dir)
+    cfg = with_data_defaults(cfg, read_manifest(data_dir))
     metric, mode = cfg.primary_metric, cfg.metric_mode
     init_ray(address, num_cpus, dashboard=True)
     check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none

@@ -69,7 +69,7 @@ def make_batch(cfg: Config, batch_size: int = 8, n_classes: int = 4, seed: int =
         "sample_id": torch.arange(b, dtype=torch.long) + seed * b,
         "input_ids": ids, "attention_mask": mask,
         "target_ids": target, "target_mask": tmask,
-        "label": cls.clone(),
+        "label": cls.clone(), "label_image": cls.clone(), "label_audio": cls.clone(),
         "image": image, "audio": audio,
     }
     for m in ("text", "image", "audio"):
