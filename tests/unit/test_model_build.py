@@ -138,3 +138,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
                                 if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_auxiliary_per_modality_heads_train_the_encoders_on_their_own_labels():
+    cfg = tiny_config("model.task=classify", "model.num_classes=4",
+                      "model.modalities=[image, audio]", "model.aux_classes={image: 4, audio: 4}")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    assert count_parameters(model) == parameter_count(cfg, VOCAB)
+    batch = make_batch(cfg, 6)
+    out = model(batch)
+    assert out["aux_image_loss"] > 0 and out["aux_audio_loss"] > 0
+    out["loss"].backward()
+    assert model.aux["image"].weight.grad.abs().sum() > 0
+    unlabelled = dict(batch, label_image=torch.full((6,), -1), label_audio=torch.full((6,), -1))
+    out = model(unlabelled)
+    assert out["aux_image_loss"] == 0 and out["aux_audio_loss"] == 0
+    off = build_model(cfg.override(["model.aux_weight=0"]), VOCAB)
+    assert len(off.aux) == 0 and "aux_image_loss" not in off(batch)
