@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mmdist.config import Config, task_class
 from mmdist.data.schema import audio_frames
 from mmdist.models.builder import DECODER_POSITIONS, SLOTS, aux_modalities, encoded_modalities
-from mmdist.models.input_embeddings import AUDIO_TOKENS, GRID
+from mmdist.models.input_embeddings import AUDIO_TOKENS, stem_channels
 from mmdist.models.sizes import SizeSpec, size_spec
 
 # Published torchvision sizes at 224 px (classifier excluded) and forward MACs at 224 px.
@@ -148,10 +148,14 @@ def _early(mod: str, s: SizeSpec, cfg: Config, vocab: int, frames: int) -> Cost:
     d, data = s.hidden, cfg.data
     if mod == "text":
         return Cost(vocab * d + data.max_text_len * d) + ln_cost(d) + Cost(tokens=data.max_text_len)
-    if mod == "image":
-        p = max(1, data.image_size // GRID)
-        t = (data.image_size // p) ** 2
-        return Cost(3 * p * p * d + d + t * d, 2.0 * 3 * p * p * d * t) + ln_cost(d) + Cost(tokens=t)
+    if mod == "image":  # the convolutional stem, a 1x1 projection, positions
+        c, c_in, size = Cost(), 3, data.image_size
+        for ch in stem_channels(data.image_size, d):
+            size = _conv_out(size)
+            c = c + Cost(c_in * ch * 9 + ch + 2 * ch, 2.0 * c_in * ch * 9 * size * size)
+            c_in = ch
+        t = size * size
+        return c + linear_cost(c_in, d, t) + Cost(t * d) + ln_cost(d) + Cost(tokens=t)
     stride = math.ceil(frames / AUDIO_TOKENS)
     t = math.ceil(frames / stride)
     return linear_cost(cfg.data.n_mels, d, t) + Cost(t * d) + ln_cost(d) + Cost(tokens=t)
