@@ -101,6 +101,8 @@ class ModelConfig(Section):
     hidden_size: int = Field(0, ge=0, description="0 = from model.size")
     num_classes: int = 8  # classify / multitask classification head
     modality_dropout: float = Field(0.0, ge=0, lt=1)  # P(drop a non-text modality) per sample
+    # itm / contrastive: the two modalities matched, e.g. [image, audio]; [] -> text vs the rest
+    match: list[Literal[MODALITIES]] = Field(default_factory=list)
     # Auxiliary per-modality classification on the data's label_image / label_audio columns:
     # modality -> classes; {} -> from the data when it has them (training fills it in).
     aux_classes: dict[str, int] = Field(default_factory=dict)
@@ -116,6 +118,9 @@ class ModelConfig(Section):
         mods = self.modalities
         return report(self, info, [
             (len(set(mods)) != len(mods), f"model.modalities={mods}: listed twice"),
+            (bool(self.match) and (len(self.match) != 2 or len(set(self.match)) != 2
+                                    or not set(self.match) <= set(mods)),
+             f"model.match={self.match}: two different modalities of model.modalities={mods}"),
             *((m not in mods or m == "text" or n < 2, f"model.aux_classes.{m}={n}: needs a "
                f"non-text modality of model.modalities={mods} and >= 2 classes")
               for m, n in self.aux_classes.items()),

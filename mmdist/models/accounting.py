@@ -247,7 +247,7 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
 
     trunk_layers = s.trunk_layers + (s.enc_layers if m.fusion_stage == "early" else 0)
     fusers: dict[str, Cost] = {}
-    for group in sorted({task_class(t).group for t in tasks}):
+    for group in sorted(set().union(*(task_class(t).groups(m) for t in tasks))):
         gm = mods if group == "all" else [x for x in mods if x != "text"]
         if not gm:
             total = total + Cost(d)  # null memory token
@@ -270,9 +270,9 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
         total = total + linear_cost(d, n)
     for t in tasks:
         task = task_class(t)
-        fused = fusers[task.group]
-        total = total + Cost(0, task.fusion_passes * fused.flops)
-        total = total + task.head_cost(cfg, s, vocab_size, fused.tokens)
+        read = [fusers[g] for g in sorted(task.groups(m))]
+        total = total + Cost(0, task.fusion_passes * sum(f.flops for f in read))
+        total = total + task.head_cost(cfg, s, vocab_size, read[0].tokens if read else 0)
     return total
 
 

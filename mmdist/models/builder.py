@@ -91,7 +91,8 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
     encoders = _encoders(cfg, spec, vocab, encoded_modalities(mods, list(weights)), extra,
                          load_pretrained)
     fusers = nn.ModuleDict()
-    for group in sorted({task_class(t).group for t in weights}):
+    groups = set().union(*(task_class(t).groups(m) for t in weights))
+    for group in sorted(groups):
         group_mods = mods if group == "all" else [x for x in mods if x != "text"]
         if group_mods:
             fusers[group] = _fuser(cfg, spec, len(group_mods))
@@ -104,7 +105,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
                        aux=_aux_heads(cfg, spec, list(encoders)), aux_weight=m.aux_weight,
                        modalities=mods, dim=spec.hidden, modality_dropout=m.modality_dropout,
                        max_text_len=d.max_text_len, vocab=vocab, config=cfg.to_dict(),
-                       extra=extra)
+                       extra=extra, context_memory="context" in groups and "context" not in fusers)
     if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
         enable_activation_checkpointing(model)
     return model

@@ -9,6 +9,7 @@ batch content, and no parameter is used outside ``forward``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -65,13 +66,15 @@ class FusedModel(nn.Module):
         vocab: ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``special_ids``.
         config: the full mmdist config dict (saved with the weights).
         extra: other facts needed to rebuild the model (e.g. a pretrained BERT's config).
+        context_memory: a task reads the non-text group and there is none (text-only lm).
     """
 
     def __init__(self, *, encoders: nn.ModuleDict, fusers: nn.ModuleDict, tasks: nn.ModuleDict,
                  weights: dict[str, float], aux: nn.ModuleDict, aux_weight: float,
                  modalities: list[str], dim: int,
                  modality_dropout: float, max_text_len: int, vocab: dict[str, Any],
-                 config: dict[str, Any], extra: dict[str, Any] | None = None):
+                 config: dict[str, Any], extra: dict[str, Any] | None = None,
+                 context_memory: bool = False):
         super().__init__()
         self.encoders = encoders
         self.fusers = fusers
@@ -88,7 +91,7 @@ class FusedModel(nn.Module):
         self.extra = dict(extra or {})
         self.missing = nn.ParameterDict(
             {m: nn.Parameter(torch.randn(1, 1, dim) * 0.02) for m in self.modalities})
-        if any(t.group == "context" for t in tasks.values()) and "context" not in fusers:
+        if context_memory:
             # text-only lm: the decoder is conditioned on one learned null token
             self.null_memory = nn.Parameter(torch.zeros(1, 1, dim))
 
@@ -133,10 +136,10 @@ class FusedModel(nn.Module):
         return {m: present[m] & (keep[m] | undo) if m in keep else present[m]
                 for m in self.modalities}
 
-    def fuse(self, group: str, enc: Encoded, roll_others: bool = False
+    def fuse(self, group: str, enc: Encoded, roll: Collection[str] = ()
              ) -> tuple[Tensor, Tensor, Tensor]:
         """Fused tokens, mask and pooled vector of one modality group (``all`` / ``context``);
-        ``roll_others`` pairs each text with the next sample's other modalities (negatives)."""
+        the modalities in ``roll`` come from the batch's next sample (matching negatives)."""
         mods = self.modalities if group == "all" else [m for m in self.modalities if m != "text"]
         if group == "context" and "context" not in self.fusers:
             b = self._batch_size
@@ -146,7 +149,7 @@ class FusedModel(nn.Module):
         tokens, masks = [], []
         for m in mods:
             t, k = enc[m]
-            if roll_others and m != "text":
+            if m in roll:
                 t, k = t.roll(1, 0), k.roll(1, 0)
             tokens.append(t)
             masks.append(k)

@@ -45,6 +45,12 @@ class Task(nn.Module):
 
     # ---- configuration (class level: no model needed) ------------------------------------
     @classmethod
+    def groups(cls, m: ModelConfig) -> set[str]:
+        """The fusion paths the task reads (``all`` and/or ``context``; none: it pools each
+        modality's encoder output itself)."""
+        return {cls.group}
+
+    @classmethod
     def components(cls, m: ModelConfig) -> dict[str, float]:
         """The tasks a model with ``model.task=<this>`` trains, and their loss weights."""
         return {cls.name: 1.0}

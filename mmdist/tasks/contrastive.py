@@ -28,9 +28,10 @@ class Contrastive(Task):
     group = "context"
     primary_metric = "val_r1_mean"
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, match: list[str]):
         super().__init__()
         self.head = ContrastiveHead(dim, dim)
+        self.match = match  # [a, b]: modality a against modality b; []: text against the rest
 
     @classmethod
     def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
@@ -42,7 +43,11 @@ class Contrastive(Task):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Contrastive:
-        return cls(ctx.dim)
+        return cls(ctx.dim, list(ctx.cfg.model.match))
+
+    @classmethod
+    def groups(cls, m: ModelConfig) -> set[str]:
+        return set() if m.match else {cls.group}
 
     @classmethod
     def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:
@@ -57,6 +62,9 @@ class Contrastive(Task):
         return metrics.Retrieval()
 
     def embed(self, model: FusedModel, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
+        if self.match:
+            a, b = self.match
+            return self.head(masked_mean(*enc[a]), masked_mean(*enc[b]))
         _, _, other = model.fuse("context", enc)
         return self.head(masked_mean(*enc["text"]), other)
 

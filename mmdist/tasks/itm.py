@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without 
 
 
 def pair_problems(m: ModelConfig, role: str) -> list[str]:
-    """Rules of a task that matches text against another modality (itm, contrastive)."""
+    """Rules of a task that matches two sides (itm, contrastive): ``model.match`` (checked by
+    the config) or text against the other modalities."""
+    if m.match:
+        return []
     if "text" not in m.modalities:
         return [f"model.modalities={m.modalities}: {role} needs 'text'"]
     if len(m.modalities) < 2:
@@ -36,9 +39,10 @@ class ITM(Task):
     name = "itm"
     fusion_passes = 2
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, rolled: list[str]):
         super().__init__()
         self.head = MLPHead(dim, 1)
+        self.rolled = rolled  # negatives: these modalities come from the batch's next sample
 
     @classmethod
     def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
@@ -50,7 +54,8 @@ class ITM(Task):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> ITM:
-        return cls(ctx.dim)
+        m = ctx.cfg.model
+        return cls(ctx.dim, m.match[1:] or [x for x in m.modalities if x != "text"])
 
     @classmethod
     def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:
@@ -66,7 +71,7 @@ class ITM(Task):
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:
         _, _, pos = model.fuse("all", enc)
-        _, _, neg = model.fuse("all", enc, roll_others=True)
+        _, _, neg = model.fuse("all", enc, roll=self.rolled)
         logits = self.head(torch.cat([pos, neg], 0)).squeeze(-1).float()
         b = pos.shape[0]
         target = torch.cat([torch.ones(b), torch.zeros(b)]).to(logits.device)

@@ -156,3 +156,30 @@ def test_auxiliary_per_modality_heads_train_the_encoders_on_their_own_labels():
     assert out["aux_image_loss"] == 0 and out["aux_audio_loss"] == 0
     off = build_model(cfg.override(["model.aux_weight=0"]), VOCAB)
     assert len(off.aux) == 0 and "aux_image_loss" not in off(batch)
+
+
+@pytest.mark.parametrize("task", ["itm", "contrastive"])
+def test_matching_between_two_non_text_modalities(task):
+    cfg = tiny_config(f"model.task={task}", "model.modalities=[image, audio]",
+                      "model.match=[image, audio]")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    assert count_parameters(model) == parameter_count(cfg, VOCAB)
+    batch = make_batch(cfg, 6)
+    out = model(batch)
+    out["loss"].backward()
+    grads = _encoder_grads(model)
+    assert grads["image"] > 0 and grads["audio"] > 0
+    with torch.no_grad():
+        ev = model.eval_outputs(batch)
+    if task == "itm":  # negatives roll the audio only: the image stays with its sample
+        assert ev["itm.logit_pos"].shape == (6,)
+    else:
+        assert ev["contrastive.text_emb"].shape == ev["contrastive.other_emb"].shape
+
+
+def test_match_names_two_modalities_of_the_model():
+    with pytest.raises(ConfigError, match=r"model.match=\['image'\]: two different"):
+        tiny_config("model.match=[image]")
+    with pytest.raises(ConfigError, match="model.match"):
+        tiny_config("model.modalities=[text, image]", "model.match=[image, audio]")
