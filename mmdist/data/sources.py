@@ -32,7 +32,7 @@ import soundfile as sf
 from PIL import Image
 
 from mmdist.data.image import decode_image
-from mmdist.data.synthetic import generate_sample
+from mmdist.data.synthetic import audio_label, generate_sample, image_label
 
 SOURCES = ("synthetic", "digits", "coco", "jsonl", "audiocaps")
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -152,6 +152,7 @@ class SyntheticSource:
     image_size: int = 64
     sample_rate: int = 16000
     audio_seconds: float = 1.0
+    modality_labels: bool = True  # rows carry label_image / label_audio (changes the shards)
     name: str = "synthetic"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -166,7 +167,8 @@ class SyntheticSource:
                             self.audio_seconds)
         # Generated rows are valid by construction; skip the decode check (it is the hot path).
         return {"sample_id": s.index, "text": s.text, "target": s.target, "label": s.label,
-                "image": s.image, "audio": s.audio}
+                "image": s.image, "audio": s.audio, "label_image": image_label(s.colour, s.shape),
+                "label_audio": audio_label(s.pitch)}
 
 
 @dataclass(frozen=True)

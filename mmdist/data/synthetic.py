@@ -81,6 +81,16 @@ def label_of(colour: str, shape: str, pitch: str) -> int:
     return COLOURS.index(colour) * 4 + SHAPES.index(shape) * 2 + int(PITCHES.index(pitch) >= 2)
 
 
+def image_label(colour: str, shape: str) -> int:
+    """What the image alone shows, 0..3: colour and shape."""
+    return COLOURS.index(colour) * 2 + SHAPES.index(shape)
+
+
+def audio_label(pitch: str) -> int:
+    """What the audio alone says, 0..3: the pitch."""
+    return PITCHES.index(pitch)
+
+
 def target_of(colour: str, shape: str, pitch: str) -> str:
     """The canonical description an lm task learns to produce from image + audio."""
     return f"a {colour} {shape} and a {pitch} tone"

@@ -68,3 +68,14 @@ def test_itm_ceilings_match_the_docstring_arithmetic():
     assert abs(image_text - 0.875) < 0.03
     assert abs(all_three - 0.969) < 0.02
     assert all_three > image_text > 0.5  # text only: identical caption in both pairs -> 0.5
+
+
+def test_synthetic_rows_carry_what_each_modality_shows_alone():
+    from mmdist.data.sources import SyntheticSource
+    from mmdist.data.synthetic import COLOURS, PITCHES, SHAPES
+
+    source = SyntheticSource(num_samples=40, image_size=32, audio_seconds=0.25)
+    for rec in source.records():
+        row, s = source.load(rec), generate_sample(rec["sample_id"], 0, 32, 16000, 0.25)
+        assert row["label_image"] == COLOURS.index(s.colour) * 2 + SHAPES.index(s.shape)
+        assert row["label_audio"] == PITCHES.index(s.pitch)
