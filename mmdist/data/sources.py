@@ -152,7 +152,7 @@ class SyntheticSource:
     image_size: int = 64
     sample_rate: int = 16000
     audio_seconds: float = 1.0
-    modality_labels: bool = True  # rows carry label_image / label_audio (changes the shards)
+    modality_labels: bool = True  # rows carry label_image / label_audio
     name: str = "synthetic"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -166,9 +166,11 @@ class SyntheticSource:
         s = generate_sample(record["sample_id"], self.seed, self.image_size, self.sample_rate,
                             self.audio_seconds)
         # Generated rows are valid by construction; skip the decode check (it is the hot path).
-        return {"sample_id": s.index, "text": s.text, "target": s.target, "label": s.label,
-                "image": s.image, "audio": s.audio, "label_image": image_label(s.colour, s.shape),
-                "label_audio": audio_label(s.pitch)}
+        row = {"sample_id": s.index, "text": s.text, "target": s.target, "label": s.label,
+               "image": s.image, "audio": s.audio, "label_image": -1, "label_audio": -1}
+        if self.modality_labels:
+            row.update(label_image=image_label(s.colour, s.shape), label_audio=audio_label(s.pitch))
+        return row
 
 
 @dataclass(frozen=True)
