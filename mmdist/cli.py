@@ -22,6 +22,9 @@ import sys
 from typing import Any
 
 from mmdist.arguments import ArgumentParser, add_command_parsers, add_json_flag
+from mmdist.config import ConfigError
+from mmdist.data.shards import ManifestError
+from mmdist.data.sources import SourceError
 from mmdist.errors import CommandError
 
 __all__ = ["COMMANDS", "ArgumentParser", "CommandError", "add_json_flag", "build_parser",
@@ -61,10 +64,6 @@ def run_command(module: Any, args: argparse.Namespace) -> int:
     Errors about the user's input (config, files, shard sets, data sources) print one
     ``error: ...`` message naming the problem and exit 1, without a traceback.
     """
-    from mmdist.config import ConfigError
-    from mmdist.data.shards import ManifestError
-    from mmdist.data.sources import SourceError
-
     try:
         summary = module.run(args) or {}
     except (ConfigError, CommandError, FileNotFoundError, ManifestError, SourceError) as e:

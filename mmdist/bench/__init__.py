@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from mmdist.arguments import add_command_parsers
+
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "ingest": ("mmdist.bench.ingest", "Ray Data pipeline vs torch DataLoader, same preprocessing"),
@@ -21,8 +23,6 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_command_parsers
-
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     add_command_parsers(sub, BENCHES)
 

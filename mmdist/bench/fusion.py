@@ -28,6 +28,10 @@ import numpy as np
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import FUSION_STAGES, FUSIONS, Config, ConfigError, load_config
+from mmdist.data.digits import generate_row
+from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
+from mmdist.data.schema import as_tensors
+from mmdist.data.tokenizer import TextTokenizer
 
 BENCHMARKS = {
     # name: (caption, label, config overrides, chance)
@@ -83,10 +87,6 @@ def make_batches(cfg: Config, benchmark: str, rows: int, batch_size: int, seed: 
                  ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Train and val batches (numpy, the training batch contract), split by scan, and the
     tokenizer's ids."""
-    from mmdist.data.digits import generate_row
-    from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
-    from mmdist.data.tokenizer import TextTokenizer
-
     caption, label = BENCHMARKS[benchmark][:2]
     d = cfg.data
     data = [generate_row(i, seed, d.image_size, d.audio_seconds, caption, label)
@@ -116,9 +116,9 @@ def make_batches(cfg: Config, benchmark: str, rows: int, batch_size: int, seed: 
 def train_cell(cfg_dict: dict[str, Any], train: list[dict], val: list[dict],
                vocab: dict[str, Any], epochs: int, seed: int) -> list[float]:
     """Val accuracy after each epoch of a fresh model (one CPU thread)."""
+    # heavy (torch): `mmdist --help` imports this module to build its parser
     import torch
 
-    from mmdist.data.schema import as_tensors
     from mmdist.models import build_model
     from mmdist.tasks import compute_metrics
     from mmdist.train.optim import param_groups, warmup_cosine
@@ -215,7 +215,7 @@ def _print_table(results: list[dict[str, Any]], bar: float) -> None:
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only for --plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
