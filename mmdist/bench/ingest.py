@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
     """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
-    from mmdist.data.pipeline import load_tokenizer, shard_tables
+    from mmdist.data.pipeline import load_tokenizer, shard_tables  # loads Ray: not for --help
 
     reuse_freed_memory()  # as in the workers of both sides
     tok = load_tokenizer(data_dir)
@@ -273,7 +273,7 @@ def _consume(it, limit: int | None) -> dict[str, float]:
 
 def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus: int,
                     limit: int | None) -> dict[str, float]:
-    from mmdist.data.pipeline import shard_dataloader
+    from mmdist.data.pipeline import shard_dataloader  # loads Ray: not for --help
 
     with warnings.catch_warnings():
         # --workers above the core count is the point of that layout, not a mistake to warn of
@@ -289,6 +289,7 @@ def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus
 def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, cpus: int,
                   limit: int | None, map_batch_size: int | None,
                   workers: int | None = None) -> dict[str, Any]:
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import ray
 
     from mmdist.data import ray_scheduling

@@ -177,7 +177,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _device(cfg: Config) -> torch.device:
-    import torch
+    import torch  # heavy: not for --help
 
     if not cfg.train.use_gpu:
         return torch.device("cpu")
@@ -211,7 +211,7 @@ def build_engine(cfg: Config, vocab: dict[str, int], device: torch.device, total
 
     Compilation is left to the caller, after the first (eager) step has counted the tokens.
     """
-    from mmdist.train.engine import build_engine as build_training_engine
+    from mmdist.train.engine import build_engine as build_training_engine  # heavy: torch
 
     return build_training_engine(cfg.override({"model.compile": False}), vocab, 1, total_steps,
                                  log=lambda m: print(f"[bench mfu] {m}", flush=True))
@@ -222,6 +222,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import torch
 
     from mmdist.data.pipeline import load_tokenizer

@@ -18,18 +18,20 @@ build) is reported separately.
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.data.schema import audio_frames, random_batch
 
 if TYPE_CHECKING:
     import torch
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from mmdist.arguments import add_config_arguments
-
     add_config_arguments(parser, default="demo")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per side (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up steps (default 10)")
@@ -42,8 +44,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _batches(cfg: Config, vocab: int, n: int) -> list[dict[str, torch.Tensor]]:
-    from mmdist.data.schema import audio_frames, random_batch
-
     d = cfg.data
     frames = audio_frames(d.sample_rate, d.audio_seconds, d.hop_length)
     return [random_batch(cfg.train.micro_batch_size, vocab, d.max_text_len, d.image_size,
@@ -63,7 +63,7 @@ def plain_loop(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
                threads: int) -> dict[str, float]:
     import torch  # heavy: `mmdist --help` imports this module to build its parser
 
-    from mmdist.models import build_model
+    from mmdist.models import build_model  # torch, as above
     from mmdist.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
@@ -91,6 +91,7 @@ def engine_steps(config: dict[str, Any]) -> dict[str, float]:
     """Build training's DeepSpeed engine at world size 1 and time its steps (needs a torch
     process group: Ray Train's in a worker, ``bench.process_group.single_process_group`` in
     this one)."""
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import torch
 
     from mmdist.train.engine import build_engine
@@ -119,8 +120,7 @@ def _engine_config(cfg: Config, vocab: int, batches: list, warmup: int, steps: i
 
 def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
              threads: int) -> dict[str, float]:
-    import tempfile
-
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -145,8 +145,7 @@ def ray_path(cfg: Config, vocab: int, batches: list, warmup: int, steps: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import statistics
-
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import torch
 
     from mmdist.bench.process_group import single_process_group

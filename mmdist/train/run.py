@@ -15,6 +15,7 @@ from typing import Any
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.shards import ManifestError, read_manifest, shard_labels, verify_manifest
 from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
@@ -61,8 +62,6 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
     if data_cache is None:
         data_cache = (Path(cfg.train.storage_path) / "data" if cfg.train.storage_path
                       else Path(".cache/data"))
-    from mmdist.data.prepare import prepare_synthetic
-
     d = cfg.data
     key = (f"synthetic-n{d.synthetic_samples}-s{cfg.train.seed}-img{d.image_size}"
            f"-sr{d.sample_rate}-a{d.audio_seconds}-v{d.vocab_size}-val{d.val_fraction}")
@@ -108,6 +107,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
 def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
                   storage_path: str, callbacks: list | None = None):
     """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -142,7 +142,7 @@ def _ordered():
     """Ingest options that deliver blocks in dataset order. On the split train dataset this
     also makes Ray's split hand the same blocks to the same rank on every run (it ignores
     locality hints then), so a seed fixes each rank's sample order."""
-    from ray.train import DataConfig
+    from ray.train import DataConfig  # heavy: not for --help
 
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
@@ -152,7 +152,7 @@ def _ordered():
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
                 run_id: str | None) -> tuple[Job, dict]:
     """What every worker needs beyond the config, and the Ray Datasets."""
-    from mmdist.data.pipeline import build_datasets, load_tokenizer
+    from mmdist.data.pipeline import build_datasets, load_tokenizer  # loads Ray: not --help
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
@@ -167,6 +167,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints)."""
+    # heavy (MLflow): not for --help
     from mmdist import tracking
     from mmdist.train.register import register_model
 

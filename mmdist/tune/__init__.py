@@ -123,6 +123,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
           resume: bool = False, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None, register: bool | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and return its summary (what `--json` prints)."""
+    # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -252,7 +253,7 @@ def _unfinished_trials(tune_dir: Path, expected: int) -> int:
     so a Ctrl+C between one trial's end and the next one's creation leaves a state with only
     finished trials in it: the ones never created count as unfinished too.
     """
-    from ray.tune import ExperimentAnalysis
+    from ray.tune import ExperimentAnalysis  # heavy: not for --help
 
     trials = ExperimentAnalysis(str(tune_dir)).trials
     done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
@@ -260,7 +261,7 @@ def _unfinished_trials(tune_dir: Path, expected: int) -> int:
 
 
 def _retry_log_artifact(uri: str, run_id: str, path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy: not for --help
 
     tracking.retry(lambda: MlflowClient(uri).log_artifact(run_id, str(path), "sweep_report"),
                    f"logging {path.name} to MLflow")

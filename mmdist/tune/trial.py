@@ -55,7 +55,7 @@ def _val_report_callback():
     ``train.eval_every``) is reported without the sweep's metric, and Tune ends the whole sweep
     on a result without it; ASHA ignores such results anyway.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.integration.ray_train import TuneReportCallback  # heavy: not for --help
 
     class ValReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -67,7 +67,7 @@ def _val_report_callback():
 
 def trial_fn(config: dict[str, Any]) -> None:
     """Tune function trainable: one multi-worker TorchTrainer run with these overrides."""
-    import ray.tune
+    import ray.tune  # heavy: not for --help
 
     sweep = config["_sweep"]
     base = Config.from_dict(sweep["cfg"])
