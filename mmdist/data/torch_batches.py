@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from mmdist.data.ray_scheduling import one_node
+from mmdist.data import ray_scheduling
 from mmdist.data.schema import as_tensors
 
 # Batches prefetched when blocks can live on other nodes (Ray's default is 1).
@@ -42,7 +42,7 @@ class NumpyToTorch(NumpyBatchCollateFn):
 
 def prefetch_batches() -> int:
     """Batches to prefetch: 0 on a one-node cluster, Ray's default otherwise (see the module)."""
-    return 0 if one_node() else PREFETCH_BATCHES_MULTI_NODE
+    return 0 if ray_scheduling.one_node() else PREFETCH_BATCHES_MULTI_NODE
 
 
 def iter_torch(ds: Any, **kwargs: Any):

@@ -99,8 +99,7 @@ def _text_encoder(kind: str, s: SizeSpec, vocab: int, length: int) -> Cost:
 
 
 def _cnn(channels: tuple[int, ...], c_in: int, size: int, dim: int, two_d: bool) -> Cost:
-    """The conv stacks: 2-D for images (each stage a residual conv more, positions per
-    cell), 1-D for audio."""
+    """The conv stacks: 2-D for images, 1-D for audio."""
     c = Cost()
     n = size
     k = 9 if two_d else 3
@@ -108,11 +107,8 @@ def _cnn(channels: tuple[int, ...], c_in: int, size: int, dim: int, two_d: bool)
         n = _conv_out(n)
         pos = n * n if two_d else n
         c = c + Cost(c_in * ch * k + ch + 2 * ch, 2.0 * c_in * ch * k * pos)
-        if two_d:  # the residual conv of the stage
-            c = c + Cost(ch * ch * k + ch + 2 * ch, 2.0 * ch * ch * k * pos)
         c_in = ch
     t = n * n if two_d else n
-    c = c + Cost(t * dim if two_d else 0)  # position table
     return c + linear_cost(c_in, dim, t) + ln_cost(dim) + Cost(tokens=t)
 
 

@@ -27,55 +27,30 @@ def normalise_image(image: Tensor, dtype: torch.dtype) -> Tensor:
     return (image.to(dtype) / 255.0 - mean) / std
 
 
-class ResidualConv(nn.Module):
-    """``x + GELU(GroupNorm(conv3x3(x)))``: widens the receptive field at the same resolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm = nn.GroupNorm(min(8, channels), channels)
-        self.act = nn.GELU()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.act(self.norm(self.conv(x)))
-
-
-def cnn_grid(image_size: int, stages: int) -> int:
-    """Side of the token grid after ``stages`` stride-2 convolutions (kernel 3, padding 1)."""
-    for _ in range(stages):
-        image_size = (image_size - 1) // 2 + 1
-    return image_size
-
-
 class CNNImageEncoder(nn.Module):
-    """Stages of a stride-2 conv + GroupNorm + GELU and a residual conv; the last feature map is
-    the token grid, with a learned position per cell (without it the tokens are a bag of local
-    features, and a digit or a layout cannot be told from its strokes' places).
+    """Stride-2 conv + GroupNorm + GELU stages; the last feature map is the token grid.
 
     Args:
         channels: output channels of each stage (each halves the resolution).
         dim: output width D.
-        image_size: S, the input side (sets the position table).
     """
 
-    def __init__(self, channels: tuple[int, ...], dim: int, image_size: int):
+    def __init__(self, channels: tuple[int, ...], dim: int):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c),
-                       nn.GELU(), ResidualConv(c)]
+                       nn.GELU()]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in, dim)
-        self.pos = nn.Parameter(torch.randn(1, cnn_grid(image_size, len(channels)) ** 2, dim)
-                                * 0.02)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images -> tokens ``(B, h*w, D)`` and an all-true mask."""
         x = self.features(normalise_image(image, self.proj.weight.dtype))
-        tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)) + self.pos)
+        tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)))
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
@@ -203,7 +178,7 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     """The image encoder named ``kind`` at width ``dim`` (torchvision ones random init unless
     ``pretrained`` names a local safetensors file of torchvision weights)."""
     if kind == "cnn":
-        return CNNImageEncoder(channels, dim, image_size)
+        return CNNImageEncoder(channels, dim)
     importable_here("torchvision.models")
     import torchvision.models as tvm  # heavy: on first use (imports torch._dynamo)
 
