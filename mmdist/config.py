@@ -88,8 +88,7 @@ class ModelConfig(Section):
 
     task: Literal[TASKS] = "itm"
     size: Literal[SIZES] = "small"
-    modalities: list[Literal[MODALITIES]] = Field(default_factory=lambda: list(MODALITIES),
-                                                  min_length=1)
+    modalities: list[Literal[MODALITIES]] = Field(default_factory=lambda: [*MODALITIES], min_length=1)
     fusion: Literal[FUSIONS] = "concat"
     fusion_stage: Literal[FUSION_STAGES] = "mid"
     text_encoder: Literal[TEXT_ENCODERS] = "lstm"
@@ -103,10 +102,12 @@ class ModelConfig(Section):
     modality_dropout: float = Field(0.0, ge=0, lt=1)  # P(drop a non-text modality) per sample
     # itm / contrastive: the two modalities matched, e.g. [image, audio]; [] -> text vs the rest
     match: list[Literal[MODALITIES]] = Field(default_factory=list)
+    hard_negatives: bool = True  # itm: also negatives with one modality swapped (see itm.py)
+    align_weight: float = Field(1.0, ge=0, description="itm: align before fuse; 0 = off")
     # Auxiliary per-modality classification on the data's label_image / label_audio columns:
     # modality -> classes; {} -> from the data when it has them (training fills it in).
     aux_classes: dict[str, int] = Field(default_factory=dict)
-    aux_weight: float = Field(0.5, ge=0, description="0 = no auxiliary objectives")
+    aux_weight: float = Field(1.0, ge=0, description="0 = no auxiliary objectives")
     task_weights: dict[str, float] = Field(default_factory=dict)  # multitask loss weights
     text_pretrained: str | None = None  # local transformers directory for the bert encoder
     image_pretrained: str | None = None  # local safetensors file for the torchvision encoder

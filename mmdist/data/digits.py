@@ -153,6 +153,11 @@ class DigitRow:
     audio: bytes
 
 
+def scan_of(index: int, seed: int) -> int:
+    """The scan row ``index`` of dataset ``seed`` shows (the first draw of its generator)."""
+    return int(np.random.default_rng([seed, index]).integers(num_scans()))
+
+
 def generate_row(index: int, seed: int, image_size: int, audio_seconds: float,
                  caption: str = "both", label: str = "written") -> DigitRow:
     """Row ``index`` of the dataset ``seed``: a pure function of its arguments."""
@@ -186,9 +191,8 @@ class DigitsSource:
 
     def records(self) -> Any:
         for i in range(self.num_samples):
-            rng = np.random.default_rng([self.seed, i])
             yield {"sample_id": i, "origin": f"digits seed={self.seed} index={i}",
-                   "group": f"scan{int(rng.integers(num_scans()))}"}
+                   "group": f"scan{scan_of(i, self.seed)}"}
 
     def load(self, record: dict[str, Any]) -> dict[str, Any]:
         r = generate_row(record["sample_id"], self.seed, self.image_size, self.audio_seconds,

@@ -53,6 +53,7 @@ def _block(d: int, t: int, tk: int | None = None) -> Cost:
     """One of mmdist's pre-LN transformer blocks on t tokens (cross-attending to tk tokens)."""
     tk = t if tk is None else tk
     c = ln_cost(d) + linear_cost(d, d, t) + linear_cost(d, 2 * d, tk) + linear_cost(d, d, t) + ln_cost(d)
+    c = c + Cost(2 * d)  # QK-norm gains
     c = c + linear_cost(d, 4 * d, t) + linear_cost(4 * d, d, t)
     return c + Cost(0, 4.0 * t * tk * d)
 
@@ -115,7 +116,12 @@ def _cnn(channels: tuple[int, ...], c_in: int, size: int, dim: int, two_d: bool)
 def _image_encoder(kind: str, s: SizeSpec, size: int) -> Cost:
     d = s.hidden
     if kind == "cnn":
-        return _cnn(s.cnn_channels, 3, size, d, two_d=True)
+        c = _cnn(s.cnn_channels, 3, size, d, two_d=True)
+        n = size
+        for ch in s.cnn_channels:  # a residual 3x3 conv + GroupNorm per stage
+            n = _conv_out(n)
+            c = c + Cost(ch * ch * 9 + 3 * ch, 2.0 * ch * ch * 9 * n * n)
+        return c + Cost(c.tokens * d)  # a position per cell
     if kind in TORCHVISION:
         tv = TORCHVISION[kind]
         grid = math.ceil(size / 32)
@@ -149,6 +155,7 @@ def _early(mod: str, s: SizeSpec, cfg: Config, vocab: int, frames: int) -> Cost:
         for ch in stem_channels(data.image_size, d):
             size = _conv_out(size)
             c = c + Cost(c_in * ch * 9 + ch + 2 * ch, 2.0 * c_in * ch * 9 * size * size)
+            c = c + Cost(ch * ch * 9 + 3 * ch, 2.0 * ch * ch * 9 * size * size)  # residual
             c_in = ch
         t = size * size
         return c + linear_cost(c_in, d, t) + Cost(t * d) + ln_cost(d) + Cost(tokens=t)
@@ -253,7 +260,7 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
         c = Cost()
         if m.fusion_stage == "late":
             for _ in gm:
-                c = c + mlp_head_cost(d, d)
+                c = c + mlp_head_cost(d, d) + ln_cost(d)
             tokens = [1] * len(gm)
         f = _fusion(m.fusion, s, tokens, SLOTS[m.fusion_stage])
         c = c + f
@@ -267,7 +274,7 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
     for t in tasks:
         task = task_class(t)
         read = [fusers[g] for g in sorted(task.groups(m))]
-        total = total + Cost(0, task.fusion_passes * sum(f.flops for f in read))
+        total = total + Cost(0, task.passes(m) * sum(f.flops for f in read))
         total = total + task.head_cost(cfg, s, vocab_size, read[0].tokens if read else 0)
     return total
 

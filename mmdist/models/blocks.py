@@ -24,7 +24,10 @@ def masked_cross_entropy(logits: Tensor, label: Tensor, keep: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention (self or cross) on ``scaled_dot_product_attention``.
+    """Multi-head attention (self or cross) on ``scaled_dot_product_attention``, with QK-norm
+    (RMSNorm of queries and keys, as OLMo 2 / Dehghani et al. 2023): attention logits cannot
+    grow without bound, which kept early-fusion cross-attention from sitting at chance on real
+    digits (image-text matching 0.59 -> 0.80, docs/fusion_real.md).
 
     Args:
         dim: model width.
@@ -39,12 +42,16 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim)
+        self.k_norm = nn.RMSNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
         b, t, d = x.shape
         h = self.heads
-        q = self.q(x).view(b, t, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        q = self.q_norm(self.q(x)).view(b, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, d).unbind(2)
+        k = self.k_norm(k).view(b, -1, h, d // h).transpose(1, 2)
+        v = v.reshape(b, -1, h, d // h).transpose(1, 2)
         attn_mask = context_mask.bool()[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, t, d))

@@ -154,7 +154,11 @@ def _fuser(cfg: Config, spec: SizeSpec, n_modalities: int) -> Fuser:
     m = cfg.model
     late = None
     if m.fusion_stage == "late":
-        late = nn.ModuleList(MLPHead(spec.hidden, spec.hidden) for _ in range(n_modalities))
+        # normalised: the fusion methods expect unit-scale tokens (a product or an attention
+        # over raw MLP outputs diverged at lr 5e-3 on real digits, docs/fusion_real.md)
+        late = nn.ModuleList(nn.Sequential(MLPHead(spec.hidden, spec.hidden),
+                                           nn.LayerNorm(spec.hidden))
+                             for _ in range(n_modalities))
     fusion = build_fusion(m.fusion, spec.hidden, n_modalities, spec.heads, SLOTS[m.fusion_stage],
                           spec.fusion_layers)
     trunk_layers = spec.trunk_layers + (spec.enc_layers if m.fusion_stage == "early" else 0)

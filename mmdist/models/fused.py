@@ -9,7 +9,7 @@ batch content, and no parameter is used outside ``forward``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -136,10 +136,11 @@ class FusedModel(nn.Module):
         return {m: present[m] & (keep[m] | undo) if m in keep else present[m]
                 for m in self.modalities}
 
-    def fuse(self, group: str, enc: Encoded, roll: Collection[str] = ()
+    def fuse(self, group: str, enc: Encoded, swap: Mapping[str, Tensor] | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
         """Fused tokens, mask and pooled vector of one modality group (``all`` / ``context``);
-        the modalities in ``roll`` come from the batch's next sample (matching negatives)."""
+        a modality in ``swap`` comes from other samples of the batch: row ``i`` takes sample
+        ``swap[m][i]``'s (matching negatives)."""
         mods = self.modalities if group == "all" else [m for m in self.modalities if m != "text"]
         if group == "context" and "context" not in self.fusers:
             b = self._batch_size
@@ -149,8 +150,8 @@ class FusedModel(nn.Module):
         tokens, masks = [], []
         for m in mods:
             t, k = enc[m]
-            if m in roll:
-                t, k = t.roll(1, 0), k.roll(1, 0)
+            if swap and m in swap:
+                t, k = t[swap[m]], k[swap[m]]
             tokens.append(t)
             masks.append(k)
         return self.fusers[group](tokens, masks)
@@ -181,15 +182,23 @@ class FusedModel(nn.Module):
         out: dict[str, Tensor] = {}
         total = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
         for name, task in self.tasks.items():
-            loss = task.loss(self, enc, batch, evaluating=False).loss
-            out[f"{name}_loss"] = loss.detach()
-            total = total + self.weights[name] * loss.float()
+            r = task.loss(self, enc, batch, evaluating=False)
+            out[f"{name}_loss"] = r.loss.detach()
+            loss = r.loss.float()
+            for part, value in r.extra.items():
+                out[f"{name}_{part}_loss"] = value.detach()
+                loss = loss + value.float()
+            total = total + self.weights[name] * loss
         for m, head in self.aux.items():
             loss = self.aux_loss(m, head, enc, batch)
             out[f"aux_{m}_loss"] = loss.detach()
             total = total + self.aux_weight * loss
         out["loss"] = total
         return out
+
+    def has(self, m: str) -> Tensor:
+        """Which samples of the batch last encoded have modality ``m`` (after dropout)."""
+        return self._present[m]
 
     def aux_loss(self, m: str, head: nn.Module, enc: Encoded, batch: dict[str, Tensor]) -> Tensor:
         """Cross-entropy of modality ``m``'s own label from its pooled tokens, over the samples

@@ -27,31 +27,64 @@ def normalise_image(image: Tensor, dtype: torch.dtype) -> Tensor:
     return (image.to(dtype) / 255.0 - mean) / std
 
 
+class ResidualConv(nn.Module):
+    """``x + GELU(GroupNorm(conv3x3(x)))``: one more layer of depth per stage at the same
+    resolution, with an identity path so it trains as fast as the shallower stack."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(min(8, c), c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.gelu(self.norm(self.conv(x)))
+
+
 class CNNImageEncoder(nn.Module):
-    """Stride-2 conv + GroupNorm + GELU stages; the last feature map is the token grid.
+    """Stages of a stride-2 conv + GroupNorm + GELU and a residual conv; the last feature map
+    is the token grid, each cell with a learned position (where a stroke is tells a 7 from a 1
+    once cells are pooled). Real handwritten digits, small model, 10 epochs: 0.74 -> 0.89 val
+    accuracy with the residual convs and positions (docs/fusion_real.md).
 
     Args:
         channels: output channels of each stage (each halves the resolution).
         dim: output width D.
+        image_size: input side S (sizes the position table; 0: no positions).
     """
 
-    def __init__(self, channels: tuple[int, ...], dim: int):
+    def __init__(self, channels: tuple[int, ...], dim: int, image_size: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c),
-                       nn.GELU()]
+                       nn.GELU(), ResidualConv(c)]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.proj = nn.Linear(c_in, dim)
         self.norm = nn.LayerNorm(dim)
+        grid = cnn_grid(image_size, len(channels)) if image_size else 0
+        self.pos = nn.Parameter(torch.randn(1, grid * grid, dim) * 0.02) if grid else None
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """uint8 images -> tokens ``(B, h*w, D)`` and an all-true mask."""
         x = self.features(normalise_image(image, self.proj.weight.dtype))
-        tokens = self.norm(self.proj(x.flatten(2).transpose(1, 2)))
+        tokens = self.proj(x.flatten(2).transpose(1, 2))
+        if self.pos is not None:
+            if self.pos.shape[1] != tokens.shape[1]:
+                raise ValueError(f"image of {tuple(image.shape[-2:])} pixels gives "
+                                 f"{tokens.shape[1]} cells; this encoder was built for "
+                                 f"{self.pos.shape[1]} (data.image_size)")
+            tokens = tokens + self.pos
+        tokens = self.norm(tokens)
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+def cnn_grid(size: int, stages: int) -> int:
+    """Side of the CNN's last feature map: each stride-2, padding-1, 3x3 conv takes ceil(n/2)."""
+    for _ in range(stages):
+        size = (size + 1) // 2
+    return size
 
 
 class StatsDtypeBatchNorm2d(nn.BatchNorm2d):
@@ -178,7 +211,7 @@ def build_image_encoder(kind: str, dim: int, channels: tuple[int, ...], image_si
     """The image encoder named ``kind`` at width ``dim`` (torchvision ones random init unless
     ``pretrained`` names a local safetensors file of torchvision weights)."""
     if kind == "cnn":
-        return CNNImageEncoder(channels, dim)
+        return CNNImageEncoder(channels, dim, image_size)
     importable_here("torchvision.models")
     import torchvision.models as tvm  # heavy: on first use (imports torch._dynamo)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdist.models.audio_encoder import standardise_audio
-from mmdist.models.image_encoder import normalise_image
+from mmdist.models.image_encoder import ResidualConv, normalise_image
 
 GRID = 4  # image patches per side: 16 image tokens at any resolution
 AUDIO_TOKENS = 16  # at most this many audio tokens
@@ -48,8 +48,8 @@ def stem_channels(image_size: int, dim: int) -> list[int]:
 
 
 class PatchEmbedding(nn.Module):
-    """A convolutional stem (stride-2 3x3 convs + GroupNorm + GELU down to a 4 x 4 map, then a
-    1x1 projection) plus positions: 16 tokens. A stem instead of one linear patch projection
+    """A convolutional stem (stride-2 3x3 convs + GroupNorm + GELU, each followed by a residual
+    conv, down to a 4 x 4 map, then a 1x1 projection) plus positions: 16 tokens. A stem instead of one linear patch projection
     is what makes small transformers over images train quickly and stably ("Early
     convolutions help transformers see better", Xiao et al. 2021); on real handwritten digits
     it lifted early fusion from 0.55-0.63 to 0.71-0.74 image-text matching accuracy.
@@ -65,7 +65,7 @@ class PatchEmbedding(nn.Module):
         c_in, size = 3, image_size
         for c in stem_channels(image_size, dim):
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c),
-                       nn.GELU()]
+                       nn.GELU(), ResidualConv(c)]
             c_in, size = c, (size - 1) // 2 + 1
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(c_in, dim, 1)

@@ -173,20 +173,30 @@ def corpus_bleu(generated: Tensor, target: Tensor, eos_id: int,
 
 
 class MatchAccuracy(TaskMetrics):
-    """Accuracy of match logits: positives above 0, negatives at or below."""
+    """Accuracy of match logits: positives above 0, negatives at or below. ``val_accuracy``
+    against the negatives with every other modality swapped; ``val_hard_accuracy`` against the
+    hard ones (one modality swapped), when the task makes them."""
 
     def __init__(self):
         super().__init__()
         self.accuracy = BinaryAccuracy()
+        self.hard = BinaryAccuracy()
 
     def update(self, o: dict[str, Tensor]) -> None:
-        pos, neg = o["logit_pos"], o["logit_neg"]
-        preds = torch.cat([pos > 0, neg > 0]).long()
-        target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
-        self.accuracy.update(preds, target)
+        pos = o["logit_pos"]
+        for metric, neg in ((self.accuracy, o["logit_neg"]), (self.hard, o.get("logit_hard"))):
+            if neg is None:
+                continue
+            neg = neg.flatten()
+            preds = torch.cat([pos > 0, neg > 0]).long()
+            target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
+            metric.update(preds, target)
 
     def compute(self) -> dict[str, float]:
-        return {"val_accuracy": float(self.accuracy.compute())}
+        out = {"val_accuracy": float(self.accuracy.compute())}
+        if self.hard.update_called:
+            out["val_hard_accuracy"] = float(self.hard.compute())
+        return out
 
 
 class ClassAccuracy(TaskMetrics):

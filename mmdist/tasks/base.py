@@ -9,7 +9,7 @@ it; it never dispatches on task names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor, nn
@@ -26,11 +26,15 @@ if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without 
 
 @dataclass
 class TaskOutput:
-    """One task on one batch: scalar loss, per-sample loss ``(B,)``, per-sample eval outputs."""
+    """One task on one batch: scalar loss, per-sample loss ``(B,)``, per-sample eval outputs,
+    and auxiliary losses the task adds to the training total (already weighted; logged as
+    ``<task>_<name>_loss``, left out of ``loss``, which the collapse watch compares with
+    :meth:`Task.constant_loss`)."""
 
     loss: Tensor
     per_sample: Tensor
     outputs: dict[str, Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Task(nn.Module):
@@ -49,6 +53,11 @@ class Task(nn.Module):
         """The fusion paths the task reads (``all`` and/or ``context``; none: it pools each
         modality's encoder output itself)."""
         return {cls.group}
+
+    @classmethod
+    def passes(cls, m: ModelConfig) -> int:
+        """Fused forward passes per sample under this config (for the FLOPs accounting)."""
+        return cls.fusion_passes
 
     @classmethod
     def components(cls, m: ModelConfig) -> dict[str, float]:

@@ -157,7 +157,9 @@ def test_eval_outputs_are_per_sample_and_metrics_cover_every_task():
         assert key in m, sorted(m)
     single = {k: v for k, v in merged.items() if k.startswith("itm.")}
     single["loss"] = merged["loss"]
-    assert set(compute_metrics(tiny_config(), single, model.vocab)) == {"val_loss", "val_accuracy"}
+    # image and audio both swapped for a negative: also one hard negative per modality
+    assert set(compute_metrics(tiny_config(), single, model.vocab)) == {
+        "val_loss", "val_accuracy", "val_hard_accuracy"}
     # vqa both ways
     for answer, key in (("generate", "val_accuracy"), ("classify", "val_accuracy")):
         cfg, vqa = _model("model.task=vqa", f"model.vqa_answer={answer}")
