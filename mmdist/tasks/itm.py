@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from mmdist.config import Config, ModelConfig
 from mmdist.models.accounting import Cost, linear_cost, ln_cost, mlp_head_cost
-from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.blocks import masked_mean
+from mmdist.models.fused import Encoded, FusedModel
 from mmdist.models.heads import ContrastiveHead, MLPHead
 from mmdist.models.sizes import SizeSpec
 from mmdist.tasks.base import BuildContext, Task, TaskOutput
