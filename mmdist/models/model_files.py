@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmdist.config import Config, task_class
 from mmdist.models.builder import build_model, make_vocab, rebuild_extra
@@ -22,8 +22,13 @@ from mmdist.models.fused import FusedModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT = "mmdist-fused-model/2"
-OLD_FORMATS = ("mmdist-fused-model/1",)  # heads.<task>.* and decoder.* at the top level
+FORMAT = "mmdist-fused-model/3"
+OLD_FORMATS = (  # still load: the architecture they were trained with is rebuilt
+    "mmdist-fused-model/1",  # heads.<task>.* and decoder.* at the top level
+    "mmdist-fused-model/2",  # before QK-norm, residual convs, CNN positions, late-fusion norm
+)
+# extra["architecture"] of a model built as files before format 3 describe it
+LEGACY_ARCHITECTURE = 2
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -99,12 +104,44 @@ def load_model(directory: str | Path, map_location: str = "cpu") -> FusedModel:
     except SafetensorError as e:  # a pickle / torch.save file renamed, or corrupt
         raise ValueError(f"{weights}: not a valid safetensors file ({e}); mmdist never "
                          "unpickles weights (unpickling runs arbitrary code)") from None
-    cfg = Config.from_dict(meta["config"])
-    model = build_model(cfg, **meta["vocab"], extra=meta.get("extra") or {},
-                        load_pretrained=False)
+    extra = dict(meta.get("extra") or {})
+    config = meta["config"]
     if meta["format"] in OLD_FORMATS:
+        extra["architecture"] = LEGACY_ARCHITECTURE
+        config = {**config, "model": {"align_weight": 0.0, **config.get("model", {})}}
+    cfg = Config.from_dict(config)
+    model = build_model(cfg, **meta["vocab"], extra=extra, load_pretrained=False)
+    if extra.get("architecture") == LEGACY_ARCHITECTURE:
+        legacy_architecture(model)
+    if meta["format"] == OLD_FORMATS[0]:
         state = _from_format_1(state, cfg)
     load_weights(model, state)
+    return model
+
+
+def legacy_architecture(model: FusedModel) -> FusedModel:
+    """Turn a freshly built model into the architecture of files before format 3: no QK-norm,
+    no residual convs or positions in the CNN and the early-fusion stem, no LayerNorm after the
+    late-fusion heads (so models registered before these changes load and predict as they
+    did). ``model.extra["architecture"]`` records it, so saving the model again keeps it."""
+    # light, but only old files need them
+    from mmdist.models.blocks import Attention
+    from mmdist.models.fused import Fuser
+    from mmdist.models.image_encoder import CNNImageEncoder, ResidualConv
+    from mmdist.models.input_embeddings import PatchEmbedding
+
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            module.q_norm, module.k_norm = nn.Identity(), nn.Identity()
+        elif isinstance(module, (CNNImageEncoder, PatchEmbedding)):
+            name = "features" if isinstance(module, CNNImageEncoder) else "stem"
+            layers = [m for m in getattr(module, name) if not isinstance(m, ResidualConv)]
+            setattr(module, name, nn.Sequential(*layers))
+            if isinstance(module, CNNImageEncoder):
+                module.pos = None
+        elif isinstance(module, Fuser) and module.late_heads is not None:
+            module.late_heads = nn.ModuleList(h[0] for h in module.late_heads)
+    model.extra = {**model.extra, "architecture": LEGACY_ARCHITECTURE}
     return model
 
 

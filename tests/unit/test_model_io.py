@@ -224,8 +224,10 @@ def test_models_saved_before_tasks_were_modules_still_load(tmp_path, task):
     under ``decoder.``; loading maps them to the task modules."""
     import json
 
-    cfg, model = _model(task)
-    save_model(model, tmp_path)
+    from mmdist.models.model_files import legacy_architecture
+
+    cfg, model = _model(task, "model.align_weight=0")
+    model = legacy_architecture(model)  # the architecture format-1 files hold
     state = {k.replace("tasks.itm.head.", "heads.itm.").replace("tasks.lm.decoder.", "decoder."): v
              for k, v in model.state_dict().items()}
     save_state_dict(state, cfg, model.vocab, tmp_path)
@@ -252,3 +254,41 @@ def test_modality_dropout_never_removes_the_last_non_text_modality():
     assert present["image"][:16].equal(batch["has_image"][:16])  # never dropped: the last one
     assert (~present["image"][both]).any() and (~present["audio"][both]).any()  # dropout acts
     assert present["text"].equal(batch["has_text"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model.fusion_stage=mid", "model.fusion=attention"),
+    ("model.fusion_stage=early", "model.fusion=transformer"),
+    ("model.fusion_stage=late", "model.fusion=mul"),
+])
+def test_models_saved_before_format_3_load_with_their_architecture(tmp_path, overrides):
+    """A format-2 file (no QK-norm, residual convs, CNN positions, late-fusion norm, ITM
+    alignment heads) loads into the architecture it was trained with, predicts as it did, and
+    keeps that architecture when saved again."""
+    import json
+
+    from mmdist.models.model_files import legacy_architecture
+
+    torch.manual_seed(0)
+    cfg = tiny_config(*overrides, "model.align_weight=0")
+    old = legacy_architecture(build_model(cfg, VOCAB)).eval()
+    assert not any(".q_norm." in k or ".features.3.conv" in k for k in old.state_dict())
+    save_state_dict(old.state_dict(), cfg, old.vocab, tmp_path / "v2", extra={})
+    meta = json.loads((tmp_path / "v2" / "config.json").read_text())
+    meta["format"] = "mmdist-fused-model/2"
+    del meta["config"]["model"]["align_weight"]  # format 2 had no such key
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(meta))
+
+    loaded = load_model(tmp_path / "v2").eval()
+    batch = make_batch(cfg, 3)
+    with torch.no_grad():
+        a, b = old.eval_outputs(batch), loaded.eval_outputs(batch)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    save_model(loaded, tmp_path / "again")
+    again = load_model(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again.eval_outputs(batch)["loss"], a["loss"])
+    with pytest.raises(ValueError, match="do not fit"):  # the new architecture does not take it
+        from mmdist.models.model_files import load_weights
+        from safetensors.torch import load_file
+        load_weights(build_model(cfg, VOCAB), load_file(str(tmp_path / "v2" / "model.safetensors")))
