@@ -289,6 +289,7 @@ def test_models_saved_before_format_3_load_with_their_architecture(tmp_path, ove
     with torch.no_grad():
         assert torch.equal(again.eval_outputs(batch)["loss"], a["loss"])
     with pytest.raises(ValueError, match="do not fit"):  # the new architecture does not take it
-        from mmdist.models.model_files import load_weights
         from safetensors.torch import load_file
+
+        from mmdist.models.model_files import load_weights
         load_weights(build_model(cfg, VOCAB), load_file(str(tmp_path / "v2" / "model.safetensors")))
