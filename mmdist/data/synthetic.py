@@ -12,15 +12,16 @@ canonical ``target`` description (what an lm task learns to say from image + aud
 ``label = colour * 4 + shape * 2 + (pitch is high)`` in 0..7.
 
 Why fusion matters for image-text matching (ITM). The model's ITM head makes negatives by pairing
-each caption with the image/audio of ANOTHER sample of the batch (roll by one); positives and
-negatives come in equal numbers. Attributes are independent across samples, so:
+each caption with the image/audio of ANOTHER sample of the batch, one whose per-modality labels
+(``label_image`` = colour and shape, ``label_audio`` = pitch) differ from it in at least one;
+positives and negatives come in equal numbers. Attributes are independent across samples, so:
 
 * text only: the caption is the same in the positive and the negative pair -> 50% (chance).
-* image + text: a negative is detectable only when the rolled image differs in colour or shape;
-  it agrees on both with probability 1/2 * 1/2 = 1/4, and such a pair is indistinguishable from
-  a positive. Best accuracy = 1/2 * 1 + 1/2 * (1 - 1/4) = 0.875.
-* image + audio + text: the negative also has to agree on pitch: 1/4 * 1/4 = 1/16.
-  Best accuracy = 1/2 + 1/2 * 15/16 = 0.969.
+* image + text: a negative is detectable only when its image differs in colour or shape; among
+  donors that differ somewhere (15/16 of all), 3/16 differ in pitch alone, so 1/5 of negatives
+  look like positives. Best accuracy = 1/2 * 1 + 1/2 * 4/5 = 0.9.
+* image + audio + text: every negative differs in something seen or heard. Best accuracy 1.0.
+  (With the batch rolled by one, before wave 2, 1/16 of negatives were true matches: 0.969.)
 
 For classification the caption alone names every attribute; without text, image alone can
 reach 4/8 classes' worth (50%), audio alone 2 of 8 (25% - it only tells high/low), both 100%.
