@@ -177,15 +177,17 @@ class MatchAccuracy(TaskMetrics):
     against the negatives with every other modality swapped; ``val_hard_accuracy`` against the
     hard ones (one modality swapped), when the task makes them."""
 
-    def __init__(self):
+    def __init__(self, hard: bool = False):
         super().__init__()
         self.accuracy = BinaryAccuracy()
-        self.hard = BinaryAccuracy()
+        # decided by the config, never by what a rank saw: compute() is a collective, and a
+        # rank without a val batch must still join it
+        self.hard = BinaryAccuracy() if hard else None
 
     def update(self, o: dict[str, Tensor]) -> None:
         pos = o["logit_pos"]
         for metric, neg in ((self.accuracy, o["logit_neg"]), (self.hard, o.get("logit_hard"))):
-            if neg is None:
+            if metric is None or neg is None:
                 continue
             neg = neg.flatten()
             preds = torch.cat([pos > 0, neg > 0]).long()
@@ -194,7 +196,7 @@ class MatchAccuracy(TaskMetrics):
 
     def compute(self) -> dict[str, float]:
         out = {"val_accuracy": float(self.accuracy.compute())}
-        if self.hard.update_called:
+        if self.hard is not None:
             out["val_hard_accuracy"] = float(self.hard.compute())
         return out
 

@@ -102,7 +102,7 @@ class ITM(Task):
         from mmdist.models import (
             metrics,  # torchmetrics (5 s): at evaluation only
         )
-        return metrics.MatchAccuracy()
+        return metrics.MatchAccuracy(hard=m.hard_negatives and len(cls.swapped(m)) > 1)
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:
