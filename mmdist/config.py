@@ -32,6 +32,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGS = ("random", "grid")
 LOWER_IS_BETTER = ("_loss", "_perplexity")  # metric name endings where lower is better
+# Parts of the fused model that `model.freeze` names (mmdist.models.adapt says which is which).
+COMPONENTS = ("text_encoder", "image_encoder", "audio_encoder", "projectors", "decoder")
+LORA_COMPONENTS = ("decoder", "text_encoder", "image_encoder", "audio_encoder")
 
 
 def fusion_class(name: str) -> Any:
@@ -83,6 +86,17 @@ class DataConfig(Section):
     deterministic: bool = True  # same seed -> same order on every rank; false: blocks as they come
 
 
+class LoraConfig(Section):
+    """LoRA adapters (peft) on pretrained parts; merged into plain weights at consolidation."""
+
+    r: int = Field(8, ge=1)  # rank
+    alpha: float = Field(16.0, gt=0)  # scaling alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # peft's names
+    components: list[Literal[LORA_COMPONENTS]] = Field(default_factory=lambda: ["decoder"],
+                                                       min_length=1)
+
+
 class ModelConfig(Section):
     """The fused model: encoders, fusion method and stage, task head."""
 
@@ -109,8 +123,16 @@ class ModelConfig(Section):
     aux_classes: dict[str, int] = Field(default_factory=dict)
     aux_weight: float = Field(1.0, ge=0, description="0 = no auxiliary objectives")
     task_weights: dict[str, float] = Field(default_factory=dict)  # multitask loss weights
-    text_pretrained: str | None = None  # local transformers directory for the bert encoder
-    image_pretrained: str | None = None  # local safetensors file for the torchvision encoder
+    # Pretrained parts, each a local directory as save_pretrained writes (nothing is downloaded)
+    decoder_pretrained: str | None = None  # any AutoModelForCausalLM; its tokenizer is the run's
+    text_pretrained: str | None = None  # any AutoModel text encoder (BERT, RoBERTa, MiniLM, ...)
+    image_pretrained: str | None = None  # CLIP/SigLIP/ViT/DINOv2 dir, or torchvision .safetensors
+    audio_pretrained: str | None = None  # Whisper, wav2vec2, HuBERT or AST directory
+    # modality -> most tokens it hands to fusion (average-pooled); {} -> all of them
+    modality_tokens: dict[str, int] = Field(default_factory=dict)
+    freeze: list[Literal[COMPONENTS]] = Field(default_factory=list)  # not trained, no optimizer
+    lora: LoraConfig | None = None  # LoRA on the pretrained LM (and optionally encoders)
+    init_from: str | None = None  # start from a registered model: models:/NAME@ALIAS, runs:/...
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
 
@@ -133,12 +155,35 @@ class ModelConfig(Section):
             *((self.fusion_stage == "early" and getattr(self, k), f"model.{k}={getattr(self, k)!r} "
                "with model.fusion_stage=early: early fusion replaces the encoders by input "
                "embeddings, so the pretrained weights would be unused; use stage mid or late")
-              for k in ("text_pretrained", "image_pretrained")),
-            (self.text_pretrained and self.text_encoder != "bert", f"model.text_pretrained="
-             f"{self.text_pretrained!r}: loads a transformers BERT; set model.text_encoder=bert"),
-            (self.image_pretrained and self.image_encoder == "cnn", f"model.image_pretrained="
-             f"{self.image_pretrained!r}: loads torchvision weights; set model.image_encoder to "
-             "resnet18, resnet50 or vit_b_16")])
+              for k in ("text_pretrained", "image_pretrained", "audio_pretrained")),
+            (self.image_pretrained and self.image_pretrained.endswith(".safetensors")
+             and self.image_encoder == "cnn", f"model.image_pretrained="
+             f"{self.image_pretrained!r}: a file of torchvision weights; set model.image_encoder "
+             "to resnet18, resnet50 or vit_b_16 (or give a Hugging Face model directory)"),
+            *self._pretrained_problems()])
+
+    def _pretrained_problems(self) -> list[tuple[bool, str]]:
+        mods, task = self.modalities, task_class(self.task)
+        decodes = task.uses_decoder(self)
+        present = {"decoder": decodes, "projectors": True,
+                   **{f"{m}_encoder": m in mods for m in MODALITIES}}
+        tuned = {"decoder": self.decoder_pretrained,
+                 **{f"{m}_encoder": getattr(self, f"{m}_pretrained") for m in MODALITIES}}
+        return [
+            (self.decoder_pretrained and not decodes, f"model.decoder_pretrained="
+             f"{self.decoder_pretrained!r}: task {self.task!r} has no decoder LM (use lm, "
+             "prompted, vqa or multitask)"),
+            (self.decoder_pretrained and self.lm_conditioning != "prefix",
+             f"model.decoder_pretrained with model.lm_conditioning={self.lm_conditioning}: a "
+             "pretrained causal LM reads the fused tokens as a prefix; use prefix"),
+            *((m not in mods or n < 1, f"model.modality_tokens.{m}={n}: needs a modality of "
+               f"model.modalities={mods} and >= 1 token") for m, n in self.modality_tokens.items()),
+            *((not present[c], f"model.freeze: {c!r} is not part of this model "
+               f"(model.modalities={mods}, task {self.task!r})") for c in self.freeze),
+            *((not tuned[c], f"model.lora.components: {c!r} has no pretrained weights to adapt;"
+               f" set model.{c.replace('_encoder', '')}_pretrained")
+              for c in (self.lora.components if self.lora else []))]
+
 
 
 class TrainConfig(Section):
@@ -228,6 +273,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> Config:
         d, m = self.data, self.model
+        if m.decoder_pretrained and d.tokenizer is None:
+            d.tokenizer = m.decoder_pretrained  # the LM's tokenizer is the run's, everywhere
         encodes = "image" in m.modalities and m.fusion_stage != "early"
         return report(self, info, [
             (encodes and m.image_encoder == "vit_b_16" and d.image_size % 16,

@@ -16,6 +16,7 @@ TASKS = {
     "contrastive": "mmdist.tasks.contrastive:Contrastive",
     "classify": "mmdist.tasks.classify:Classify",
     "lm": "mmdist.tasks.lm:LM",
+    "prompted": "mmdist.tasks.prompted:Prompted",
     "vqa": "mmdist.tasks.vqa:VQA",
     "multitask": "mmdist.tasks.multitask:Multitask",
 }

@@ -31,7 +31,10 @@ META_FILE = "mmdist_tokenizer.json"
 # Candidate names, in order of preference, for pretrained tokenizers.
 _BOS_NAMES = ("[BOS]", "<s>", "<bos>", "[CLS]", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = ("[EOS]", "</s>", "<eos>", "[SEP]", "<|end_of_text|>", "<|endoftext|>")
-_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<unk>", "[UNK]")
+# LMs without a padding token (GPT-2, Llama 3, Qwen2) pad with their end token: padding is
+# masked out of every loss, so which id it is does not matter
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<unk>", "[UNK]",
+              "<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
 class TextTokenizer:

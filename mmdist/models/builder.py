@@ -6,7 +6,7 @@ fusion path per modality group the tasks read, and the tasks (``mmdist.registry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from mmdist.config import Config, task_class
 from mmdist.data.schema import SPECIAL_TOKENS, audio_frames
 from mmdist.models.activation_checkpointing import enable_activation_checkpointing
+from mmdist.models.adapt import add_lora, freeze
 from mmdist.models.audio_encoder import build_audio_encoder
 from mmdist.models.blocks import TransformerStack
 from mmdist.models.fused import FusedModel, Fuser
@@ -38,6 +39,9 @@ class BuildContext:
     spec: SizeSpec
     vocab: dict[str, Any]  # vocab_size, pad_id, bos_id, eos_id, special_ids
     decoder_positions: int  # memory prefix + text positions a decoder LM must cover
+    # facts saved with a model to rebuild pretrained parts without their directories; a part
+    # built from its directory adds its own (``decoder_config``, ``<m>_backbone``)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -96,7 +100,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
         group_mods = mods if group == "all" else [x for x in mods if x != "text"]
         if group_mods:
             fusers[group] = _fuser(cfg, spec, len(group_mods))
-    ctx = BuildContext(cfg, spec, vocab, DECODER_POSITIONS)
+    ctx = BuildContext(cfg, spec, vocab, DECODER_POSITIONS, extra)
     # heads before decoders: the order parameters are created in (and so their initial values)
     order = sorted(weights, key=lambda t: task_class(t).uses_decoder(m))
     built = {t: task_class(t).build(ctx) for t in order}
@@ -105,7 +109,11 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
                        aux=_aux_heads(cfg, spec, list(encoders)), aux_weight=m.aux_weight,
                        modalities=mods, dim=spec.hidden, modality_dropout=m.modality_dropout,
                        max_text_len=d.max_text_len, vocab=vocab, config=cfg.to_dict(),
-                       extra=extra, context_memory="context" in groups and "context" not in fusers)
+                       extra=extra, context_memory="context" in groups and "context" not in fusers,
+                       modality_tokens=m.modality_tokens)
+    if m.lora is not None:
+        add_lora(model, m.lora)  # an architecture change: checkpoints hold the adapters
+    freeze(model, list(m.freeze))
     if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
         enable_activation_checkpointing(model)
     return model

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdist.models.blocks import masked_cross_entropy, masked_mean
@@ -20,6 +21,17 @@ from mmdist.models.decoder import generate
 
 # Per modality: tokens (B, T, D) and mask (B, T), missing samples replaced.
 Encoded = dict[str, tuple[Tensor, Tensor]]
+
+
+def pool_tokens(tokens: Tensor, mask: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """At most ``n`` tokens: masked averages over ``n`` consecutive windows (a grid's patches
+    in row order, an audio clip's frames in time order); ``n`` or fewer pass unchanged."""
+    if tokens.shape[1] <= n:
+        return tokens, mask
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    total = F.adaptive_avg_pool1d((tokens * w).transpose(1, 2), n).transpose(1, 2)
+    weight = F.adaptive_avg_pool1d(w.transpose(1, 2), n).transpose(1, 2)
+    return total / weight.clamp_min(1e-6), weight[..., 0] > 0
 
 
 class Fuser(nn.Module):
@@ -67,6 +79,8 @@ class FusedModel(nn.Module):
         config: the full mmdist config dict (saved with the weights).
         extra: other facts needed to rebuild the model (e.g. a pretrained BERT's config).
         context_memory: a task reads the non-text group and there is none (text-only lm).
+        modality_tokens: modality -> most tokens its encoder hands on (average-pooled), so a
+            256-patch image does not flood a short caption.
     """
 
     def __init__(self, *, encoders: nn.ModuleDict, fusers: nn.ModuleDict, tasks: nn.ModuleDict,
@@ -74,7 +88,7 @@ class FusedModel(nn.Module):
                  modalities: list[str], dim: int,
                  modality_dropout: float, max_text_len: int, vocab: dict[str, Any],
                  config: dict[str, Any], extra: dict[str, Any] | None = None,
-                 context_memory: bool = False):
+                 context_memory: bool = False, modality_tokens: dict[str, int] | None = None):
         super().__init__()
         self.encoders = encoders
         self.fusers = fusers
@@ -88,7 +102,8 @@ class FusedModel(nn.Module):
         self.max_text_len = max_text_len
         self.vocab = dict(vocab)
         self.config = config
-        self.extra = dict(extra or {})
+        self.extra = extra if extra is not None else {}  # parts built later add to it
+        self.modality_tokens = dict(modality_tokens or {})
         self.missing = nn.ParameterDict(
             {m: nn.Parameter(torch.randn(1, 1, dim) * 0.02) for m in self.modalities})
         if context_memory:
@@ -113,6 +128,8 @@ class FusedModel(nn.Module):
                 tokens, mask = enc(batch["input_ids"], batch["attention_mask"])
             else:
                 tokens, mask = enc(batch[m])
+            if m in self.modality_tokens:
+                tokens, mask = pool_tokens(tokens, mask, self.modality_tokens[m])
             missing = self.missing[m].to(tokens.dtype).expand_as(tokens)
             here = present[m].to(tokens.device)
             tokens = torch.where(here[:, None, None], tokens, missing)
@@ -157,9 +174,16 @@ class FusedModel(nn.Module):
         return self.fusers[group](tokens, masks)
 
     def generate_from(self, decoder: nn.Module, memory: Tensor, mask: Tensor,
-                      max_new_tokens: int, num_beams: int) -> Tensor:
-        """Token ids a decoder generates from fused memory, with this model's special ids."""
+                      max_new_tokens: int, num_beams: int,
+                      prompt: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Token ids a decoder generates from fused memory (and a prompt), with this model's
+        special ids: a pretrained LM through its own ``generate`` (KV cache)."""
         v = self.vocab
+        if hasattr(decoder, "generate_ids"):
+            return decoder.generate_ids(memory, mask, prompt, max_new_tokens, num_beams,
+                                        v["bos_id"], v["eos_id"], v["pad_id"])
+        if prompt is not None:
+            raise ValueError("a prompt needs a pretrained decoder (model.decoder_pretrained)")
         return generate(decoder, memory, mask, max_new_tokens, v["bos_id"], v["eos_id"],
                         v["pad_id"], num_beams)
 
@@ -252,7 +276,6 @@ class FusedModel(nn.Module):
         if task is None:
             raise ValueError(f"generate() needs a decoder; this model's tasks are "
                              f"{list(self.tasks)} (use task lm, or vqa with generation)")
-        memory, mask, _ = self.fuse(task.group, self.encode(batch))
-        return self.generate_from(task.decoder, memory, mask,
-                                  max_new_tokens or self.max_text_len - 1, num_beams)
+        return task.predict(self, self.encode(batch), batch,
+                            max_new_tokens or self.max_text_len - 1, num_beams)["tokens"]
 

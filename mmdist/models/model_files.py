@@ -181,3 +181,58 @@ def load_weights(model: FusedModel, state: dict[str, Tensor]) -> None:
     result = model.load_state_dict(state, strict=False)
     if set(result.missing_keys) - tied:
         raise ValueError(f"weights do not fit this model: missing {result.missing_keys}")
+
+
+def init_weights(model: nn.Module, directory: str | Path) -> int:
+    """Start ``model`` from the weights of the mmdist model saved in ``directory``
+    (``model.init_from``: stage 2 from stage 1). LoRA adapters the new model adds start fresh
+    (``X.base_layer.weight`` takes the saved ``X.weight``); every other tensor must be there
+    with its shape. ZeRO-3 partitioned parameters are filled through a gather. Returns the
+    number of tensors loaded.
+
+    Raises:
+        ValueError: the saved model has another architecture or tokenizer (names the keys).
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        state = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, FileNotFoundError) as e:
+        raise ValueError(f"model.init_from: {directory / WEIGHTS_NAME}: {e}") from None
+    vocab = getattr(model, "vocab", None)
+    if vocab and meta["vocab"]["vocab_size"] != vocab["vocab_size"]:
+        raise ValueError(f"model.init_from: {directory} was trained with a tokenizer of "
+                         f"{meta['vocab']['vocab_size']} tokens, this run's has "
+                         f"{vocab['vocab_size']}; prepare the data with the same tokenizer")
+    lora = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude")
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing, wrong, plan = [], [], []
+    for name, t in targets.items():
+        if any(x in name for x in lora):
+            continue
+        src = name.replace(".base_layer.", ".")
+        if src not in state:
+            missing.append(name)
+            continue
+        shape = tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
+        if tuple(state[src].shape) != shape:
+            wrong.append(f"{name} {tuple(state[src].shape)} != {shape}")
+            continue
+        plan.append((t, state[src]))
+    tied = {k for k in model.state_dict() if k not in targets}
+    missing = [k for k in missing if k not in tied]
+    if missing or wrong:
+        raise ValueError(f"model.init_from: {directory} does not fit this model: missing "
+                         f"{missing[:8]}, other shapes {wrong[:8]}")
+    import torch  # light here: torch is loaded with the model
+
+    for t, value in plan:
+        if hasattr(t, "ds_id"):  # ZeRO-3 partitioned: gather, set, re-partition
+            import deepspeed  # heavy: only ZeRO-3 runs get here
+
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=0), torch.no_grad():
+                t.copy_(value.to(t.dtype))
+        else:
+            with torch.no_grad():
+                t.copy_(value.to(t.dtype))
+    return len(plan)

@@ -23,7 +23,8 @@ def decoder_problems(m: ModelConfig, role: str) -> list[str]:
     problems = []
     if "text" not in m.modalities:
         problems.append(f"model.modalities={m.modalities}: {role} needs 'text'")
-    if m.decoder == "llama" and m.lm_conditioning == "cross_attention":
+    if m.decoder == "llama" and m.lm_conditioning == "cross_attention" \
+            and not m.decoder_pretrained:
         problems.append("model.decoder=llama with model.lm_conditioning=cross_attention: "
                         "transformers' Llama has no cross-attention layers; use "
                         "model.lm_conditioning=prefix or model.decoder=gpt2/lstm")
@@ -31,23 +32,45 @@ def decoder_problems(m: ModelConfig, role: str) -> list[str]:
 
 
 def make_decoder(ctx: BuildContext) -> nn.Module:
+    """The decoder LM: the pretrained one of ``model.decoder_pretrained`` (or its saved
+    architecture, ``extra["decoder_config"]``), else ``model.decoder`` built at this size."""
     m, s, v = ctx.cfg.model, ctx.spec, ctx.vocab
+    if m.decoder_pretrained:
+        # light, but only pretrained runs need it
+        from mmdist.models.pretrained_lm import PretrainedDecoder, load_causal_lm, lm_config
+
+        saved = ctx.extra.get("decoder_config")
+        lm = load_causal_lm(None if saved is not None else m.decoder_pretrained,
+                            config=saved)
+        n_lm = lm.config.get_text_config().vocab_size
+        if n_lm < v["vocab_size"]:
+            raise ValueError(f"model.decoder_pretrained={m.decoder_pretrained!r}: the LM has "
+                             f"{n_lm} token embeddings but the run's tokenizer has "
+                             f"{v['vocab_size']} tokens; use the LM's own tokenizer (leave "
+                             "data.tokenizer unset: the LM directory's tokenizer is used)")
+        ctx.extra["decoder_config"] = lm_config(lm)
+        return PretrainedDecoder(lm, s.hidden)
     return build_decoder(m.decoder, v["vocab_size"], s.dec_width, s.dec_layers, s.dec_heads,
                          s.dec_ffn, ctx.decoder_positions + ctx.cfg.data.max_text_len, s.hidden,
                          m.lm_conditioning, v["pad_id"], v["bos_id"], v["eos_id"])
 
 
 def teacher_forced(decoder: nn.Module, memory: Tensor, mask: Tensor,
-                   batch: dict[str, Tensor]) -> TaskOutput:
-    """Token-weighted NLL of ``target_ids`` and the exact-match of the argmax tokens."""
+                   batch: dict[str, Tensor], prompt: tuple[Tensor, Tensor] | None = None
+                   ) -> TaskOutput:
+    """Token-weighted NLL of ``target_ids`` (the answer only: a ``prompt`` is read, never
+    scored) and the exact-match of the argmax tokens."""
     ids, tmask = batch["target_ids"], batch["target_mask"]
-    logits = decoder(ids[:, :-1], memory, mask)
+    if prompt is None:
+        logits = decoder(ids[:, :-1], memory, mask)
+    else:
+        logits = decoder(ids[:, :-1], memory, mask, prompt=prompt)
     nll, n = sequence_nll(logits, ids, tmask)
     valid = tmask[:, 1:].bool()
     correct = ((logits.argmax(-1) == ids[:, 1:]) | ~valid).all(1) & valid.any(1)
     return TaskOutput(nll.sum() / n.sum().clamp_min(1), nll / n.clamp_min(1),
                       {"nll_sum": nll, "n_tokens": n, "exact_match": correct.float(),
-                       "target": ids})
+                       "target": ids[:, 1:]})  # without [BOS] (it may be the EOS id: GPT-2)
 
 
 class LM(Task):

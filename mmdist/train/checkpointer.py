@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mmdist.config import Config
+from mmdist.models.adapt import lora_layers, merge_lora, save_adapters
 from mmdist.models.model_files import save_state_dict
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
@@ -113,13 +114,17 @@ class Checkpointer:
         """
         # heavy: the driver imports this module (through loop.py, to hand train_fn_per_worker
         # to Ray) and never needs DeepSpeed; as in engine.build_engine.
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = self.engine.module
         weights: dict[str, torch.Tensor] = {}
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
-            if full is None:  # no partitioned master copy (ZeRO-0 fp32, frozen params)
+            if full is None and hasattr(p, "ds_id"):  # frozen under ZeRO-3: no master copy
+                with deepspeed.zero.GatheredParameters([p]):
+                    full = p.detach().clone()
+            elif full is None:  # no partitioned master copy (ZeRO-0 fp32, frozen params)
                 full = p.detach()
             if self.rank == 0:
                 weights[name] = full.detach().float().cpu().clone()
@@ -130,7 +135,13 @@ class Checkpointer:
             return
         data_dir = Path(self.job.data_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_state_dict(weights, self.cfg, self.job.vocab, out_dir)
+        cfg = self.cfg
+        if cfg.model.lora is not None:  # plain weights that load without peft + the adapter
+            layers = lora_layers(module)
+            save_adapters(weights, cfg, out_dir / "adapter")
+            weights = merge_lora(weights, layers)
+            cfg = cfg.override({"model.lora": None})
+        save_state_dict(weights, cfg, self.job.vocab, out_dir, extra=module.extra)
         shutil.copytree(data_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
         manifest = data_dir / "manifest.json"
         if manifest.exists():

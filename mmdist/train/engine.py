@@ -9,19 +9,22 @@ import torch
 from mmdist.config import Config
 from mmdist.models import build_model
 from mmdist.models.activation_checkpointing import enable_activation_checkpointing
+from mmdist.models.adapt import trainable_summary
+from mmdist.models.model_files import init_weights
 from mmdist.models.transformers_init import preload
 from mmdist.train.deepspeed_config import deepspeed_config
 from mmdist.train.optim import build_optimizer
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
-                 log=None) -> Any:
+                 log=None, init_dir: str | None = None) -> Any:
     """Model + optimizer + LR schedule -> ``deepspeed.initialize``, as every rank does it.
 
     Expects a torch process group (Ray Train's, or one the caller made); DeepSpeed's comm layer
     wraps it. Under ZeRO-3 parameters are partitioned as they are created (``zero.Init``) so a
     model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
-    skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``.
+    skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``;
+    ``init_dir`` (an mmdist model directory, ``model.init_from``) gives the starting weights.
     """
     # heavy: the driver imports this module (via loop.py) and never needs DeepSpeed
     import deepspeed
@@ -41,6 +44,13 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
         del hf_ds
     else:
         model = build_model(cfg, **vocab)
+    if init_dir:
+        n = init_weights(model, init_dir)
+        if log:
+            log(f"initialised {n} tensors from {cfg.model.init_from} ({init_dir})")
+    if log and (cfg.model.freeze or cfg.model.lora):
+        log("trainable parameters: " + ", ".join(
+            f"{c} {v['trainable']:,}/{v['total']:,}" for c, v in trainable_summary(model).items()))
     if cfg.model.activation_checkpointing:
         parts = enable_activation_checkpointing(model)
         if log:

@@ -20,6 +20,7 @@ class Job:
         mlflow_run_id: the MLflow run workers log to.
         faults: fault-injection settings for tests (``train.faults``).
         labels: the manifest's class-label summary (``shards.label_summary``), or None.
+        init_dir: local copy of the ``model.init_from`` model the weights start from, or None.
     """
 
     data_dir: str
@@ -31,6 +32,7 @@ class Job:
     mlflow_run_id: str | None = None
     faults: dict[str, str] = field(default_factory=dict)
     labels: dict[str, Any] | None = None
+    init_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

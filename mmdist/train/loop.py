@@ -63,7 +63,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     t_setup = time.perf_counter()
     n_total = total_steps(cfg, job.train_rows, world)
-    engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say)
+    engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say,
+                          init_dir=job.init_dir)
     reporter.say(f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
                  f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
