@@ -208,6 +208,10 @@ class TextTokenizer:
             out.append(int(i))
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
+    def words(self, ids: Sequence[int]) -> list[str]:
+        """The whitespace-separated words of the text ``ids`` decode to (what BLEU scores)."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).split()
+
     def __getstate__(self) -> dict:
         return {"json": self.tokenizer.to_str(), "ids": (self._pad_id, self._bos_id, self._eos_id)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +131,9 @@ class TokenBLEU(Metric):
     def __init__(self, eos_id: int, special_ids: Iterable[int], max_n: int = 4):
         super().__init__()
         self.eos_id, self.special_ids, self.max_n = int(eos_id), sorted(set(special_ids)), max_n
+        # content ids -> the words of their decoded text (set by build_metrics from the run's
+        # tokenizer); None: BLEU over token ids
+        self.words: Callable[[list[int]], list[str]] | None = None
         for name, size in (("matches", max_n), ("totals", max_n), ("hyp_len", 1), ("ref_len", 1)):
             self.add_state(name, default=torch.zeros(size, dtype=torch.float64),
                            dist_reduce_fx="sum")
@@ -142,6 +145,8 @@ class TokenBLEU(Metric):
         for hyp, ref in zip(generated.tolist(), target.tolist()):
             h = content_ids(hyp, self.eos_id, self.special_ids)
             r = content_ids(ref, self.eos_id, self.special_ids)
+            if self.words is not None:
+                h, r = self.words(h), self.words(r)
             hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
             for n in range(1, n_max + 1):
                 hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))

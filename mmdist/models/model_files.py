@@ -205,7 +205,9 @@ def init_weights(model: nn.Module, directory: str | Path) -> int:
                          f"{meta['vocab']['vocab_size']} tokens, this run's has "
                          f"{vocab['vocab_size']}; prepare the data with the same tokenizer")
     lora = (".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude")
-    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    own = model.state_dict().keys()  # non-persistent buffers (rotary tables) are not saved
+    targets = {**dict(model.named_parameters()),
+               **{k: b for k, b in model.named_buffers() if k in own}}
     missing, wrong, plan = [], [], []
     for name, t in targets.items():
         if any(x in name for x in lora):
@@ -219,7 +221,7 @@ def init_weights(model: nn.Module, directory: str | Path) -> int:
             wrong.append(f"{name} {tuple(state[src].shape)} != {shape}")
             continue
         plan.append((t, state[src]))
-    tied = {k for k in model.state_dict() if k not in targets}
+    tied = {k for k in own if k not in targets}
     missing = [k for k in missing if k not in tied]
     if missing or wrong:
         raise ValueError(f"model.init_from: {directory} does not fit this model: missing "

@@ -58,6 +58,7 @@ def load_causal_lm(path: str | None, key: str = "model.decoder_pretrained",
     """
     import transformers  # heavy: on first use (see transformers_init)
 
+    transformers.utils.logging.disable_progress_bar()  # per-tensor bars: noise on the screen
     if config is not None:
         cfg = transformers.AutoConfig.for_model(**config)
         if inside_zero_init():

@@ -12,6 +12,7 @@ import torch
 
 from mmdist.config import Config
 from mmdist.data.shards import canonical_batches, verify_manifest
+from mmdist.data.tokenizer import TextTokenizer
 from mmdist.models.model_files import read_meta
 from mmdist.serve.predictor import Predictor
 from mmdist.tasks import compute_metrics
@@ -66,7 +67,8 @@ def evaluate_distributed(model_dir: str | Path, data_dir: str | Path, split: str
         for k, v in b.items():
             merged.setdefault(k, []).append(torch.from_numpy(np.array(v)))
     outputs = {k: torch.cat(v) for k, v in merged.items()}
-    return compute_metrics(cfg, outputs, meta["vocab"])
+    return compute_metrics(cfg, outputs, meta["vocab"],
+                           TextTokenizer.load(Path(model_dir) / "tokenizer"))
 
 
 def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,

@@ -198,4 +198,4 @@ class Predictor:
                    for table in canonical_batches(data_dir, split,
                                                   batch_size or self.cfg.train.micro_batch_size)]
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
-        return compute_metrics(self.cfg, merged, self.model.vocab)
+        return compute_metrics(self.cfg, merged, self.model.vocab, self.tokenizer)

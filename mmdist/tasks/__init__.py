@@ -17,20 +17,26 @@ if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without 
     from mmdist.models.metrics import EvalMetrics
 
 
-def build_metrics(cfg: Config, vocab: dict[str, Any]) -> EvalMetrics:
-    """Fresh validation metrics for the tasks of ``cfg`` and the tokenizer ids in ``vocab``."""
+def build_metrics(cfg: Config, vocab: dict[str, Any], tokenizer: Any = None) -> EvalMetrics:
+    """Fresh validation metrics for the tasks of ``cfg`` and the tokenizer ids in ``vocab``;
+    with the run's ``tokenizer``, BLEU scores the words of the decoded text (the tokenizer's
+    own), else token ids."""
     from mmdist.models.metrics import EvalMetrics  # torchmetrics: only evaluation pays it
 
     m = cfg.model
     tasks = task_class(m.task).components(m)
-    return EvalMetrics({name: task_class(name).metrics(m, vocab) for name in tasks},
-                       prefixed=len(tasks) > 1 or m.task == "multitask")
+    metrics = {name: task_class(name).metrics(m, vocab) for name in tasks}
+    if tokenizer is not None:
+        for metric in metrics.values():
+            if getattr(metric, "bleu", None) is not None:
+                metric.bleu.words = tokenizer.words
+    return EvalMetrics(metrics, prefixed=len(tasks) > 1 or m.task == "multitask")
 
 
-def compute_metrics(cfg: Config, outputs: dict[str, Tensor], vocab: dict[str, Any]
-                    ) -> dict[str, float]:
+def compute_metrics(cfg: Config, outputs: dict[str, Tensor], vocab: dict[str, Any],
+                    tokenizer: Any = None) -> dict[str, float]:
     """Metrics of per-sample eval outputs already gathered in this process."""
-    metrics = build_metrics(cfg, vocab)
+    metrics = build_metrics(cfg, vocab, tokenizer)
     metrics.update(outputs)
     return metrics.compute()
 

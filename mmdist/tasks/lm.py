@@ -37,7 +37,7 @@ def make_decoder(ctx: BuildContext) -> nn.Module:
     m, s, v = ctx.cfg.model, ctx.spec, ctx.vocab
     if m.decoder_pretrained:
         # light, but only pretrained runs need it
-        from mmdist.models.pretrained_lm import PretrainedDecoder, load_causal_lm, lm_config
+        from mmdist.models.pretrained_lm import PretrainedDecoder, lm_config, load_causal_lm
 
         saved = ctx.extra.get("decoder_config")
         lm = load_causal_lm(None if saved is not None else m.decoder_pretrained,

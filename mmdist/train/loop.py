@@ -25,7 +25,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mmdist.config import Config
-from mmdist.data.pipeline import iter_train_batches
+from mmdist.data.pipeline import iter_train_batches, load_tokenizer
 from mmdist.data.torch_batches import iter_torch
 from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
@@ -71,6 +71,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     state = checkpointer.restore()
 
     faults = Faults.parse(job.faults, job.storage, rank)
+    tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
@@ -113,7 +114,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             do_eval = state.global_step % eval_every == 0
             do_ckpt = state.global_step % ckpt_every == 0
             if do_eval:
-                last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
+                last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world,
+                                                 tokenizer))
                 reporter.say("eval " + _fmt(last_metrics))
                 reporter.log(_only_val(last_metrics), state.global_step)
             if do_ckpt:
@@ -131,7 +133,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             ledger = []  # the new epoch has consumed nothing yet (the final checkpoint says so)
 
     # Final evaluation and the consolidated model, in the last checkpoint.
-    last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world))
+    last_metrics.update(_evaluate(engine, cfg, val_shard, device, rank, world,
+                                                 tokenizer))
     reporter.say("final eval " + _fmt(last_metrics))
     reporter.log(_only_val(last_metrics), state.global_step)
     checkpointer.save(state, ledger, last_metrics, final=True)  # flushes rank 0's MLflow first
@@ -276,7 +279,7 @@ def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> 
 
 
 def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
-              world: int) -> dict[str, float]:
+              world: int, tokenizer: Any = None) -> dict[str, float]:
     """Evaluate on the val split: each rank feeds its batches to the tasks' torchmetrics, and
     ``compute()`` reduces them across ranks (torchmetrics' own sync).
 
@@ -287,7 +290,7 @@ def _evaluate(engine, cfg: Config, val_shard, device: torch.device, rank: int,
     throw-away forward so ZeRO-3 parameter gathers stay paired.
     """
     engine.eval()
-    metrics = build_metrics(cfg, engine.module.vocab).to(device)
+    metrics = build_metrics(cfg, engine.module.vocab, tokenizer).to(device)
     it = iter_torch(val_shard, batch_size=cfg.train.micro_batch_size, drop_last=False)
     group: list[dict] = []
     seen = 0
