@@ -156,7 +156,7 @@ class ModelConfig(Section):
                "with model.fusion_stage=early: early fusion replaces the encoders by input "
                "embeddings, so the pretrained weights would be unused; use stage mid or late")
               for k in ("text_pretrained", "image_pretrained", "audio_pretrained")),
-            (self.image_pretrained and self.image_pretrained.endswith(".safetensors")
+            (self.image_pretrained and not Path(self.image_pretrained).is_dir()
              and self.image_encoder == "cnn", f"model.image_pretrained="
              f"{self.image_pretrained!r}: a file of torchvision weights; set model.image_encoder "
              "to resnet18, resnet50 or vit_b_16 (or give a Hugging Face model directory)"),

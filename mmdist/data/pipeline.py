@@ -68,6 +68,15 @@ MAP_BATCH_SIZE = 64  # rows per preprocess_batch call inside Ray Data
 BLOCK_MAX_BYTES = 64 * 1024 * 1024
 
 
+def audio_dir(cfg: Config) -> str | None:
+    """The pretrained audio encoder's directory whose feature extractor makes the audio
+    features, or None (mmdist's log-mel)."""
+    m = cfg.model
+    if m.audio_pretrained and "audio" in m.modalities and m.fusion_stage != "early":
+        return m.audio_pretrained
+    return None
+
+
 def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
     """The tokenizer saved beside the shards (``manifest["tokenizer"]``)."""
     manifest = read_manifest(data_dir)
@@ -136,7 +145,8 @@ def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Data
         if not paths:
             raise ValueError(f"{data_dir}: no {split} shards in the manifest "
                              f"(prepare with --val-fraction > 0 for a val split)")
-        spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train")
+        spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train",
+                                          audio_features=audio_dir(cfg))
         out[split] = build_dataset(paths, spec, tokenizer,
                                    cpus_per_task=cfg.data.cpus_per_task)
         # Ray Data's bars, drawn in every worker for every eval pass and forwarded line by line

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmdist.data.audio import decode_audio, log_mel
+from mmdist.data.hf_audio import AudioFeatures
 from mmdist.data.image import decode_image
 from mmdist.data.schema import MODALITY_LABELS, audio_frames
 
@@ -42,6 +43,9 @@ class PreprocessSpec:
         hop_length: samples between STFT frames.
         max_text_len: L, tokens per text row including [BOS]/[EOS].
         augment: random crop + horizontal flip of images (training only).
+        audio_features: a pretrained audio encoder's directory (``model.audio_pretrained``, or
+            the copy a saved model holds): its feature extractor makes the audio features
+            (``mmdist.data.hf_audio``) instead of mmdist's log-mel.
     """
 
     image_size: int = 64
@@ -51,14 +55,18 @@ class PreprocessSpec:
     hop_length: int = 160
     max_text_len: int = 32
     augment: bool = False
+    audio_features: str | None = None
 
     @classmethod
-    def from_config(cls, data: DataConfig, augment: bool | None = None) -> PreprocessSpec:
-        """The spec of ``cfg.data``; ``augment`` overrides ``data.augment`` (False for val)."""
+    def from_config(cls, data: DataConfig, augment: bool | None = None,
+                    audio_features: str | None = None) -> PreprocessSpec:
+        """The spec of ``cfg.data``; ``augment`` overrides ``data.augment`` (False for val);
+        ``audio_features``: ``model.audio_pretrained`` (see the class)."""
         return cls(image_size=data.image_size, sample_rate=data.sample_rate,
                    audio_seconds=data.audio_seconds, n_mels=data.n_mels,
                    hop_length=data.hop_length, max_text_len=data.max_text_len,
-                   augment=data.augment if augment is None else augment)
+                   augment=data.augment if augment is None else augment,
+                   audio_features=audio_features)
 
     def replace(self, **changes: Any) -> PreprocessSpec:
         return dataclasses.replace(self, **changes)
@@ -180,10 +188,16 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
             has_audio[i] = True
         except Exception:
             pass
-    audio = np.zeros((n, M, F), dtype=np.float32)
-    if has_audio.any():
-        audio[has_audio] = log_mel(waves[has_audio], spec.sample_rate, M, spec.hop_length,
-                                   spec.n_fft)
+    if spec.audio_features:  # a pretrained encoder's own features
+        features = audio_features(spec.audio_features, spec.sample_rate)
+        audio = np.zeros((n, *features.shape(N)), dtype=np.float32)
+        if has_audio.any():
+            audio[has_audio] = features(waves[has_audio])
+    else:
+        audio = np.zeros((n, M, F), dtype=np.float32)
+        if has_audio.any():
+            audio[has_audio] = log_mel(waves[has_audio], spec.sample_rate, M, spec.hop_length,
+                                       spec.n_fft)
 
     labels = {k: np.array([int(v) if _present(v) else -1 for v in _column(batch, k, n)],
                           dtype=np.int64) for k in ("label", *MODALITY_LABELS)}
@@ -201,6 +215,17 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
         "has_audio": has_audio,
         **{k: labels[k] for k in MODALITY_LABELS},
     }
+
+
+_FEATURES: dict[tuple[str, int], AudioFeatures] = {}
+
+
+def audio_features(path: str, sample_rate: int) -> AudioFeatures:
+    """The feature extractor of ``path``, loaded once per process."""
+    key = (str(path), int(sample_rate))
+    if key not in _FEATURES:
+        _FEATURES[key] = AudioFeatures(path, sample_rate)
+    return _FEATURES[key]
 
 
 def arrow_to_numpy(table: Any) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ fusion path per modality group the tasks read, and the tasks (``mmdist.registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -67,11 +68,11 @@ def encoded_modalities(modalities: list[str], tasks: list[str]) -> list[str]:
 
 
 def rebuild_extra(cfg: Config) -> dict[str, Any]:
-    """Facts beyond the config needed to rebuild the architecture without the pretrained dirs."""
+    """Facts beyond the config needed to rebuild the architecture without the pretrained dirs
+    (what :func:`build_model` records while it loads them; built here when not at hand)."""
     m = cfg.model
-    if m.text_pretrained and m.text_encoder == "bert" and "text" in m.modalities \
-            and m.fusion_stage != "early":
-        return {"bert_config": hf("BertConfig").from_pretrained(m.text_pretrained).to_dict()}
+    if any(getattr(m, f"{p}_pretrained") for p in ("decoder", "text", "image", "audio")):
+        return build_model(cfg, vocab_size=1).extra  # the vocabulary does not matter here
     return {}
 
 
@@ -90,7 +91,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
     spec = size_spec(m.size, m.hidden_size)
     vocab = make_vocab(vocab_size, pad_id, bos_id, eos_id, special_ids)
     mods = [x for x in ("text", "image", "audio") if x in m.modalities]
-    extra = dict(extra) if extra is not None else (rebuild_extra(cfg) if load_pretrained else {})
+    extra = dict(extra) if extra is not None else {}  # pretrained parts record theirs
     weights = task_class(m.task).components(m)
     encoders = _encoders(cfg, spec, vocab, encoded_modalities(mods, list(weights)), extra,
                          load_pretrained)
@@ -144,6 +145,8 @@ def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str
                                               vocab["pad_id"]),
                 "image": lambda: PatchEmbedding(d.image_size, dim),
                 "audio": lambda: FrameEmbedding(d.n_mels, frames, dim)}[mod]()
+        elif hf_part(m, mod, extra):
+            encoders[mod] = _hf_encoder(m, mod, dim, extra)
         elif mod == "text":
             encoders[mod] = _text(m.text_encoder, vocab, spec, d.max_text_len,
                                   m.text_pretrained if load_pretrained else None,
@@ -156,6 +159,37 @@ def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str
             encoders[mod] = build_audio_encoder(m.audio_encoder, d.n_mels, frames, dim,
                                                 spec.heads, spec.enc_layers, spec.cnn_channels)
     return encoders
+
+
+def hf_part(m: Any, mod: str, extra: dict[str, Any]) -> bool:
+    """Whether modality ``mod``'s encoder is a pretrained Hugging Face model: its directory is
+    configured (an image file, not a directory, holds torchvision weights), or a saved model recorded its
+    architecture. A text encoder saved before (``bert_config``) stays a BERT encoder."""
+    path = getattr(m, f"{mod}_pretrained")
+    if f"{mod}_backbone" in extra:
+        return True
+    if not path or (mod == "text" and "bert_config" in extra):
+        return False
+    return not (mod == "image" and not Path(path).is_dir())  # a file: torchvision weights
+
+
+def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
+    """A pretrained encoder from ``model.<mod>_pretrained`` (or, without loading, from the
+    architecture and processor settings ``extra`` recorded when it was trained)."""
+    # transformers: on first use (see transformers_init)
+    from mmdist.models import hf_encoders as hfe
+
+    key, path = f"model.{mod}_pretrained", getattr(m, f"{mod}_pretrained")
+    backbone = hfe.load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
+    extra[f"{mod}_backbone"] = hfe.backbone_config(backbone)
+    if mod == "text":
+        return hfe.HFTextEncoder(backbone, dim)
+    if mod == "image":
+        facts = extra.get("image_processor") or hfe.image_processor_facts(path)
+        extra["image_processor"] = facts
+        return hfe.HFImageEncoder(backbone, dim, facts["mean"], facts["std"])
+    kind = hfe.audio_kind(extra[f"{mod}_backbone"])
+    return hfe.HFAudioEncoder(backbone, dim, kind)
 
 
 def _fuser(cfg: Config, spec: SizeSpec, n_modalities: int) -> Fuser:

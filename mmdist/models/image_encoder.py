@@ -14,10 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from mmdist.data.image_processor import IMAGENET_MEAN, IMAGENET_STD
 from mmdist.models.transformers_init import importable_here
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalise_image(image: Tensor, dtype: torch.dtype) -> Tensor:

@@ -29,6 +29,7 @@ OLD_FORMATS = (  # still load: the architecture they were trained with is rebuil
 )
 # extra["architecture"] of a model built as files before format 3 describe it
 LEGACY_ARCHITECTURE = 2
+AUDIO_PROCESSOR_DIR = "audio_processor"  # a pretrained audio encoder's feature extractor settings
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -67,6 +68,19 @@ def save_state_dict(state: dict[str, Tensor], cfg: Config | dict[str, Any], voca
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
+
+
+def copy_processors(cfg: Config, directory: str | Path) -> None:
+    """Copy what preprocessing needs of pretrained encoders into a model directory, so the model
+    predicts offline without them: the audio feature extractor's settings (the image
+    processor's size, mean and std are in the config and ``extra``)."""
+    m = cfg.model
+    if m.audio_pretrained and Path(m.audio_pretrained).is_dir():
+        out = Path(directory) / AUDIO_PROCESSOR_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if (Path(m.audio_pretrained) / name).is_file():
+                shutil.copy2(Path(m.audio_pretrained) / name, out / name)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

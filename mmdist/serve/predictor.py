@@ -20,7 +20,7 @@ from mmdist.data.schema import as_tensors
 from mmdist.data.shards import canonical_batches
 from mmdist.data.sources import check_audio, check_image
 from mmdist.data.tokenizer import TextTokenizer
-from mmdist.models.model_files import load_model
+from mmdist.models.model_files import AUDIO_PROCESSOR_DIR, load_model
 from mmdist.tasks import compute_metrics
 
 INPUT_COLUMNS = ("text", "image", "audio")
@@ -71,19 +71,22 @@ def _text_input(value: Any, row: int) -> str | None:
 class Predictor:
     """Model + tokenizer + preprocessing spec, loaded from a model directory (no pickle)."""
 
-    def __init__(self, model, tokenizer, cfg: Config, device: str = "cpu"):
+    def __init__(self, model, tokenizer, cfg: Config, device: str = "cpu",
+                 audio_features: str | None = None):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.device = device
-        self.spec = PreprocessSpec.from_config(cfg.data, augment=False)
+        self.spec = PreprocessSpec.from_config(cfg.data, augment=False,
+                                               audio_features=audio_features)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "cpu") -> Predictor:
         path = Path(path)
         model = load_model(path)
+        audio = path / AUDIO_PROCESSOR_DIR  # a pretrained audio encoder's feature extractor
         return cls(model, TextTokenizer.load(path / "tokenizer"), Config.from_dict(model.config),
-                   device)
+                   device, str(audio) if audio.is_dir() else None)
 
     @property
     def task(self) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from mmdist.config import Config
 from mmdist.models.adapt import lora_layers, merge_lora, save_adapters
-from mmdist.models.model_files import save_state_dict
+from mmdist.models.model_files import copy_processors, save_state_dict
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.job import Job
@@ -142,6 +142,7 @@ class Checkpointer:
             weights = merge_lora(weights, layers)
             cfg = cfg.override({"model.lora": None})
         save_state_dict(weights, cfg, self.job.vocab, out_dir, extra=module.extra)
+        copy_processors(cfg, out_dir)
         shutil.copytree(data_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
         manifest = data_dir / "manifest.json"
         if manifest.exists():

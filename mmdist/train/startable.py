@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config import Config, task_class
+from mmdist.data.hf_audio import AudioFeatures
+from mmdist.data.image_processor import image_processor_facts
 from mmdist.data.shards import read_manifest
 from mmdist.errors import CommandError
 
@@ -124,15 +126,33 @@ def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> li
 
 
 def with_data_defaults(cfg: Config, manifest: dict[str, Any]) -> Config:
-    """``cfg`` with what the data decides and the user left unset: ``model.aux_classes`` from
-    the per-modality labels the shards have (``manifest["modality_labels"]``), so auxiliary
-    per-modality objectives are on whenever the labels allow."""
+    """``cfg`` with what the data and the pretrained parts decide: ``model.aux_classes`` from
+    the per-modality labels the shards have (``manifest["modality_labels"]``) when unset, so
+    auxiliary per-modality objectives are on whenever the labels allow; the preprocessing a
+    pretrained encoder expects (:func:`processor_settings`)."""
+    cfg = processor_settings(cfg)
     m = cfg.model
     if m.aux_classes or m.aux_weight <= 0:
         return cfg
     found = {mod: int(s["max"]) + 1 for mod, s in (manifest.get("modality_labels") or {}).items()
              if s and s.get("max") is not None and mod in m.modalities and s["max"] >= 1}
     return cfg.override({"model.aux_classes": found}) if found else cfg
+
+
+def processor_settings(cfg: Config) -> Config:
+    """A pretrained encoder sees what it was trained on: its image processor's side sets
+    ``data.image_size`` (its mean and std are applied inside the encoder), its feature
+    extractor's rate sets ``data.sample_rate`` (its features replace mmdist's log-mel)."""
+    m, changes = cfg.model, {}
+    encodes = m.fusion_stage != "early"
+    if encodes and m.image_pretrained and Path(m.image_pretrained).is_dir() \
+            and "image" in m.modalities:
+        changes["data.image_size"] = int(image_processor_facts(m.image_pretrained)["size"])
+    if encodes and m.audio_pretrained and "audio" in m.modalities:
+        rate = AudioFeatures(m.audio_pretrained).sampling_rate
+        changes["data.sample_rate"] = rate
+    changed = {k: v for k, v in changes.items() if cfg.flat()[k] != v}
+    return cfg.override(changed) if changed else cfg
 
 
 def data_problems(cfg: Config, manifest: dict[str, Any], where: str) -> list[str]:

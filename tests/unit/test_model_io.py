@@ -188,7 +188,7 @@ def test_bert_from_a_local_pretrained_directory(tmp_path):
     bert.save_pretrained(tmp_path / "bert")
     cfg = tiny_config("model.text_encoder=bert", f"model.text_pretrained={tmp_path / 'bert'}")
     model = build_model(cfg, VOCAB)
-    loaded = model.encoders["text"].bert
+    loaded = model.encoders["text"].backbone  # any AutoModel encoder (HFTextEncoder)
     assert loaded.config.hidden_size == 24
     torch.testing.assert_close(loaded.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
@@ -196,8 +196,12 @@ def test_bert_from_a_local_pretrained_directory(tmp_path):
     save_model(model, tmp_path / "m")
     (tmp_path / "bert" / "model.safetensors").unlink()
     again = load_model(tmp_path / "m")
-    torch.testing.assert_close(again.encoders["text"].bert.embeddings.word_embeddings.weight,
+    torch.testing.assert_close(again.encoders["text"].backbone.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
+    # models saved before (their BERT's config as extra["bert_config"]) keep their encoder
+    old = build_model(cfg, VOCAB, extra={"bert_config": bert.config.to_dict()},
+                      load_pretrained=False)
+    assert type(old.encoders["text"]).__name__ == "BertTextEncoder"
 
 
 def test_torchvision_weights_from_a_local_safetensors_file(tmp_path):

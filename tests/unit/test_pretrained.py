@@ -235,7 +235,7 @@ def test_stage_two_starts_where_stage_one_ended(lm_dirs, tmp_path):
     torch.manual_seed(0)
     first = build_model(stage1, **tok.model_vocab())
     with torch.no_grad():
-        for n, p in first.named_parameters():
+        for p in first.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)  # "trained"
     save_state_dict(dict(first.state_dict()), stage1, tok.model_vocab(), tmp_path / "s1",
