@@ -47,6 +47,12 @@ def task_class(name: str) -> Any:
     return registry.load(registry.TASKS, name, "task")
 
 
+def torchvision_file(path: str) -> bool:
+    """Whether ``model.image_pretrained`` names a file of torchvision weights (a directory, or
+    a path not there yet without the suffix, is a Hugging Face model's)."""
+    return Path(path).is_file() or path.endswith(".safetensors")
+
+
 class ConfigError(ValueError):
     """A config with one or more problems; ``problems`` lists each as ``key: message``."""
 
@@ -92,7 +98,8 @@ class LoraConfig(Section):
     r: int = Field(8, ge=1)  # rank
     alpha: float = Field(16.0, gt=0)  # scaling alpha / r
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # peft's names
+    # peft's module names (q_proj,v_proj), or all-linear: every linear layer but the output head
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
     components: list[Literal[LORA_COMPONENTS]] = Field(default_factory=lambda: ["decoder"],
                                                        min_length=1)
 
@@ -156,7 +163,7 @@ class ModelConfig(Section):
                "with model.fusion_stage=early: early fusion replaces the encoders by input "
                "embeddings, so the pretrained weights would be unused; use stage mid or late")
               for k in ("text_pretrained", "image_pretrained", "audio_pretrained")),
-            (self.image_pretrained and not Path(self.image_pretrained).is_dir()
+            (self.image_pretrained and torchvision_file(self.image_pretrained)
              and self.image_encoder == "cnn", f"model.image_pretrained="
              f"{self.image_pretrained!r}: a file of torchvision weights; set model.image_encoder "
              "to resnet18, resnet50 or vit_b_16 (or give a Hugging Face model directory)"),

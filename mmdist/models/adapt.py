@@ -54,6 +54,11 @@ def freeze(model: nn.Module, components: list[str]) -> dict[str, int]:
     return dict(frozen)
 
 
+def peft_targets(names: list[str]) -> str | list[str]:
+    """``model.lora.target_modules`` as peft takes it (``all-linear`` is a word of its own)."""
+    return "all-linear" if list(names) == ["all-linear"] else list(names)
+
+
 def lora_targets(model: nn.Module, components: list[str]) -> dict[str, nn.Module]:
     """The pretrained modules LoRA adapts: the LM for ``decoder``, each encoder's ``backbone``."""
     out = {}
@@ -91,7 +96,7 @@ def add_lora(model: nn.Module, lora: Any) -> int:
     added = 0
     for prefix, module in targets.items():
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, bias="none")
+                            target_modules=peft_targets(lora.target_modules), bias="none")
         try:
             with warnings.catch_warnings():  # GPT-2's Conv1D: peft transposes, and says so
                 warnings.filterwarnings("ignore", message="fan_in_fan_out")
@@ -182,7 +187,7 @@ def save_adapters(state: dict[str, Tensor], cfg: Any, directory: str | Path) -> 
                       str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
             base = getattr(cfg.model, f"{c.removesuffix('_encoder')}_pretrained", None)
             LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                       target_modules=lora.target_modules, bias="none",
+                       target_modules=peft_targets(lora.target_modules), bias="none",
                        base_model_name_or_path=base).save_pretrained(str(out))
             written.append(c)
     return written

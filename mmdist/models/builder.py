@@ -7,12 +7,11 @@ fusion path per modality group the tasks read, and the tasks (``mmdist.registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from mmdist.config import Config, task_class
+from mmdist.config import Config, task_class, torchvision_file
 from mmdist.data.schema import SPECIAL_TOKENS, audio_frames
 from mmdist.models.activation_checkpointing import enable_activation_checkpointing
 from mmdist.models.adapt import add_lora, freeze
@@ -25,7 +24,7 @@ from mmdist.models.image_encoder import build_image_encoder
 from mmdist.models.input_embeddings import FrameEmbedding, PatchEmbedding, TextEmbedding
 from mmdist.models.sizes import SizeSpec, size_spec
 from mmdist.models.text_encoder import BertTextEncoder, build_text_encoder
-from mmdist.models.transformers_init import build_transformers_model, hf
+from mmdist.models.transformers_init import build_transformers_model, hf, outside_zero_init
 
 # Aligned slots the element-wise fusion methods combine, per stage.
 SLOTS = {"early": 8, "mid": 4, "late": 1}
@@ -112,8 +111,9 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
                        max_text_len=d.max_text_len, vocab=vocab, config=cfg.to_dict(),
                        extra=extra, context_memory="context" in groups and "context" not in fusers,
                        modality_tokens=m.modality_tokens)
-    if m.lora is not None:
-        add_lora(model, m.lora)  # an architecture change: checkpoints hold the adapters
+    if m.lora is not None:  # an architecture change: checkpoints hold the adapters
+        with outside_zero_init():  # peft initialises the adapters it makes; ZeRO-3 partitions
+            add_lora(model, m.lora)  # them in deepspeed.initialize
     freeze(model, list(m.freeze))
     if m.activation_checkpointing:  # the trunk blocks checkpoint themselves (TransformerStack)
         enable_activation_checkpointing(model)
@@ -170,7 +170,7 @@ def hf_part(m: Any, mod: str, extra: dict[str, Any]) -> bool:
         return True
     if not path or (mod == "text" and "bert_config" in extra):
         return False
-    return not (mod == "image" and not Path(path).is_dir())  # a file: torchvision weights
+    return not (mod == "image" and torchvision_file(path))
 
 
 def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
@@ -180,7 +180,8 @@ def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
     from mmdist.models import hf_encoders as hfe
 
     key, path = f"model.{mod}_pretrained", getattr(m, f"{mod}_pretrained")
-    backbone = hfe.load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
+    with outside_zero_init():
+        backbone = hfe.load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
     extra[f"{mod}_backbone"] = hfe.backbone_config(backbone)
     if mod == "text":
         return hfe.HFTextEncoder(backbone, dim)

@@ -17,6 +17,8 @@ import ``torch._dynamo``). Importing those modules inside an open ``zero.Init`` 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -63,6 +65,23 @@ def inside_zero_init() -> bool:
     """True while a ``deepspeed.zero.Init`` context is open (without importing deepspeed)."""
     pp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
     return pp is not None and getattr(pp, "zero_init_context", 0) > 0
+
+
+@contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Suspend an open ``deepspeed.zero.Init`` while loading a pretrained encoder: transformers'
+    ZeRO-3 loading of some encoders breaks (Whisper's sinusoidal init reads a partitioned
+    shape). Encoders are small beside the LM; ``deepspeed.initialize`` partitions them after."""
+    if not inside_zero_init():
+        yield
+        return
+    from deepspeed.runtime.zero import partition_parameters as pp  # heavy: ZeRO-3 only
+
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
 
 
 def build_transformers_model(cls: type, config, **kwargs) -> nn.Module:

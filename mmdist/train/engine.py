@@ -42,6 +42,12 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(cfg, **vocab)
         del hf_ds
+        # parts made outside zero.Init (pretrained encoders, LoRA adapters) join the others'
+        # dtype: ZeRO-3 flattens each group into one buffer of one dtype
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        for p in model.parameters():
+            if dtype is not None and not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
     else:
         model = build_model(cfg, **vocab)
     if init_dir:

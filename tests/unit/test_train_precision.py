@@ -9,6 +9,7 @@ a 1-rank gloo group (Ray adds nothing to what is tested here).
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from mmdist.config import (
     load_config,
 )
 from mmdist.train.engine import build_engine
+from tests.tiny_hf import MODELS, tiny_lm
 from tests.unit.synthetic_mm import VOCAB, make_batch
 
 pytestmark = pytest.mark.slow
@@ -57,9 +59,38 @@ CASES: dict[str, list[str]] = {
         "model.task=multitask", "model.text_encoder=gru", "model.image_encoder=resnet18",
         "model.audio_encoder=conv", "model.decoder=lstm",
         "model.task_weights={itm: 1, contrastive: 1, classify: 1, lm: 1}", "train.zero_stage=3"],
+    # pretrained parts (tiny models saved with save_pretrained; @name: a directory of them)
+    "prompted-siglip-whisper-llama-lora-z3": [
+        "model.task=prompted", "model.decoder_pretrained=@llama", "model.image_pretrained=@siglip",
+        "model.audio_pretrained=@whisper", "model.freeze=[image_encoder]", "model.lora={r: 2}",
+        "train.zero_stage=3"],
 }
 PRECISIONS = ("bf16", "fp16")
 STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """@name -> directory of a tiny pretrained model of that kind (tests/tiny_hf.py)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    dirs = {"@llama": tiny_lm(root / "llama", "llama", min_vocab=VOCAB)}
+    for name in ("siglip", "whisper"):
+        MODELS[name][0](root / name)
+        dirs[f"@{name}"] = root / name
+    return dirs
+
+
+def with_dirs(overrides: list[str], dirs: dict[str, Path]) -> list[str]:
+    """``key=@name`` -> ``key=<directory>``."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        out.append(f"{key}={dirs[value]}" if value in dirs else o)
+    return out
+
+
+PRETRAINED_KEYS = ("decoder_pretrained", "image_pretrained", "audio_pretrained")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +138,7 @@ def test_covering_set_is_complete():
             seen["text"].add(m.model.text_encoder)
             seen["image"].add(m.model.image_encoder)
             seen["audio"].add(m.model.audio_encoder)
-        if m.model.task in ("lm", "vqa", "multitask"):
+        if m.model.task in ("lm", "vqa", "multitask") and not m.model.decoder_pretrained:
             seen["decoder"].add(m.model.decoder)
     assert seen["text"] == set(TEXT_ENCODERS)
     assert seen["image"] == set(IMAGE_ENCODERS)
@@ -119,8 +150,8 @@ def test_covering_set_is_complete():
 
 
 @pytest.mark.parametrize("case,precision", list(itertools.product(CASES, PRECISIONS)))
-def test_trains_in_half_precision(process_group, case, precision):
-    train_steps(_case_config(CASES[case], precision))
+def test_trains_in_half_precision(process_group, pretrained, case, precision):
+    train_steps(_case_config(with_dirs(CASES[case], pretrained), precision))
 
 
 # Shipped presets as shipped, at tiny size. On this CPU machine a GPU preset runs on CPU with
@@ -131,9 +162,14 @@ PRESET_TINY = ["model.size=tiny", "data.max_text_len=16", "data.n_mels=16",
 
 
 @pytest.mark.parametrize("name", list_presets())
-def test_every_preset_trains_as_shipped(process_group, name):
+def test_every_preset_trains_as_shipped(process_group, pretrained, name):
     shipped = load_config(name)
-    cfg = load_config(name, PRESET_TINY)
+    # presets of pretrained parts: the user points their keys at directories; here tiny ones
+    dirs = {k: {"decoder_pretrained": "@llama", "image_pretrained": "@siglip",
+                "audio_pretrained": "@whisper"}[k] for k in PRETRAINED_KEYS
+            if getattr(shipped.model, k)}
+    given = with_dirs([f"model.{k}={v}" for k, v in dirs.items()], pretrained)
+    cfg = load_config(name, [*PRESET_TINY, *given, "model.init_from=null"])
     assert (cfg.train.precision, cfg.train.zero_stage) == (shipped.train.precision,
                                                            shipped.train.zero_stage)
     train_steps(cfg)
