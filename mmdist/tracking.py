@@ -191,3 +191,32 @@ def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def model_dir_in(local: Path) -> Path | None:
+    """The mmdist model directory inside a downloaded MLflow pyfunc (``artifacts/<name>/``)."""
+    found = sorted(Path(local).glob("artifacts/*/model.safetensors"))
+    return found[0].parent if found else None
+
+
+def download_model(uri: str, dst: str | Path, tracking_uri: str) -> Path:
+    """Download the mmdist model of ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/RUN_ID/model``) into the directory ``dst``.
+
+    Raises:
+        ValueError: the URI does not hold an mmdist model.
+        mlflow.exceptions.MlflowException: not found.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow  # heavy: not loaded for --help
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                         tracking_uri=tracking_uri))
+        src = model_dir_in(local)
+        if src is None:
+            raise ValueError(f"{uri}: not an mmdist model (no artifacts/*/model.safetensors)")
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    return Path(dst)

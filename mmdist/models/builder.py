@@ -7,6 +7,7 @@ fusion path per modality group the tasks read, and the tasks (``mmdist.registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -191,6 +192,32 @@ def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
         return hfe.HFImageEncoder(backbone, dim, facts["mean"], facts["std"])
     kind = hfe.audio_kind(extra[f"{mod}_backbone"])
     return hfe.HFAudioEncoder(backbone, dim, kind)
+
+
+def preload_pretrained(cfg: Config) -> None:
+    """Import the transformers model modules of every configured pretrained part (they cannot
+    be imported inside ``deepspeed.zero.Init``; see ``transformers_init``)."""
+    import json
+
+    import transformers  # heavy: the ZeRO-3 trainer calls this, once
+
+    from mmdist.models import hf_encoders as hfe
+
+    m = cfg.model
+    for mod in ("text", "image", "audio"):
+        path = getattr(m, f"{mod}_pretrained")
+        if path and (Path(path) / "config.json").is_file() and not torchvision_file(path):
+            kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+            if kind in hfe.FAMILIES:
+                module, name, _, _ = hfe.FAMILIES[kind]
+                hfe.transformers_class(module, name)
+    if m.decoder_pretrained and (Path(m.decoder_pretrained) / "config.json").is_file():
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        kind = json.loads((Path(m.decoder_pretrained) / "config.json").read_text()).get(
+            "model_type")
+        if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind])
 
 
 def _fuser(cfg: Config, spec: SizeSpec, n_modalities: int) -> Fuser:

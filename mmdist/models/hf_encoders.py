@@ -88,7 +88,7 @@ def _family(model_type: Any, role: str, path: str) -> tuple[str, str, str, dict[
     return FAMILIES[model_type]
 
 
-def _transformers_class(module: str, name: str) -> type:
+def transformers_class(module: str, name: str) -> type:
     modeling = f"transformers.models.{module}.modeling_{module}"
     importable_here(modeling)
     # heavy: on first use, see transformers_init
@@ -131,7 +131,7 @@ def load_backbone(path: str, role: str, config: dict | None = None) -> nn.Module
                              "never unpickles: save the model again with save_pretrained (which "
                              "writes model.safetensors) or convert the weights to safetensors")
         raise FileNotFoundError(f"{role}={path!r}: no model.safetensors")
-    cls = _transformers_class(module, name)
+    cls = transformers_class(module, name)
     # keyword arguments of the class, then config changes (from_pretrained applies those)
     extra: dict[str, Any] = {**kwargs, **_CONFIG_CHANGES.get(model_type, {})}
     if model_type == "whisper":
@@ -153,7 +153,7 @@ def load_backbone(path: str, role: str, config: dict | None = None) -> nn.Module
 def _build_from_config(config: dict[str, Any], role: str, path: str) -> nn.Module:
     model_type = config.get("model_type")
     module, name, _, kwargs = _family(model_type, role, path)
-    cls = _transformers_class(module, name)
+    cls = transformers_class(module, name)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cfg = CONFIG_MAPPING[model_type].from_dict(config)

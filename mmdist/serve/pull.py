@@ -23,12 +23,6 @@ from mmdist import tracking
 from mmdist.errors import CommandError
 
 
-def model_dir_in(local: Path) -> Path | None:
-    """The mmdist model directory inside a downloaded MLflow pyfunc (``artifacts/<name>/``)."""
-    found = sorted(local.glob("artifacts/*/model.safetensors"))
-    return found[0].parent if found else None
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
     parser.add_argument("--dst", required=True, metavar="DIR",
@@ -75,7 +69,7 @@ def pull(uri: str, dst: str | Path, tracking_uri: str | None = None) -> dict[str
         raise CommandError(f"{uri}: not found in {turi} ({e})") from None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        src = model_dir_in(local)
+        src = tracking.model_dir_in(local)
         if src is None:
             raise CommandError(f"{uri}: not an mmdist model (no artifacts/*/model.safetensors)")
         shutil.copytree(src, dst, dirs_exist_ok=True)

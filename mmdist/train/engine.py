@@ -10,6 +10,7 @@ from mmdist.config import Config
 from mmdist.models import build_model
 from mmdist.models.activation_checkpointing import enable_activation_checkpointing
 from mmdist.models.adapt import trainable_summary
+from mmdist.models.builder import preload_pretrained
 from mmdist.models.model_files import init_weights
 from mmdist.models.transformers_init import preload
 from mmdist.train.deepspeed_config import deepspeed_config
@@ -38,6 +39,7 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
         from transformers.integrations import HfDeepSpeedConfig  # heavy: see transformers_init
 
         preload()  # model libraries cannot be imported inside zero.Init
+        preload_pretrained(cfg)
         hf_ds = HfDeepSpeedConfig(ds_config)  # must stay alive while the model is built
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = build_model(cfg, **vocab)

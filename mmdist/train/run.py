@@ -7,7 +7,9 @@ model -> summary. The same function runs locally and under ``ray job submit`` (j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -164,6 +166,35 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     return job, build_datasets(data_dir, cfg)
 
 
+def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | None:
+    """A local mmdist model directory for ``model.init_from``: the directory itself, or a
+    registered model / run (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/RUN_ID/model``) downloaded once into the run's storage (a resumed run reuses it).
+
+    Raises:
+        CommandError: not found (the message names the key and the URI).
+    """
+    src = cfg.model.init_from
+    if not src:
+        return None
+    if Path(src).is_dir():
+        return str(Path(src).resolve())
+    if not src.startswith(("models:/", "runs:/")):
+        raise CommandError(f"model.init_from={src!r}: not a model directory here, nor a "
+                           "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model URI")
+    from mmdist import tracking  # heavy (MLflow): not for --help
+
+    dst = run_storage / "init_from"
+    if not (dst / "config.json").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            tracking.download_model(src, dst, tracking_uri)
+        except Exception as e:  # MLflow's own errors: not found, no such alias
+            raise CommandError(f"model.init_from={src!r}: {e}") from None
+    print(f"[mmdist] starting from {src} ({dst})", flush=True)
+    return str(dst)
+
+
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints)."""
@@ -189,6 +220,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
+    job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     try:
         result = fit_with_retries(
             lambda: build_trainer(cfg, job, datasets, run_name, storage),
