@@ -26,3 +26,33 @@ def ray_local():
     ray.init(**local_init_kwargs(num_cpus=2, dashboard=True))  # the local Ray users get
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pretrained_dirs(tmp_path_factory):
+    """@llama / @siglip / @whisper -> directories of tiny random pretrained models saved with
+    save_pretrained (tests/tiny_hf.py), built once per session."""
+    import torch
+
+    from tests.tiny_hf import MODELS, tiny_lm
+    from tests.unit.synthetic_mm import VOCAB
+
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    dirs = {"@llama": tiny_lm(root / "llama", "llama", min_vocab=VOCAB)}
+    for name in ("siglip", "whisper"):
+        MODELS[name][0](root / name)
+        dirs[f"@{name}"] = root / name
+    return dirs
+
+
+def pretrained_overrides(name: str, dirs: dict) -> list[str]:
+    """For a preset of pretrained parts: its keys pointed at the tiny models of ``dirs`` (what a
+    user does with their own directories), and no init_from (no stage 1 here)."""
+    from mmdist.config import load_config
+
+    m = load_config(name).model
+    given = {"decoder_pretrained": "@llama", "image_pretrained": "@siglip",
+             "audio_pretrained": "@whisper"}
+    out = [f"model.{k}={dirs[v]}" for k, v in given.items() if getattr(m, k)]
+    return [*out, "model.init_from=null"] if out else []

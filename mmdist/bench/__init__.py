@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ingest": ("mmdist.bench.ingest", "Ray Data pipeline vs torch DataLoader, same preprocessing"),
     "train": ("mmdist.bench.train", "TorchTrainer + DeepSpeed (1 worker) vs a plain PyTorch loop"),
     "zero": ("mmdist.bench.zero", "ZeRO-3 model+grad+optimizer bytes per rank, 2 ranks vs 1"),
+    "adapt": ("mmdist.bench.adapt", "bytes per rank: full fine-tuning vs frozen encoders vs LoRA"),
     "mfu": ("mmdist.bench.mfu", "model-FLOPs utilisation of the real training step"),
     "sweep": ("mmdist.bench.sweep", "ASHA vs full budget over the same sweep space"),
     "fusion": ("mmdist.bench.fusion", "every fusion method x stage on real data, against chance"),

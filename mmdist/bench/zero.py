@@ -33,7 +33,8 @@ def _bytes(tensors) -> int:
 def zero3_bytes(engine) -> dict[str, int]:
     """Per-rank bytes of a ZeRO-3 engine's parameter, gradient and optimizer partitions."""
     opt = engine.optimizer
-    model = _bytes(opt.fp16_partitioned_groups_flat)
+    # every parameter's partition on this rank, frozen ones included (they are in no group)
+    model = _bytes(p.ds_tensor for p in engine.module.parameters())
     # parameters kept whole on every rank (below stage3_param_persistence_threshold)
     model += _bytes(p.data for p in engine.module.parameters()
                     if getattr(p, "ds_persist", False))

@@ -26,7 +26,7 @@ from mmdist.config import (
     load_config,
 )
 from mmdist.train.engine import build_engine
-from tests.tiny_hf import MODELS, tiny_lm
+from tests.conftest import pretrained_overrides
 from tests.unit.synthetic_mm import VOCAB, make_batch
 
 pytestmark = pytest.mark.slow
@@ -69,18 +69,6 @@ PRECISIONS = ("bf16", "fp16")
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """@name -> directory of a tiny pretrained model of that kind (tests/tiny_hf.py)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    dirs = {"@llama": tiny_lm(root / "llama", "llama", min_vocab=VOCAB)}
-    for name in ("siglip", "whisper"):
-        MODELS[name][0](root / name)
-        dirs[f"@{name}"] = root / name
-    return dirs
-
-
 def with_dirs(overrides: list[str], dirs: dict[str, Path]) -> list[str]:
     """``key=@name`` -> ``key=<directory>``."""
     out = []
@@ -88,9 +76,6 @@ def with_dirs(overrides: list[str], dirs: dict[str, Path]) -> list[str]:
         key, _, value = o.partition("=")
         out.append(f"{key}={dirs[value]}" if value in dirs else o)
     return out
-
-
-PRETRAINED_KEYS = ("decoder_pretrained", "image_pretrained", "audio_pretrained")
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +135,8 @@ def test_covering_set_is_complete():
 
 
 @pytest.mark.parametrize("case,precision", list(itertools.product(CASES, PRECISIONS)))
-def test_trains_in_half_precision(process_group, pretrained, case, precision):
-    train_steps(_case_config(with_dirs(CASES[case], pretrained), precision))
+def test_trains_in_half_precision(process_group, pretrained_dirs, case, precision):
+    train_steps(_case_config(with_dirs(CASES[case], pretrained_dirs), precision))
 
 
 # Shipped presets as shipped, at tiny size. On this CPU machine a GPU preset runs on CPU with
@@ -162,14 +147,10 @@ PRESET_TINY = ["model.size=tiny", "data.max_text_len=16", "data.n_mels=16",
 
 
 @pytest.mark.parametrize("name", list_presets())
-def test_every_preset_trains_as_shipped(process_group, pretrained, name):
+def test_every_preset_trains_as_shipped(process_group, pretrained_dirs, name):
     shipped = load_config(name)
-    # presets of pretrained parts: the user points their keys at directories; here tiny ones
-    dirs = {k: {"decoder_pretrained": "@llama", "image_pretrained": "@siglip",
-                "audio_pretrained": "@whisper"}[k] for k in PRETRAINED_KEYS
-            if getattr(shipped.model, k)}
-    given = with_dirs([f"model.{k}={v}" for k, v in dirs.items()], pretrained)
-    cfg = load_config(name, [*PRESET_TINY, *given, "model.init_from=null"])
+    # presets of pretrained parts: their keys point at tiny saved models, as a user's would
+    cfg = load_config(name, [*PRESET_TINY, *pretrained_overrides(name, pretrained_dirs)])
     assert (cfg.train.precision, cfg.train.zero_stage) == (shipped.train.precision,
                                                            shipped.train.zero_stage)
     train_steps(cfg)
