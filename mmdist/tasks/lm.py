@@ -3,7 +3,7 @@ non-text modalities (captioning, transcription); perplexity and BLEU of greedy g
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
@@ -79,6 +79,7 @@ class LM(Task):
     reads_text = False
     primary_metric = "val_loss"
     mode = "min"
+    exact_match: ClassVar[bool] = False  # report the share of answers written exactly
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
@@ -108,19 +109,24 @@ class LM(Task):
             metrics,  # torchmetrics (5 s): at evaluation only
         )
         bleu = metrics.TokenBLEU(vocab["eos_id"], vocab["special_ids"])
-        return metrics.TextMetrics(False, bleu)
+        return metrics.TextMetrics(cls.exact_match, bleu)
+
+    def prompt(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """What the decoder reads before the answer besides the fused memory (none here)."""
+        return None
 
     def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
              evaluating: bool) -> TaskOutput:
         memory, mask, _ = model.fuse(self.group, enc)
-        out = teacher_forced(self.decoder, memory, mask, batch)
+        prompt = self.prompt(batch)
+        out = teacher_forced(self.decoder, memory, mask, batch, prompt)
         if evaluating:
-            out.outputs["generated"] = model.generate_from(self.decoder, memory, mask,
-                                                           model.max_text_len - 1, 1)
+            out.outputs["generated"] = model.generate_from(
+                self.decoder, memory, mask, model.max_text_len - 1, 1, prompt)
         return out
 
     def predict(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
                 max_new_tokens: int, num_beams: int) -> dict[str, Tensor]:
         memory, mask, _ = model.fuse(self.group, enc)
         return {"tokens": model.generate_from(self.decoder, memory, mask, max_new_tokens,
-                                              num_beams)}
+                                              num_beams, self.prompt(batch))}

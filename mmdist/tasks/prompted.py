@@ -6,28 +6,17 @@ text). Generation is the LM's own ``generate`` (KV cache, greedy or beam search)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from mmdist.config import ModelConfig
-from mmdist.models.fused import Encoded, FusedModel
-from mmdist.tasks.base import TaskOutput
-from mmdist.tasks.lm import LM, teacher_forced
-
-if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
-    from mmdist.models.metrics import TaskMetrics
-
-
-def prompt_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """The prompt tokens of a batch: the row's tokenised ``text`` and its mask."""
-    return batch["input_ids"], batch["attention_mask"]
+from mmdist.tasks.lm import LM
 
 
 class Prompted(LM):
     name = "prompted"
     group = "context"
     reads_text = False  # the text is the LM's prompt, not an encoder input
+    exact_match = True
 
     @classmethod
     def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
@@ -38,26 +27,6 @@ class Prompted(LM):
                             "from scratch use task lm")
         return problems
 
-    @classmethod
-    def metrics(cls, m: ModelConfig, vocab: dict) -> TaskMetrics:
-        from mmdist.models import (
-            metrics,  # torchmetrics (5 s): at evaluation only
-        )
-        bleu = metrics.TokenBLEU(vocab["eos_id"], vocab["special_ids"])
-        return metrics.TextMetrics(True, bleu)
-
-    def loss(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
-             evaluating: bool) -> TaskOutput:
-        memory, mask, _ = model.fuse(self.group, enc)
-        prompt = prompt_of(batch)
-        out = teacher_forced(self.decoder, memory, mask, batch, prompt)
-        if evaluating:
-            out.outputs["generated"] = model.generate_from(
-                self.decoder, memory, mask, model.max_text_len - 1, 1, prompt)
-        return out
-
-    def predict(self, model: FusedModel, enc: Encoded, batch: dict[str, Tensor],
-                max_new_tokens: int, num_beams: int) -> dict[str, Tensor]:
-        memory, mask, _ = model.fuse(self.group, enc)
-        return {"tokens": model.generate_from(self.decoder, memory, mask, max_new_tokens,
-                                              num_beams, prompt_of(batch))}
+    def prompt(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The row's tokenised ``text`` and its mask."""
+        return batch["input_ids"], batch["attention_mask"]
