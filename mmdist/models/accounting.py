@@ -229,6 +229,11 @@ def decoder_cost(kind: str, cond: str, s: SizeSpec, vocab: int, length: int, mem
 
 def _costs(cfg: Config, vocab_size: int) -> Cost:
     m, data = cfg.model, cfg.data
+    given = [f"model.{k}_pretrained" for k in ("decoder", "text", "image", "audio")
+             if getattr(m, f"{k}_pretrained")]
+    if given:  # their shapes are in their directories, not in the size presets counted here
+        raise ValueError(f"{', '.join(given)}: the analytic parameter and FLOP counts cover "
+                         "mmdist's own architectures, not pretrained parts")
     s = size_spec(m.size, m.hidden_size)
     d = s.hidden
     frames = audio_frames(data.sample_rate, data.audio_seconds, data.hop_length)

@@ -267,3 +267,10 @@ def test_modality_tokens_pool_to_the_budget(lm_dirs):
     again = build_model(cfg, **tok.model_vocab(), extra=model.extra, load_pretrained=False)
     load_weights(again, state)
     assert again.encode(batch_for(cfg, tok))["image"][0].shape[1] == 3
+
+
+def test_the_analytic_counts_refuse_pretrained_parts(lm_dirs):
+    from mmdist.models.accounting import flops_per_sample
+
+    with pytest.raises(ValueError, match="model.decoder_pretrained: the analytic"):
+        flops_per_sample(cfg_for(lm_dirs["llama"]), 100)
