@@ -84,9 +84,27 @@ def check_data(data_dir: Path, cfg: Config | None = None) -> None:
     if cfg is None:
         return
     problems = label_problems(cfg, shard_labels(data_dir, manifest), f"data {data_dir}")
+    problems += tokenizer_problems(cfg, data_dir)
     if problems:
         raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
                            + "\n".join(f"  - {p}" for p in problems))
+
+
+def tokenizer_problems(cfg: Config, data_dir: Path) -> list[str]:
+    """A pretrained LM reads token ids of its own tokenizer only: shards prepared with another
+    one would train it on the wrong words."""
+    lm = cfg.model.decoder_pretrained
+    if not lm or not (Path(lm) / "tokenizer.json").exists():
+        return []
+    from mmdist.data.tokenizer import TextTokenizer  # light: tokenizers only
+
+    theirs = TextTokenizer.load(lm).tokenizer.get_vocab(with_added_tokens=True)
+    ours = TextTokenizer.load(data_dir / "tokenizer").tokenizer.get_vocab(with_added_tokens=True)
+    if theirs == ours:
+        return []
+    return [f"data.path={data_dir}: its shards were tokenised with another tokenizer than "
+            f"model.decoder_pretrained={lm!r}'s; prepare them again with `mmdist prepare ... "
+            f"--tokenizer {lm}`"]
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:

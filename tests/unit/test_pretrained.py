@@ -274,3 +274,14 @@ def test_the_analytic_counts_refuse_pretrained_parts(lm_dirs):
 
     with pytest.raises(ValueError, match="model.decoder_pretrained: the analytic"):
         flops_per_sample(cfg_for(lm_dirs["llama"]), 100)
+
+
+def test_shards_of_another_tokenizer_are_refused(lm_dirs, tmp_path):
+    from mmdist.errors import CommandError
+    from mmdist.train.run import check_data, ensure_data
+
+    own = ensure_data(load_config("tiny", ["data.synthetic_samples=40"]), tmp_path / "own")
+    with pytest.raises(CommandError, match="another tokenizer than model.decoder_pretrained"):
+        check_data(own, cfg_for(lm_dirs["llama"]))
+    cfg = cfg_for(lm_dirs["llama"], "data.synthetic_samples=40")
+    check_data(ensure_data(cfg, tmp_path / "lm"), cfg)  # prepared with the LM's: accepted
