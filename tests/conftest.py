@@ -30,7 +30,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def pretrained_dirs(tmp_path_factory):
-    """@llama / @siglip / @whisper -> directories of tiny random pretrained models saved with
+    """@llama / @siglip / @whisper / @clip / @wav2vec2 / @bert -> directories of tiny random pretrained models saved with
     save_pretrained (tests/tiny_hf.py), built once per session."""
     import torch
 
@@ -40,7 +40,7 @@ def pretrained_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
     dirs = {"@llama": tiny_lm(root / "llama", "llama", min_vocab=VOCAB)}
-    for name in ("siglip", "whisper"):
+    for name in ("siglip", "whisper", "clip", "wav2vec2", "bert"):
         MODELS[name][0](root / name)
         dirs[f"@{name}"] = root / name
     return dirs

@@ -147,7 +147,7 @@ def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str
                 "image": lambda: PatchEmbedding(d.image_size, dim),
                 "audio": lambda: FrameEmbedding(d.n_mels, frames, dim)}[mod]()
         elif hf_part(m, mod, extra):
-            encoders[mod] = _hf_encoder(m, mod, dim, extra)
+            encoders[mod] = _hf_encoder(m, mod, dim, extra, vocab["vocab_size"])
         elif mod == "text":
             encoders[mod] = _text(m.text_encoder, vocab, spec, d.max_text_len,
                                   m.text_pretrained if load_pretrained else None,
@@ -174,7 +174,8 @@ def hf_part(m: Any, mod: str, extra: dict[str, Any]) -> bool:
     return not (mod == "image" and torchvision_file(path))
 
 
-def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
+def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any], vocab_size: int
+                ) -> nn.Module:
     """A pretrained encoder from ``model.<mod>_pretrained`` (or, without loading, from the
     architecture and processor settings ``extra`` recorded when it was trained)."""
     # transformers: on first use (see transformers_init)
@@ -185,6 +186,11 @@ def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any]) -> nn.Module:
         backbone = hfe.load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
     extra[f"{mod}_backbone"] = hfe.backbone_config(backbone)
     if mod == "text":
+        if backbone.config.vocab_size < vocab_size:
+            raise ValueError(f"{key}={path!r}: its vocabulary has {backbone.config.vocab_size} "
+                             f"tokens but the run's tokenizer has {vocab_size}; the text encoder "
+                             "reads the run's token ids: prepare the data with its tokenizer "
+                             "(data.tokenizer)")
         return hfe.HFTextEncoder(backbone, dim)
     if mod == "image":
         facts = extra.get("image_processor") or hfe.image_processor_facts(path)

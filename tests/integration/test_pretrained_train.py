@@ -97,3 +97,10 @@ def test_two_stages_on_pretrained_parts(ray_local, parts, tmp_path):
     p2 = Predictor.from_dir(m2)  # its config has no LoRA: it loads without peft
     assert p2.cfg.model.lora is None
     assert len(p2.predict_frame(val[["text", "image", "audio"]])) == 3
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # the MLflow pyfunc users load
+    pyfunc = mlflow.pyfunc.load_model("models:/pt-stage2@champion")
+    got = pyfunc.predict(val[["text", "image", "audio"]].head(2))
+    assert list(got["text"]) == list(p2.predict_frame(val[["text", "image", "audio"]].head(2))
+                                     ["text"])

@@ -64,6 +64,9 @@ CASES: dict[str, list[str]] = {
         "model.task=prompted", "model.decoder_pretrained=@llama", "model.image_pretrained=@siglip",
         "model.audio_pretrained=@whisper", "model.freeze=[image_encoder]", "model.lora={r: 2}",
         "train.zero_stage=3"],
+    "itm-hfbert-clip-wav2vec2-z1": [
+        "model.task=itm", "model.text_pretrained=@bert", "model.image_pretrained=@clip",
+        "model.audio_pretrained=@wav2vec2", "model.freeze=[text_encoder]", "train.zero_stage=1"],
 }
 PRECISIONS = ("bf16", "fp16")
 STEPS = 3
@@ -92,18 +95,32 @@ def train_steps(cfg: Config, steps: int = STEPS) -> list[float]:
     losses = []
     engine.train()
     for i in range(steps):
-        out = engine(make_batch(cfg, cfg.train.micro_batch_size, seed=i))
+        out = engine(features_for(cfg, make_batch(cfg, cfg.train.micro_batch_size, seed=i)))
         engine.backward(out["loss"])
         engine.step()
         losses.append(float(out["loss"].detach()))
     assert engine.global_steps == steps
     engine.eval()
     with torch.no_grad():
-        ev = engine(make_batch(cfg, cfg.train.micro_batch_size, seed=99), mode="eval")
+        ev = engine(features_for(cfg, make_batch(cfg, cfg.train.micro_batch_size, seed=99)),
+                    mode="eval")
     assert ev["loss"].shape == (cfg.train.micro_batch_size,)
     assert torch.isfinite(ev["loss"].float()).all(), ev["loss"]
     assert all(loss == loss and abs(loss) < 1e3 for loss in losses), losses
     return losses
+
+
+def features_for(cfg: Config, batch: dict) -> dict:
+    """A pretrained audio encoder's own features in place of the batch's log-mel (what
+    preprocessing makes for it: ``data.preprocess``)."""
+    m, d = cfg.model, cfg.data
+    if m.audio_pretrained and "audio" in m.modalities and m.fusion_stage != "early":
+        from mmdist.data.hf_audio import AudioFeatures
+
+        n = int(round(d.sample_rate * d.audio_seconds))
+        waves = torch.randn(len(batch["audio"]), n, generator=torch.Generator().manual_seed(0))
+        batch["audio"] = torch.from_numpy(AudioFeatures(m.audio_pretrained)(waves.numpy()))
+    return batch
 
 
 def _case_config(overrides: list[str], precision: str) -> Config:
