@@ -1,5 +1,6 @@
 """`mmdist bench zero`: bytes of model + gradients + optimizer state held per rank under ZeRO-3,
-2 ranks against 1 (gloo on CPU), measured in one run after one real optimizer step.
+2 ranks (Ray Train workers) against 1 (this process), gloo on CPU, measured in one run after
+one real optimizer step of training's engine.
 
 What is counted per rank (DeepSpeed's ZeRO-3 optimizer buffers): the rank's parameter partitions,
 its gradient partition buffer, its fp32 master partitions and the Adam moments of them.
@@ -48,28 +49,43 @@ def zero3_bytes(engine) -> dict[str, int]:
 def _worker(config: dict[str, Any]) -> dict[str, int]:
     import ray.train  # heavy: not loaded for --help
 
+    return one_step_bytes(Config.from_dict(config["cfg"]), config["vocab"],
+                          ray.train.get_context().get_world_size())
+
+
+def one_step_bytes(cfg: Config, vocab: int, world: int) -> dict[str, int]:
+    """Build training's engine on this rank, take one optimizer step, count its bytes."""
     from mmdist.train.engine import build_engine  # loads torch, deepspeed: not for --help
 
-    cfg = Config.from_dict(config["cfg"])
-    world = ray.train.get_context().get_world_size()
-    engine = build_engine(cfg, {"vocab_size": config["vocab"]}, world, total_steps=10)
+    engine = build_engine(cfg, {"vocab_size": vocab}, world, total_steps=10)
     d = cfg.data
-    batch = random_batch(cfg.train.micro_batch_size, config["vocab"], d.max_text_len,
+    batch = random_batch(cfg.train.micro_batch_size, vocab, d.max_text_len,
                          d.image_size, d.n_mels, audio_frames(d.sample_rate, d.audio_seconds,
                                                               d.hop_length),
                          cfg.model.num_classes)
     loss = engine(batch)["loss"]
     engine.backward(loss)
     engine.step()
-    return zero3_bytes(engine)
+    out = zero3_bytes(engine)
+    engine.destroy()
+    return out
 
 
 def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
+    """Bytes per rank at ``world`` ranks: Ray Train workers, or for one rank this process on a
+    1-rank gloo group (the same engine; Ray adds nothing to the bytes)."""
     from ray.train import RunConfig, ScalingConfig  # heavy: not loaded for --help
     from ray.train.torch import TorchTrainer  # heavy: not loaded for --help
 
     cfg = cfg.override({"train.num_workers": world, "train.zero_stage": 3,
                         "train.global_batch_size": 0})
+    if world == 1:
+        import torch  # heavy: not loaded for --help
+
+        from mmdist.bench.process_group import single_process_group
+
+        with single_process_group(torch.device("cpu")):
+            return one_step_bytes(cfg, vocab, 1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TorchTrainer(
             _worker, train_loop_config={"cfg": cfg.to_dict(), "vocab": vocab},
