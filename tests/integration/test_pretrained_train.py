@@ -11,6 +11,8 @@ served with the LM's own tokenizer. Stage 2 starts from stage 1's registered mod
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 
 from mmdist.config import load_config
 from mmdist.data.tokenizer import TextTokenizer
+from mmdist.serve.batch import evaluate_distributed
 from mmdist.serve.predictor import Predictor
 from mmdist.serve.pull import pull
 from mmdist.train.run import ensure_data, train
@@ -77,6 +80,9 @@ def test_two_stages_on_pretrained_parts(ray_local, parts, tmp_path):
     ev1 = p1.evaluate_dir(data, split="val")
     assert {"val_loss", "val_bleu", "val_accuracy"} <= set(ev1)
     assert ev1["val_loss"] == pytest.approx(s1["metrics"]["val_loss"], rel=1e-4)
+    # `mmdist evaluate`: Ray Data actors, fresh processes, the pulled directory alone
+    dist = evaluate_distributed(m1, data, "val", actors=1)
+    assert dist["val_loss"] == pytest.approx(ev1["val_loss"], rel=1e-5)
 
     # stage 2 from the registered stage 1, LoRA on the LM. lr ~0: the model it ends with is
     # the one it started from, so its val loss is stage 1's exactly (LoRA starts at zero)
@@ -104,3 +110,14 @@ def test_two_stages_on_pretrained_parts(ray_local, parts, tmp_path):
     got = pyfunc.predict(val[["text", "image", "audio"]].head(2))
     assert list(got["text"]) == list(p2.predict_frame(val[["text", "image", "audio"]].head(2))
                                      ["text"])
+    # a fresh process, offline, with the pulled directory only (the pretrained dirs gone)
+    for d in parts.values():
+        d.rename(d.with_name(d.name + "-gone"))
+    code = ("import sys; from mmdist.serve.predictor import Predictor; import pandas as pd\n"
+            f"p = Predictor.from_dir({str(m2)!r})\n"
+            f"df = pd.read_parquet({str(data / 'val')!r}).head(2)\n"
+            "print(list(p.predict_frame(df[['text', 'image', 'audio']])['text']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == repr(list(got["text"]))

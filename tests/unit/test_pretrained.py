@@ -285,3 +285,29 @@ def test_shards_of_another_tokenizer_are_refused(lm_dirs, tmp_path):
         check_data(own, cfg_for(lm_dirs["llama"]))
     cfg = cfg_for(lm_dirs["llama"], "data.synthetic_samples=40")
     check_data(ensure_data(cfg, tmp_path / "lm"), cfg)  # prepared with the LM's: accepted
+
+
+def test_lora_on_a_pretrained_encoder_too(pretrained_dirs, tmp_path):
+    cfg = load_config("tiny", [*SMALL, "model.task=prompted",
+                               f"model.decoder_pretrained={pretrained_dirs['@llama']}",
+                               f"model.image_pretrained={pretrained_dirs['@siglip']}",
+                               "model.lora={r: 2, components: [decoder, image_encoder]}"])
+    tok = TextTokenizer.load(cfg.data.tokenizer)
+    model = build_model(cfg, **tok.model_vocab()).eval()
+    adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert any(n.startswith("encoders.image.backbone.") for n in adapted)
+    assert any(n.startswith("tasks.prompted.decoder.lm.") for n in adapted)
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if n.startswith("encoders.image.backbone.") and ".lora_" not in n)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+        b = batch_for(cfg, tok)
+        want = model(b, mode="eval")["loss"]
+    merged = merge_lora(dict(model.state_dict()), lora_layers(model))
+    save_state_dict(merged, cfg.override({"model.lora": None}), tok.model_vocab(), tmp_path,
+                    extra=model.extra)
+    with torch.no_grad():
+        got = load_model(tmp_path).eval()(b, mode="eval")["loss"]
+    assert torch.allclose(want, got, atol=1e-5)
