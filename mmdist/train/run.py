@@ -181,6 +181,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
               storage=str(Path(cfg.train.storage_path or "runs").resolve() / run_name),
               tracking_uri=uri, mlflow_run_id=run_id, faults=from_environ(),
               labels=manifest.get("labels"))
+    # model.init_from, downloaded once per run (each sweep trial is a run of its own)
+    job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     return job, build_datasets(data_dir, cfg)
 
 
@@ -238,7 +240,6 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
-    job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     try:
         result = fit_with_retries(
             lambda: build_trainer(cfg, job, datasets, run_name, storage),
