@@ -85,7 +85,9 @@ class DataConfig(Section):
     hop_length: int = Field(160, ge=1)  # samples between spectrogram frames
     max_text_len: int = Field(32, ge=4, description="special tokens need room")  # tokens
     vocab_size: int = Field(2000, ge=1)  # size of a tokenizer trained locally on the train text
-    tokenizer: str | None = None  # local pretrained tokenizer directory instead of training one
+    # local pretrained tokenizer directory instead of training one; None with
+    # model.decoder_pretrained: the LM's own (Config.tokenizer_path)
+    tokenizer: str | None = None
     augment: bool = False  # random crop/flip of images in training
     shard_rows: int = Field(1000, ge=1)  # target rows per Parquet shard
     cpus_per_task: float = Field(0.5, gt=0)  # per Ray Data task; a fraction fits beside workers
@@ -280,8 +282,6 @@ class Config(Section):
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> Config:
         d, m = self.data, self.model
-        if m.decoder_pretrained and d.tokenizer is None:
-            d.tokenizer = m.decoder_pretrained  # the LM's tokenizer is the run's, everywhere
         encodes = "image" in m.modalities and m.fusion_stage != "early"
         return report(self, info, [
             (encodes and m.image_encoder == "vit_b_16" and d.image_size % 16,
@@ -291,6 +291,12 @@ class Config(Section):
              f"data.image_size={d.image_size}: model.image_encoder={m.image_encoder} "
              "downsamples 32x; use at least 32"),
             *((True, p) for p in space_problems(Config, self.to_dict()))])
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer shards are prepared with: ``data.tokenizer``, else a pretrained LM's own
+        (``model.decoder_pretrained``), else None (one is trained on the train text)."""
+        return self.data.tokenizer or self.model.decoder_pretrained
 
     @property
     def primary_metric(self) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -207,9 +209,6 @@ def download_model(uri: str, dst: str | Path, tracking_uri: str) -> Path:
         ValueError: the URI does not hold an mmdist model.
         mlflow.exceptions.MlflowException: not found.
     """
-    import shutil
-    import tempfile
-
     import mlflow  # heavy: not loaded for --help
 
     with tempfile.TemporaryDirectory() as tmp:

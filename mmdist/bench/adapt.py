@@ -90,7 +90,7 @@ def measure(cfg: Config) -> dict[str, int]:
     from mmdist.data.tokenizer import TextTokenizer
     from mmdist.train.engine import build_engine
 
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     engine = build_engine(cfg, tok.model_vocab(), world_size=1, total_steps=10)
     d = cfg.data
     feats = AudioFeatures(cfg.model.audio_pretrained, d.sample_rate)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"random stand-ins for {', '.join(f'model.{k}' for k in made)} "
                   f"(LM width {args.lm_width}, {args.lm_layers} layers)")
         base = base.override({**{f"model.{k}": v for k, v in made.items()},
-                              "data.tokenizer": None, "model.init_from": None,
+                              "model.init_from": None,
                               "train.use_gpu": False, "train.num_workers": 1,
                               "train.zero_stage": 3, "train.micro_batch_size": 2,
                               "train.global_batch_size": 0})

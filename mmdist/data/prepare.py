@@ -110,8 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = cfg.override(flags)
     try:
         source = build_source(args, cfg.data)
-        summary = convert(source, args.out, cfg.data, seed=args.seed,
-                          params=source_params(source, cfg.data, args.seed),
+        data = prepared_data(cfg)
+        summary = convert(source, args.out, data, seed=args.seed,
+                          params=source_params(source, data, args.seed),
                           parallel=args.parallel)
     except SourceError as e:
         raise CommandError(str(e)) from None
@@ -142,6 +143,11 @@ def build_source(args: argparse.Namespace, data: DataConfig):
     if args.source == "jsonl":
         return JsonlSource(manifest=args.manifest)
     return AudioCapsSource(captions=args.captions, audio=args.audio)
+
+
+def prepared_data(cfg: Config) -> DataConfig:
+    """``cfg.data`` with the tokenizer shards are prepared with (``Config.tokenizer_path``)."""
+    return cfg.data.model_copy(update={"tokenizer": cfg.tokenizer_path})
 
 
 def source_params(source: Any, data: DataConfig, seed: int) -> dict[str, Any]:
@@ -348,7 +354,7 @@ def prepare_synthetic(out_dir: str | Path, cfg: Config, seed: int = 0) -> dict[s
     Returns:
         The summary dict (``reused: True`` when nothing was written).
     """
-    d = cfg.data
+    d = prepared_data(cfg)
     source = SyntheticSource(num_samples=d.synthetic_samples, seed=seed, image_size=d.image_size,
                              sample_rate=d.sample_rate, audio_seconds=d.audio_seconds)
     params = source_params(source, d, seed)

@@ -7,12 +7,12 @@ fusion path per modality group the tasks read, and the tasks (``mmdist.registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from mmdist.config import Config, task_class, torchvision_file
+from mmdist.data.image_processor import image_processor_facts
 from mmdist.data.schema import SPECIAL_TOKENS, audio_frames
 from mmdist.models.activation_checkpointing import enable_activation_checkpointing
 from mmdist.models.adapt import add_lora, freeze
@@ -179,51 +179,48 @@ def _hf_encoder(m: Any, mod: str, dim: int, extra: dict[str, Any], vocab_size: i
     """A pretrained encoder from ``model.<mod>_pretrained`` (or, without loading, from the
     architecture and processor settings ``extra`` recorded when it was trained)."""
     # transformers: on first use (see transformers_init)
-    from mmdist.models import hf_encoders as hfe
+    from mmdist.models.hf_encoders import (
+        HFAudioEncoder,
+        HFImageEncoder,
+        HFTextEncoder,
+        audio_kind,
+        backbone_config,
+        load_backbone,
+    )
 
     key, path = f"model.{mod}_pretrained", getattr(m, f"{mod}_pretrained")
     with outside_zero_init():
-        backbone = hfe.load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
-    extra[f"{mod}_backbone"] = hfe.backbone_config(backbone)
+        backbone = load_backbone(path, key, config=extra.get(f"{mod}_backbone"))
+    extra[f"{mod}_backbone"] = backbone_config(backbone)
     if mod == "text":
         if backbone.config.vocab_size < vocab_size:
             raise ValueError(f"{key}={path!r}: its vocabulary has {backbone.config.vocab_size} "
                              f"tokens but the run's tokenizer has {vocab_size}; the text encoder "
                              "reads the run's token ids: prepare the data with its tokenizer "
                              "(data.tokenizer)")
-        return hfe.HFTextEncoder(backbone, dim)
+        return HFTextEncoder(backbone, dim)
     if mod == "image":
-        facts = extra.get("image_processor") or hfe.image_processor_facts(path)
+        facts = extra.get("image_processor") or image_processor_facts(path)
         extra["image_processor"] = facts
-        return hfe.HFImageEncoder(backbone, dim, facts["mean"], facts["std"])
-    kind = hfe.audio_kind(extra[f"{mod}_backbone"])
-    return hfe.HFAudioEncoder(backbone, dim, kind)
+        return HFImageEncoder(backbone, dim, facts["mean"], facts["std"])
+    kind = audio_kind(extra[f"{mod}_backbone"])
+    return HFAudioEncoder(backbone, dim, kind)
 
 
 def preload_pretrained(cfg: Config) -> None:
     """Import the transformers model modules of every configured pretrained part (they cannot
     be imported inside ``deepspeed.zero.Init``; see ``transformers_init``)."""
-    import json
-
-    import transformers  # heavy: the ZeRO-3 trainer calls this, once
-
-    from mmdist.models import hf_encoders as hfe
+    # transformers: on first use (see transformers_init)
+    from mmdist.models.hf_encoders import preload_backbone
+    from mmdist.models.pretrained_lm import preload_causal_lm
 
     m = cfg.model
     for mod in ("text", "image", "audio"):
         path = getattr(m, f"{mod}_pretrained")
-        if path and (Path(path) / "config.json").is_file() and not torchvision_file(path):
-            kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-            if kind in hfe.FAMILIES:
-                module, name, _, _ = hfe.FAMILIES[kind]
-                hfe.transformers_class(module, name)
-    if m.decoder_pretrained and (Path(m.decoder_pretrained) / "config.json").is_file():
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        kind = json.loads((Path(m.decoder_pretrained) / "config.json").read_text()).get(
-            "model_type")
-        if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[kind])
+        if path and not torchvision_file(path):
+            preload_backbone(path)
+    if m.decoder_pretrained:
+        preload_causal_lm(m.decoder_pretrained)
 
 
 def _fuser(cfg: Config, spec: SizeSpec, n_modalities: int) -> Fuser:

@@ -40,8 +40,11 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from mmdist.data.hf_audio import AUDIO_KINDS, read_json
-from mmdist.data.image_processor import image_processor_facts  # noqa: F401 (re-exported)
-from mmdist.models.transformers_init import build_transformers_model, importable_here
+from mmdist.models.transformers_init import (
+    build_transformers_model,
+    importable_here,
+    local_model_dir,
+)
 
 # model type -> (transformers module under transformers.models, class of the backbone,
 # modality, keyword arguments of the class)
@@ -71,7 +74,6 @@ _CONFIG_CHANGES = {"siglip": {"vision_use_head": False},
                    "siglip_vision_model": {"vision_use_head": False}}
 # Whisper checkpoints hold the whole encoder-decoder: keep the encoder's weights, unprefixed
 _WHISPER_KEYS = {r"^(model\.)?encoder\.": ""}
-_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def supported_types(modality: str | None = None) -> list[str]:
@@ -95,10 +97,6 @@ def transformers_class(module: str, name: str) -> type:
     return getattr(importlib.import_module(modeling), name)
 
 
-def _safetensors_present(d: Path) -> bool:
-    return (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
-
-
 def load_backbone(path: str, role: str, config: dict | None = None) -> nn.Module:
     """The pretrained module in the local directory ``path`` (its vision tower for CLIP and
     SigLIP, its encoder for Whisper), float32.
@@ -117,20 +115,12 @@ def load_backbone(path: str, role: str, config: dict | None = None) -> nn.Module
     """
     if config is not None:
         return _build_from_config(dict(config), role, path)
-    d = Path(path)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{role}={path!r}: not a directory")
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{role}={path!r}: no config.json (a directory written by "
-                                "save_pretrained)")
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():  # an unsupported model is named before missing weights
+        _family(read_json(config_file).get("model_type"), role, path)
+    d = local_model_dir(path, role)
     model_type = read_json(d / "config.json").get("model_type")
     module, name, _, kwargs = _family(model_type, role, path)
-    if not _safetensors_present(d):
-        if any((d / p).is_file() for p in _PICKLED):
-            raise ValueError(f"{role}={path!r}: only pickled weights (pytorch_model.bin); mmdist "
-                             "never unpickles: save the model again with save_pretrained (which "
-                             "writes model.safetensors) or convert the weights to safetensors")
-        raise FileNotFoundError(f"{role}={path!r}: no model.safetensors")
     cls = transformers_class(module, name)
     # keyword arguments of the class, then config changes (from_pretrained applies those)
     extra: dict[str, Any] = {**kwargs, **_CONFIG_CHANGES.get(model_type, {})}
@@ -162,6 +152,14 @@ def _build_from_config(config: dict[str, Any], role: str, path: str) -> nn.Modul
     for key, value in _CONFIG_CHANGES.get(model_type, {}).items():
         setattr(cfg, key, value)
     return build_transformers_model(cls, cfg, **kwargs)
+
+
+def preload_backbone(path: str) -> None:
+    """Import the transformers module of the model in ``path`` (before ``zero.Init``)."""
+    config = Path(path) / "config.json"
+    if config.is_file() and read_json(config).get("model_type") in FAMILIES:
+        module, name, _, _ = FAMILIES[read_json(config)["model_type"]]
+        transformers_class(module, name)
 
 
 def backbone_config(module: nn.Module) -> dict[str, Any]:
@@ -359,5 +357,5 @@ class HFTextEncoder(nn.Module):
 
 
 __all__ = ["FAMILIES", "HFAudioEncoder", "HFImageEncoder", "HFTextEncoder", "audio_kind",
-           "backbone_config", "image_processor_facts", "load_backbone", "projector",
+           "backbone_config", "load_backbone", "preload_backbone", "projector",
            "supported_types"]

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -240,8 +241,6 @@ def init_weights(model: nn.Module, directory: str | Path) -> int:
     if missing or wrong:
         raise ValueError(f"model.init_from: {directory} does not fit this model: missing "
                          f"{missing[:8]}, other shapes {wrong[:8]}")
-    import torch  # light here: torch is loaded with the model
-
     for t, value in plan:
         if hasattr(t, "ds_id"):  # ZeRO-3 partitioned: gather, set, re-partition
             import deepspeed  # heavy: only ZeRO-3 runs get here

@@ -21,30 +21,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmdist.models.transformers_init import inside_zero_init
-
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+from mmdist.models.transformers_init import build_transformers_model, local_model_dir
 
 
-def check_local_model_dir(path: str, key: str) -> Path:
-    """The directory ``path`` of a saved transformers model (config.json + safetensors).
+def causal_lm_class(config: Any) -> type:
+    """The transformers class ``AutoModelForCausalLM`` builds for a config (importing it)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    Raises:
-        FileNotFoundError: not a directory, or no config.json in it.
-        ValueError: the weights are pickled only (mmdist never unpickles weights).
-    """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{key}={path!r}: not a directory (a local Hugging Face model "
-                                "directory, as save_pretrained writes; nothing is downloaded)")
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{key}={path!r}: no config.json there (not a saved "
-                                "transformers model)")
-    if not any(p.glob("*.safetensors")) and any((p / n).exists() for n in PICKLED):
-        raise ValueError(f"{key}={path!r}: holds pickled weights (pytorch_model.bin) and no "
-                         "safetensors; mmdist never unpickles weights (unpickling runs arbitrary "
-                         "code). Convert them with save_pretrained(safe_serialization=True).")
-    return p
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def preload_causal_lm(path: str) -> None:
+    """Import the transformers module of the LM in ``path`` (before ``zero.Init``)."""
+    import transformers  # heavy: on first use (see transformers_init)
+
+    if (Path(path) / "config.json").is_file():
+        causal_lm_class(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
 
 
 def load_causal_lm(path: str | None, key: str = "model.decoder_pretrained",
@@ -61,19 +53,10 @@ def load_causal_lm(path: str | None, key: str = "model.decoder_pretrained",
     transformers.utils.logging.disable_progress_bar()  # per-tensor bars: noise on the screen
     if config is not None:
         cfg = transformers.AutoConfig.for_model(**config)
-        if inside_zero_init():
-            from transformers import initialization as hf_init
-            from transformers.integrations.deepspeed import initialize_weights_zero3
-
-            with hf_init.no_init_weights():
-                lm = transformers.AutoModelForCausalLM.from_config(cfg)
-            initialize_weights_zero3(lm)
-            lm.tie_weights()
-            return lm
-        return transformers.AutoModelForCausalLM.from_config(cfg)
+        return build_transformers_model(causal_lm_class(cfg), cfg)
     if path is None:
         raise ValueError(f"{key} is not set and no saved LM config was given")
-    p = check_local_model_dir(path, key)
+    p = local_model_dir(path, key)
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(p), use_safetensors=True, local_files_only=True, dtype=torch.float32)
 

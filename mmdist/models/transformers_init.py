@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -26,6 +27,33 @@ from torch import nn
 # the transformers classes mmdist builds models from -> the model family they belong to
 HF_NAMES = {"BertConfig": "bert", "BertModel": "bert", "GPT2Config": "gpt2",
             "GPT2LMHeadModel": "gpt2", "LlamaConfig": "llama", "LlamaForCausalLM": "llama"}
+
+
+PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def local_model_dir(path: str, key: str) -> Path:
+    """The local directory ``path`` of a model saved with ``save_pretrained``, checked: it holds
+    ``config.json`` and safetensors weights (nothing is downloaded, nothing unpickled).
+
+    Raises:
+        FileNotFoundError: not a directory, no ``config.json`` or no weights; names ``key``.
+        ValueError: pickled weights only (unpickling runs arbitrary code).
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{key}={path!r}: not a directory (a local Hugging Face model "
+                                "directory, as save_pretrained writes; nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{key}={path!r}: no config.json (not a directory written by "
+                                "save_pretrained)")
+    if not any(p.glob("*.safetensors")):
+        if any((p / n).is_file() for n in PICKLED):
+            raise ValueError(f"{key}={path!r}: only pickled weights (pytorch_model.bin); mmdist "
+                             "never unpickles weights (unpickling runs arbitrary code): save the "
+                             "model again with save_pretrained, which writes safetensors")
+        raise FileNotFoundError(f"{key}={path!r}: no model.safetensors")
+    return p
 
 
 def importable_here(module: str) -> None:

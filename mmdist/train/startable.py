@@ -151,7 +151,8 @@ def processor_settings(cfg: Config) -> Config:
     if encodes and m.audio_pretrained and "audio" in m.modalities:
         rate = AudioFeatures(m.audio_pretrained).sampling_rate
         changes["data.sample_rate"] = rate
-    changed = {k: v for k, v in changes.items() if cfg.flat()[k] != v}
+    flat = cfg.flat()
+    changed = {k: v for k, v in changes.items() if flat[k] != v}
     return cfg.override(changed) if changed else cfg
 
 

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from mmdist.data.hf_audio import AudioFeatures, feature_kind, feature_shape
+from mmdist.data.image_processor import image_processor_facts
 from mmdist.models.hf_encoders import (
     HFAudioEncoder,
     HFImageEncoder,
     HFTextEncoder,
     audio_kind,
     backbone_config,
-    image_processor_facts,
     load_backbone,
 )
 from tests.tiny_hf import AUDIO, IMAGE, MEAN, MODELS, STD, TEXT, TINY  # noqa: F401

@@ -59,8 +59,8 @@ def batch_for(cfg, tok, n=4, seed=0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lm_weights_and_tokenizer_come_from_the_directory(lm_dirs, arch):
     cfg = cfg_for(lm_dirs[arch])
-    assert cfg.data.tokenizer == str(lm_dirs[arch])  # the LM's tokenizer is the run's
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    assert cfg.tokenizer_path == str(lm_dirs[arch])  # the LM's tokenizer is the run's
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     model = build_model(cfg, **tok.model_vocab())
     saved = load_file(str(lm_dirs[arch] / "model.safetensors"))
     lm = model.tasks["prompted"].decoder.lm.state_dict()
@@ -72,7 +72,7 @@ def test_lm_weights_and_tokenizer_come_from_the_directory(lm_dirs, arch):
 def test_a_missing_or_pickled_directory_is_a_clear_error(tmp_path, lm_dirs):
     with pytest.raises(FileNotFoundError, match="model.decoder_pretrained"):
         build_model(cfg_for(lm_dirs["llama"]).override(
-            {"model.decoder_pretrained": str(tmp_path / "nope"), "data.tokenizer": None}),
+            {"model.decoder_pretrained": str(tmp_path / "nope")}),
             vocab_size=200)
     (tmp_path / "pkl").mkdir()
     (tmp_path / "pkl" / "config.json").write_text("{}")
@@ -91,7 +91,7 @@ def test_generation_is_the_lms_generate_and_matches_teacher_forcing(lm_dirs, arc
     """Greedy ``generate`` (KV cache) writes what step-by-step argmax over the teacher-forced
     logits writes: the prompt, padding and memory are placed alike in both."""
     cfg = cfg_for(lm_dirs[arch])
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     torch.manual_seed(0)
     model = build_model(cfg, **tok.model_vocab()).eval()
     b = batch_for(cfg, tok)
@@ -113,7 +113,7 @@ def test_loss_is_on_the_answer_only(lm_dirs):
     """Changing the prompt changes the loss (it is read), but the prompt is never scored: the
     token count is the answer's."""
     cfg = cfg_for(lm_dirs["llama"])
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     model = build_model(cfg, **tok.model_vocab()).eval()
     b = batch_for(cfg, tok)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_loss_is_on_the_answer_only(lm_dirs):
 
 def test_bleu_scores_the_lms_decoded_words(lm_dirs):
     cfg = cfg_for(lm_dirs["gpt2"])
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     metrics = build_metrics(cfg, tok.model_vocab(), tok)
     ref, _ = tok.encode_batch(["a red circle on white"], 40)
     hyp, _ = tok.encode_batch(["a red circle on white"], 40)
@@ -148,7 +148,7 @@ def test_bleu_scores_the_lms_decoded_words(lm_dirs):
 
 def test_freeze_names_every_parameter_once(lm_dirs):
     cfg = cfg_for(lm_dirs["llama"], "model.freeze=[image_encoder,audio_encoder,decoder]")
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     model = build_model(cfg, **tok.model_vocab())
     for name, p in model.named_parameters():
         frozen = component_of(name) in cfg.model.freeze
@@ -161,7 +161,7 @@ def test_freeze_names_every_parameter_once(lm_dirs):
 def test_frozen_parts_are_bit_identical_after_training_and_not_in_the_optimizer(lm_dirs):
     cfg = cfg_for(lm_dirs["gpt2"], "model.freeze=[image_encoder,decoder]", "train.zero_stage=2",
                   "train.lr=0.01")
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     with single_process_group(torch.device("cpu")):
         engine = build_engine(cfg, tok.model_vocab(), world_size=1, total_steps=3)
         before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -187,7 +187,7 @@ def test_frozen_parts_are_bit_identical_after_training_and_not_in_the_optimizer(
 def test_lora_adds_the_expected_parameters_and_merges_to_the_same_function(lm_dirs, arch,
                                                                           tmp_path):
     cfg = cfg_for(lm_dirs[arch], "model.lora={r: 4, alpha: 8}")
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     torch.manual_seed(0)
     plain = build_model(cfg.override({"model.lora": None}), **tok.model_vocab())
     torch.manual_seed(0)
@@ -231,7 +231,7 @@ def test_stage_two_starts_where_stage_one_ended(lm_dirs, tmp_path):
     """Stage 1 (projectors only) saved, stage 2 (projectors + LoRA) initialised from it: the
     same loss on the same batch, since fresh LoRA adds zero."""
     stage1 = cfg_for(lm_dirs["llama"], "model.freeze=[image_encoder,audio_encoder,decoder]")
-    tok = TextTokenizer.load(stage1.data.tokenizer)
+    tok = TextTokenizer.load(stage1.tokenizer_path)
     torch.manual_seed(0)
     first = build_model(stage1, **tok.model_vocab())
     with torch.no_grad():
@@ -256,7 +256,7 @@ def test_stage_two_starts_where_stage_one_ended(lm_dirs, tmp_path):
 
 def test_modality_tokens_pool_to_the_budget(lm_dirs):
     cfg = cfg_for(lm_dirs["llama"], "model.modality_tokens={image: 3}")
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     model = build_model(cfg, **tok.model_vocab())
     enc = model.encode(batch_for(cfg, tok))
     assert enc["image"][0].shape[1] == 3
@@ -292,7 +292,7 @@ def test_lora_on_a_pretrained_encoder_too(pretrained_dirs, tmp_path):
                                f"model.decoder_pretrained={pretrained_dirs['@llama']}",
                                f"model.image_pretrained={pretrained_dirs['@siglip']}",
                                "model.lora={r: 2, components: [decoder, image_encoder]}"])
-    tok = TextTokenizer.load(cfg.data.tokenizer)
+    tok = TextTokenizer.load(cfg.tokenizer_path)
     model = build_model(cfg, **tok.model_vocab()).eval()
     adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
     assert any(n.startswith("encoders.image.backbone.") for n in adapted)
