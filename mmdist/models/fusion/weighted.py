@@ -34,6 +34,9 @@ class Weighted(nn.Module):
         nn.init.zeros_(self.gate.bias)
         # each modality is projected before weighting so the weighted sum can keep them apart
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_modalities))
+        for p in self.proj:  # identity at init: the weighted sum starts as add's sum
+            nn.init.eye_(p.weight)
+            nn.init.zeros_(p.bias)
         self.norm = nn.LayerNorm(dim)
 
     def weights(self, x: Tensor) -> Tensor:
