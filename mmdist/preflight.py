@@ -43,7 +43,7 @@ from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
 from mmdist.errors import CommandError
 from mmdist.tracking import tracking_uri
-from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.deepspeed_config import deepspeed_config, precision_problem
 from mmdist.train.startable import (
     Check,
     check_resources,
@@ -130,7 +130,7 @@ def preflight(cfg: Config, address: str | None = None, sweep: bool = False,
         checks.append(check_storage(cfg, ray_mod, on_cluster, timeout))
         checks.append(check_mlflow(cfg, on_cluster))
         checks.append(check_data(cfg, ray_mod, on_cluster, timeout))
-        checks.append(check_deepspeed(cfg))
+        checks.append(check_deepspeed(cfg, on_cluster))
     finally:
         if connected_here:
             ray_mod.shutdown()
@@ -297,13 +297,17 @@ def check_mlflow(cfg: Config, on_cluster: bool = False) -> Check:
 # ---- DeepSpeed -----------------------------------------------------------------------------------
 
 
-def check_deepspeed(cfg: Config) -> Check:
-    """The generated DeepSpeed config is valid for world size train.num_workers."""
+def check_deepspeed(cfg: Config, on_cluster: bool = False) -> Check:
+    """The generated DeepSpeed config is valid for world size train.num_workers, and (for this
+    machine) its precision can run here."""
     world = cfg.train.num_workers
     try:
         ds = deepspeed_config(cfg, world)
     except ValueError as e:
         return Check("deepspeed", False, str(e))
+    problem = None if on_cluster else precision_problem(cfg)
+    if problem:
+        return Check("deepspeed", False, problem)
     return Check("deepspeed", True,
                  f"world size {world}: ZeRO-{ds['zero_optimization']['stage']}, "
                  f"train_batch_size={ds['train_batch_size']} = micro batch "

@@ -49,3 +49,26 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999]}}
     return ds
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether this machine's CPU computes float16 natively (oneDNN's AVX512-FP16 / AMX-FP16
+    kernels): DeepSpeed's CPU accelerator refuses fp16 without them."""
+    import torch  # heavy: not loaded for --help
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # an older or newer torch without the op
+        return True  # let DeepSpeed decide
+
+
+def precision_problem(cfg: Config) -> str | None:
+    """Why ``train.precision`` cannot run here (a CPU run asking for fp16 on a CPU without
+    float16), else None."""
+    t = cfg.train
+    if t.precision != "fp16" or t.use_gpu or cpu_fp16_supported():
+        return None
+    return ("train.precision=fp16 needs a GPU or a CPU with native float16 (AVX512-FP16 / "
+            "AMX-FP16), and this machine's CPU has none (DeepSpeed refuses fp16 here): set "
+            "train.precision=bf16 (or fp32) for a CPU run, or train.use_gpu=true")
+

@@ -13,7 +13,7 @@ from mmdist.models.adapt import trainable_summary
 from mmdist.models.builder import preload_pretrained
 from mmdist.models.model_files import init_weights
 from mmdist.models.transformers_init import preload
-from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.deepspeed_config import deepspeed_config, precision_problem
 from mmdist.train.optim import build_optimizer
 
 
@@ -26,7 +26,13 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
     skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``;
     ``init_dir`` (an mmdist model directory, ``model.init_from``) gives the starting weights.
+
+    Raises:
+        ValueError: ``train.precision`` this machine cannot run (fp16 on a CPU without it).
     """
+    problem = precision_problem(cfg)
+    if problem:
+        raise ValueError(problem)
     # heavy: the driver imports this module (via loop.py) and never needs DeepSpeed
     import deepspeed
 

@@ -95,3 +95,19 @@ def test_unreachable_tracking_server_fails(tmp_path):
 
 def test_deepspeed_world_size_check():
     assert check_deepspeed(load_config("tiny", ["train.num_workers=4"])).ok
+
+
+def test_fp16_on_a_cpu_without_float16_is_named_before_any_worker(monkeypatch):
+    """The rule, on either kind of CPU: the probe of this machine's float16 is replaced by each
+    answer in turn (which one the machine gives decides only which path training takes)."""
+    import mmdist.train.deepspeed_config as dsc
+
+    fp16 = load_config("tiny", ["train.precision=fp16"])
+    monkeypatch.setattr(dsc, "cpu_fp16_supported", lambda: False)
+    check = check_deepspeed(fp16)
+    assert not check.ok and "train.precision=fp16" in check.detail and "bf16" in check.detail
+    assert check_deepspeed(fp16, on_cluster=True).ok  # the cluster's CPUs are not this one's
+    assert check_deepspeed(load_config("tiny", ["train.precision=bf16"])).ok
+    assert dsc.precision_problem(fp16.override(["train.use_gpu=true"])) is None
+    monkeypatch.setattr(dsc, "cpu_fp16_supported", lambda: True)
+    assert check_deepspeed(fp16).ok
