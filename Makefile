@@ -28,6 +28,7 @@ setup:  ## bootstrap uv if missing, create .venv, install the locked dependencie
 	@$(UV) sync --frozen --quiet --compile-bytecode
 	@$(PY) -m compileall -q mmdist jobs >/dev/null
 	@mkdir -p $(TORCH_EXTENSIONS_DIR)
+	@$(PY) -m mmdist.train.ops 2>.cache/ops-build.log || { cat .cache/ops-build.log; exit 1; }
 
 demo: setup  ## prepare synthetic data, train on 2 Ray workers with ZeRO-2, register the model
 	$(MMDIST) train --config demo

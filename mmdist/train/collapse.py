@@ -47,24 +47,30 @@ class ConstantWatch:
                  reduce: Callable[[float], float] = float):
         self.constants, self.say, self.reduce = constants, say, reduce
         self.sums: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
+        """One micro-batch's task losses; a non-finite one (a skipped step) is left out."""
         for name in self.constants:
             loss = out[f"{name}_loss"].detach().float()
-            self.sums[name] = self.sums[name] + loss if name in self.sums else loss
-        self.n += 1
+            finite = torch.isfinite(loss)
+            loss, one = torch.where(finite, loss, 0.0), finite.float()
+            if name in self.sums:
+                self.sums[name], self.counts[name] = self.sums[name] + loss, self.counts[name] + one
+            else:
+                self.sums[name], self.counts[name] = loss, one
 
     def end_epoch(self, epoch: int) -> list[str]:
         """Warn for every task whose mean loss this epoch sat at its constant value."""
         warned = []
         for name, value in self.constants.items():  # every rank reduces every task
-            local = float(self.sums[name]) / self.n if self.n else float("nan")
+            n = float(self.counts[name]) if name in self.counts else 0.0
+            local = float(self.sums[name]) / n if n else float("nan")
             mean = self.reduce(local)
             if abs(mean - value) <= TOLERANCE * max(value, 1e-3):
                 warned.append(name)
                 self.say(f"warning: the {name} loss averaged {mean:.4f} over epoch {epoch}, "
                          f"what a constant prediction scores ({value:.4f}): the model gives "
                          f"the same answer for every input so far; {HINTS}")
-        self.sums, self.n = {}, 0
+        self.sums, self.counts = {}, {}
         return warned

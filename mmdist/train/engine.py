@@ -17,6 +17,24 @@ from mmdist.train.deepspeed_config import deepspeed_config, precision_problem
 from mmdist.train.optim import build_optimizer
 
 
+def import_deepspeed():
+    """``import deepspeed`` without MLflow: DeepSpeed's autotuner imports MLflow, when it is
+    installed, only to log autotuning runs (which mmdist never starts): 1.3-3 s of every
+    worker's start-up. A process that already has MLflow keeps it."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` -> ImportError
+    try:
+        import deepspeed  # heavy: the driver imports this module and never needs DeepSpeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
                  log=None, init_dir: str | None = None) -> Any:
     """Model + optimizer + LR schedule -> ``deepspeed.initialize``, as every rank does it.
@@ -33,8 +51,7 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     problem = precision_problem(cfg)
     if problem:
         raise ValueError(problem)
-    # heavy: the driver imports this module (via loop.py) and never needs DeepSpeed
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank

@@ -21,6 +21,10 @@ class Job:
         faults: fault-injection settings for tests (``train.faults``).
         labels: the manifest's class-label summary (``shards.label_summary``), or None.
         init_dir: local copy of the ``model.init_from`` model the weights start from, or None.
+        started_at: wall-clock time ``mmdist train`` started (``time.time()``), for the
+            start-up report; None where nothing measures it.
+        fit_at: wall-clock time the driver asked Ray Train to start (this attempt).
+        driver_phases: seconds the driver spent per start-up phase before ``fit_at``.
     """
 
     data_dir: str
@@ -33,6 +37,9 @@ class Job:
     faults: dict[str, str] = field(default_factory=dict)
     labels: dict[str, Any] | None = None
     init_dir: str | None = None
+    started_at: float | None = None
+    fit_at: float | None = None
+    driver_phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,14 +8,28 @@ fault injection (a loss wrapper and an after-step hook) in ``faults.py``.
 Rules that keep ranks in lock step (a hang in a collective is the worst failure mode):
 - every rank runs every encoder on every batch (missing modalities go through the model's
   missing-embedding path, never a Python branch on batch content);
-- ranks agree each step whether all of them still have a batch (`_all_have`), and evaluation
-  feeds a throw-away batch to ranks that ran out, so forward passes stay paired under ZeRO-3;
+- every rank takes the same number of micro-batches per epoch: Ray Train splits the train set
+  into equal shards (``streaming_split(equal=True)``), so the count is known before the epoch
+  (:func:`micro_batches_per_rank`) and no collective is spent per batch; only an epoch resumed
+  mid-way (ranks then skip different consumed samples) agrees batch by batch (`_all_have`);
+- evaluation feeds a throw-away batch to ranks that ran out, so forward passes stay paired under
+  ZeRO-3;
 - evaluation and checkpoint decisions depend only on the global step.
+
+The hot loop reads nothing back from the device on an ordinary step (on a GPU each read drains
+the kernel queue): the training loss is summed on the device and read at log steps, sample ids
+come from the CPU copy of the batch, and a step whose gradients are not finite is skipped by
+DeepSpeed's optimizer, which counts it in ``engine.skipped_steps`` (:class:`_NonFiniteSteps`).
 """
 
 from __future__ import annotations
 
 import time
+
+# a worker imports this module when Ray hands it the loop: its imports are a start-up phase,
+# timed between these two marks
+# ruff: noqa: E402
+_IMPORT_STARTED = time.time()
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,13 +51,20 @@ from mmdist.train.faults import Faults
 from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
 
+_IMPORTED = time.time()
+
+
+def micro_batches_per_rank(cfg: Config, train_rows: int, world_size: int) -> int:
+    """Micro-batches each rank takes in one epoch: an equal shard of ``train_rows //
+    world_size`` rows, its last partial micro-batch dropped."""
+    return (train_rows // world_size) // cfg.train.micro_batch_size
+
 
 def steps_per_epoch(cfg: Config, train_rows: int, world_size: int) -> int:
     """Optimizer steps in one epoch (each rank drops its last partial micro batch)."""
     t = cfg.train
-    micro_batches = (train_rows // world_size) // t.micro_batch_size
     accum = t.grad_accum_steps if world_size == t.num_workers else 1
-    return max(1, micro_batches // accum)
+    return max(1, micro_batches_per_rank(cfg, train_rows, world_size) // accum)
 
 
 def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
@@ -54,6 +75,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
     (:class:`mmdist.train.job.Job`: what the driver resolved). Returns the final summary on
     rank 0 (``Result.return_value``)."""
+    entered = time.time()
     cfg, job = Config.from_dict(config["cfg"]), Job.from_dict(config["job"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -67,16 +89,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                           init_dir=job.init_dir)
     reporter.say(f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
                  f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
+    engine_ready = time.time()
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
     state = checkpointer.restore()
+    startup = _Startup(job, entered, engine_ready, time.time())
 
     faults = Faults.parse(job.faults, job.storage, rank)
     tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
+    per_rank = micro_batches_per_rank(cfg, job.train_rows, world)
     eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
-    bad_losses = _NonFiniteLosses(t.max_bad_steps, reporter.say)
+    bad_steps = _NonFiniteSteps(t.max_bad_steps, reporter.say, engine.skipped_steps)
     train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)
     watch = ConstantWatch(constant_losses(cfg, job.labels), reporter.say,
                           lambda v: _mean_across_ranks(v, device))
@@ -90,22 +115,27 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         steps_before = state.global_step
         engine.train()
         batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
-        for batch in _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device):
+        if skip:  # resumed mid-epoch: what is left differs by rank, so ranks agree per batch
+            cpu_batches = _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device)
+        else:
+            cpu_batches = _exactly(batches, per_rank, rank, job.train_rows, world)
+        for cpu_batch in cpu_batches:
+            ids = cpu_batch["sample_id"].tolist()  # from the CPU copy: no device sync
+            batch = to_device(cpu_batch, device)
             out = engine(batch)
             loss = faults.loss(out["loss"])
-            if bad_losses.skip(loss, state):
-                continue
             engine.backward(loss)
-            engine.step()
+            engine.step()  # skips (and counts) a step whose gradients are not finite
             watch.add(out)
-            ids = batch["sample_id"].tolist()
             ledger.extend(ids)
             state.order_hash = ckpt_lib.update_order_hash(state.order_hash, ids)
             train_log.add(loss)
             if engine.global_steps == state.global_step:
                 continue  # inside a gradient-accumulation window
             state.global_step = engine.global_steps
+            bad_steps.after_step(engine.skipped_steps, state)
             faults.after_step(state.global_step)
+            startup.first_step(reporter.say)
 
             if train_log.due(state.global_step):
                 last_metrics.update(train_log.log(engine, state))
@@ -144,6 +174,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "train_loss": last_metrics.get("train_loss"),
             "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
             "train_seconds": time.perf_counter() - t_start,
+            "startup_seconds": startup.total, "startup_phases": startup.phases,
             "mlflow_failed_flushes": reporter.failed_flushes,
             # metric values MLflow did not take (server down): the driver delivers them
             "mlflow_pending": reporter.pending()}
@@ -152,26 +183,67 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 # ---- helpers of the loop -----------------------------------------------------------------
 
 
-class _NonFiniteLosses:
-    """Skips a step whose loss is not finite on some rank (all ranks agree), counts it in
-    ``state.bad_steps_total``, and stops training after ``max_bad`` such steps in a row."""
+class _Startup:
+    """Seconds from ``mmdist train`` to this attempt's first optimizer step, by phase: the
+    driver's own (``Job.driver_phases``), then Ray Train starting the workers, the worker's
+    imports, its process group, the engine, the checkpoint restore and the first step (the
+    data pipeline's start, one forward, backward and optimizer step)."""
 
-    def __init__(self, max_bad: int, say: Callable[[str], None]):
-        self.max_bad, self.say, self.in_a_row = max_bad, say, 0
+    def __init__(self, job: Job, entered: float, engine_ready: float, restored: float):
+        self.started_at = job.started_at
+        self.phases: dict[str, float] = dict(job.driver_phases)
+        marks = [("ray_train_start", job.fit_at, _IMPORT_STARTED),
+                 ("worker_imports", _IMPORT_STARTED, _IMPORTED),
+                 ("process_group", _IMPORTED, entered),
+                 ("engine", entered, engine_ready),
+                 ("restore", engine_ready, restored)]
+        for name, a, b in marks:
+            if a is not None:
+                self.phases[name] = round(max(0.0, b - a), 2)
+        self.restored = restored
+        self.total: float | None = None
 
-    def skip(self, loss: torch.Tensor, state: TrainState) -> bool:
-        if _all_finite(loss):
+    def first_step(self, say: Callable[[str], None]) -> None:
+        if self.total is not None:
+            return
+        now = time.time()
+        self.phases["first_step"] = round(now - self.restored, 2)
+        self.total = round(now - self.started_at, 2) if self.started_at else None
+        if self.total is not None:
+            say(f"first optimizer step {self.total:.1f} s after start ("
+                + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")")
+
+
+
+class _NonFiniteSteps:
+    """Counts optimizer steps skipped for non-finite gradients in ``state.bad_steps_total`` and
+    stops training after ``max_bad`` such steps in a row.
+
+    The skip itself is DeepSpeed's: its ZeRO, fp16 and bf16 optimizers (and
+    :class:`mmdist.train.optim.FiniteAdamW` at ZeRO-0 in fp32) leave the weights, the optimizer
+    state and the LR schedule untouched when the global gradient norm is not finite, and count
+    the step in ``engine.skipped_steps``; every rank sees the same reduced norm, so all agree.
+    The step still counts as a global step. Reading that host-side counter costs no device sync.
+    """
+
+    def __init__(self, max_bad: int, say: Callable[[str], None], skipped: int = 0):
+        self.max_bad, self.say, self.in_a_row, self.skipped = max_bad, say, 0, skipped
+
+    def after_step(self, skipped: int, state: TrainState) -> None:
+        """``skipped``: the engine's ``skipped_steps`` after the step that made ``state``."""
+        if skipped == self.skipped:
             self.in_a_row = 0
-            return False
+            return
+        self.skipped = skipped
         self.in_a_row += 1
         state.bad_steps_total += 1
-        self.say(f"step {state.global_step}: non-finite loss skipped ({self.in_a_row} in a row)")
+        self.say(f"step {state.global_step}: non-finite loss or gradients, update skipped "
+                 f"({self.in_a_row} in a row)")
         if self.in_a_row >= self.max_bad:
             raise FloatingPointError(
                 f"{self.in_a_row} consecutive non-finite losses at step {state.global_step} "
                 f"(train.max_bad_steps={self.max_bad}); lower train.lr or check the data. "
                 "The last good checkpoint is kept.")
-        return True
 
 
 class _TrainLossLog:
@@ -185,11 +257,16 @@ class _TrainLossLog:
         self._restart(step)
 
     def _restart(self, step: int) -> None:
-        self.loss_sum, self.loss_n, self.since, self.since_step = 0.0, 0, time.perf_counter(), step
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_n: torch.Tensor | float = 0.0
+        self.since, self.since_step = time.perf_counter(), step
 
     def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += float(loss.detach())
-        self.loss_n += 1
+        """Sum the finite losses on the device: read (one sync) only at a log step."""
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self.loss_sum = self.loss_sum + torch.where(finite, loss, 0.0)
+        self.loss_n = self.loss_n + finite.float()
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.n_total
@@ -198,7 +275,8 @@ class _TrainLossLog:
         """Report the window that ends at ``state.global_step`` (a collective) and start the
         next; returns ``train_loss`` and ``lr``."""
         step = state.global_step
-        avg = _mean_across_ranks(self.loss_sum / max(1, self.loss_n), self.device)
+        n = float(self.loss_n)
+        avg = _mean_across_ranks(float(self.loss_sum) / n if n else float("nan"), self.device)
         rate = (step - self.since_step) / max(time.perf_counter() - self.since, 1e-9)
         lr = engine.get_lr()[0]
         self.reporter.say(f"step {step}/{self.n_total}  epoch {state.epoch}  "
@@ -240,19 +318,37 @@ def _mean_across_ranks(value: float, device: torch.device) -> float:
     return _reduce(value, device, "sum") / (dist.get_world_size() if dist else 1)
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    ok = 1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0
-    return _reduce(ok, loss.device, "min") > 0
-
-
 def _all_have(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
-    """Yield batches while every rank has one; stop all ranks together when one runs out."""
+    """Yield batches while every rank has one; stop all ranks together when one runs out (a
+    collective per batch: only for an epoch resumed mid-way)."""
     it = iter(batches)
     while True:
         batch = next(it, None)
         if _reduce(1.0 if batch is not None else 0.0, device, "min") == 0:
             return
-        yield to_device(batch, device)
+        yield batch
+
+
+def _exactly(batches: Iterator[dict], n: int, rank: int, train_rows: int,
+             world: int) -> Iterator[dict]:
+    """The first ``n`` batches of this rank's equal shard, then the rest drained (at most a
+    dropped partial batch) so the next epoch starts clean.
+
+    Raises:
+        RuntimeError: the shard held fewer; the other ranks would wait in a collective, so this
+            rank fails the run at once instead.
+    """
+    it = iter(batches)
+    for i in range(n):
+        batch = next(it, None)
+        if batch is None:
+            raise RuntimeError(
+                f"rank {rank}'s train shard ran out after {i} of {n} micro-batches "
+                f"({train_rows} train rows // {world} workers // micro batch); the shards "
+                "changed since the run planned its epoch")
+        yield batch
+    for _ in it:
+        pass
 
 
 def _skip_consumed(batches: Iterator[dict], skip: set[int], batch_size: int) -> Iterator[dict]:

@@ -29,8 +29,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``,
+    the flag DeepSpeed's engine reads to count ``skipped_steps``.
+
+    DeepSpeed's own optimizers (ZeRO 1-3, its fp16 and bf16 wrappers) already skip such a step;
+    only ZeRO-0 in fp32 hands the step straight to the client optimizer, so only there is this
+    class used (:func:`build_optimizer`). The check reads one flag from the device per step,
+    inside the optimizer step as DeepSpeed's own check does.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # a NaN or Inf anywhere makes the total norm non-finite (DeepSpeed's test too)
+        self.overflow = bool(grads) and not bool(
+            torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
-    """AdamW and a factory for the warm-up/cosine LambdaLR.
+    """AdamW (:class:`FiniteAdamW` at ZeRO-0 in fp32) and a factory for the warm-up/cosine
+    LambdaLR.
 
     The schedule is returned as a factory that ``deepspeed.initialize`` calls with the optimizer
     it ends up with: ZeRO-3 regroups the parameters, so a scheduler built on the client
@@ -46,6 +70,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
 
     if t.offload_optimizer:
         return None, schedule
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999),
-                            fused=t.use_gpu)
+    # ZeRO-0 in fp32 is the one configuration where DeepSpeed does not skip non-finite steps
+    cls = FiniteAdamW if (t.zero_stage == 0 and t.precision == "fp32") else torch.optim.AdamW
+    opt = cls(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
     return opt, schedule

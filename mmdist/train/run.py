@@ -223,14 +223,17 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     from mmdist.train.register import register_model
 
     t0 = time.perf_counter()
+    phases, mark = _phase_clock()
     data_dir = ensure_data(cfg, data_cache)
     check_data(data_dir, cfg)
     cfg = with_data_defaults(cfg, read_manifest(data_dir))
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     check_resumable(cfg, Path(storage) / run_name)
+    mark("data_checks")
     init_ray(address, num_cpus, dashboard=True)
     require_startable(cfg, data_dir)  # resources + data size, or refuse now
+    mark("ray_init")
 
     uri = tracking.tracking_uri(cfg)
     run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
@@ -239,10 +242,14 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
+    mark("mlflow_run")
     job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
+    mark("datasets")
+    job = dataclasses.replace(job, started_at=phases.pop("_start"), driver_phases=phases)
     try:
         result = fit_with_retries(
-            lambda: build_trainer(cfg, job, datasets, run_name, storage),
+            lambda: build_trainer(cfg, dataclasses.replace(job, fit_at=time.time()), datasets,
+                                  run_name, storage),
             Path(job.storage), cfg.train.max_failures)
     except BaseException:
         tracking.set_terminated(uri, run_id, "FAILED")
@@ -271,16 +278,38 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "mlflow_delivered_late": delivered_late,
         "metrics": metrics,
         "seconds": round(time.perf_counter() - t0, 1),
+        # to the first optimizer step of the last attempt, and by phase
+        "startup_seconds": out.get("startup_seconds"),
+        "startup_phases": out.get("startup_phases") or {},
         "tracking_uri": uri,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data_dir": str(data_dir),
     }
 
 
+def _phase_clock() -> tuple[dict[str, float], Any]:
+    """``(phases, mark)``: ``mark(name)`` records the seconds since the previous mark under
+    ``name``; ``phases["_start"]`` is the wall-clock start."""
+    start = time.time()
+    phases: dict[str, float] = {"_start": start}
+    last = [start]
+
+    def mark(name: str) -> None:
+        now = time.time()
+        phases[name] = round(now - last[0], 2)
+        last[0] = now
+
+    return phases, mark
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     print("\n" + "=" * 72)
     print(f"run          {s['run_name']}  (MLflow run {s['run_id']})")
     print(f"steps        {s['global_step']} in {s['seconds']:.0f} s")
+    if s.get("startup_seconds") is not None:
+        slowest = sorted(s["startup_phases"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"first step   {s['startup_seconds']:.1f} s after start (slowest: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in slowest) + ")")
     for k, v in sorted(s["metrics"].items()):
         print(f"{k:<12} {v:.4f}")
     if s["model_uri"]:

@@ -45,17 +45,19 @@ def test_worker_sigkill_mid_epoch_resumes_without_losing_samples(ray_local, synt
 
 def test_nan_losses_are_skipped_counted_then_stop_with_a_clear_error(
         ray_local, synthetic_data, tmp_path, monkeypatch):
-    # micro-batches 2-3 are NaN (2 < max_bad_steps: skipped, counted, training goes on), then
-    # 8 onwards (3 in a row: stop). Steps: 1 | skip skip | 2 3 4 5 | stop at step 5.
+    # micro-batches 2-3 are NaN (2 < max_bad_steps: their updates are skipped, counted, training
+    # goes on), then 8 onwards (3 in a row: stop). A skipped update still counts as a step, as
+    # in DeepSpeed: steps 1 | 2 3 skipped | 4 5 6 7 | 8 9 10 skipped: stop at step 10.
     monkeypatch.setenv("MMDIST_FAULT_NAN_BATCHES", "2-3,8-100")
-    with pytest.raises(Exception, match="3 consecutive non-finite losses at step 5") as e:
-        train(_cfg(synthetic_data, tmp_path, "train.max_steps=10", "train.max_bad_steps=3",
-                   "train.max_failures=0", "train.checkpoint_every=2", "train.run_name=nan"))
+    with pytest.raises(Exception, match="3 consecutive non-finite losses at step 10") as e:
+        train(_cfg(synthetic_data, tmp_path, "train.max_steps=12", "train.max_bad_steps=3",
+                   "train.max_failures=0", "train.checkpoint_every=2", "train.eval_every=100",
+                   "train.run_name=nan"))
     assert "train.max_bad_steps=3" in str(e.value)
     newest, _ = choose_checkpoint(tmp_path / "runs" / "nan")
-    assert newest is not None, "the last good checkpoint (step 4) must be kept"
+    assert newest is not None, "the last good checkpoint (step 8) must be kept"
     state = json.loads((newest / "mmdist_state.json").read_text())
-    assert state["global_step"] == 4 and state["bad_steps_total"] == 2
+    assert state["global_step"] == 8 and state["bad_steps_total"] == 3
 
 
 def test_an_error_before_the_first_checkpoint_fails_at_once(ray_local, synthetic_data, tmp_path,

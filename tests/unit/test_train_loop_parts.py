@@ -14,7 +14,8 @@ from mmdist.train import checkpoint as ck
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
-from mmdist.train.loop import _NonFiniteLosses, _TrainLossLog
+from mmdist.train.loop import _NonFiniteSteps, _TrainLossLog
+from mmdist.train.optim import FiniteAdamW
 from mmdist.train.reporter import Reporter
 
 
@@ -130,17 +131,29 @@ def test_faults_count_micro_batches_and_fault_only_their_rank(tmp_path):
     assert nothing.loss(one) is one
 
 
-def test_non_finite_losses_are_skipped_then_stop():
+def test_skipped_steps_are_counted_then_stop():
+    """Fed DeepSpeed's ``skipped_steps`` after each optimizer step."""
     lines = []
-    guard = _NonFiniteLosses(3, lines.append)
+    guard = _NonFiniteSteps(3, lines.append, skipped=1)  # a resumed engine had skipped one
     state = ck.TrainState(global_step=5)
-    nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
-    assert [guard.skip(x, state) for x in (nan, nan, ok, nan, nan)] == [
-        True, True, False, True, True]
-    assert state.bad_steps_total == 4 and lines[-1] == "step 5: non-finite loss skipped (2 in a row)"
+    for skipped in (2, 3, 3, 4, 5):
+        guard.after_step(skipped, state)
+    assert state.bad_steps_total == 4 and guard.in_a_row == 2
+    assert lines[-1] == "step 5: non-finite loss or gradients, update skipped (2 in a row)"
     with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses at step 5 "
                                                  r"\(train.max_bad_steps=3\)"):
-        guard.skip(nan, state)
+        guard.after_step(6, state)
+
+
+def test_finite_adamw_skips_a_non_finite_step_and_flags_it():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = FiniteAdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 1.0])
+    opt.step()
+    assert opt.overflow and torch.equal(w.detach(), torch.ones(3)) and not opt.state
+    w.grad = torch.tensor([1.0, 1.0, 1.0])
+    opt.step()
+    assert not opt.overflow and not torch.equal(w.detach(), torch.ones(3))
 
 
 def test_train_loss_log_averages_the_window_and_restarts(tmp_path):
@@ -153,4 +166,5 @@ def test_train_loss_log_averages_the_window_and_restarts(tmp_path):
     assert out == {"train_loss": 2.0, "lr": 0.5}
     assert reporter.lines[-1].startswith("step 2/5  epoch 0  loss 2.0000  lr 5.00e-01")
     log.add(torch.tensor(4.0))
+    log.add(torch.tensor(float("nan")))  # a skipped step's loss stays out of the mean
     assert log.log(_Engine(), ck.TrainState(global_step=4))["train_loss"] == 4.0

@@ -203,3 +203,30 @@ def test_every_preset_trains_as_shipped(process_group, pretrained_dirs, name):
     assert (cfg.train.precision, cfg.train.zero_stage) == (shipped.train.precision,
                                                            shipped.train.zero_stage)
     train_steps(cfg)
+
+
+@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (0, "bf16"), (2, "fp32"), (2, "bf16"),
+                                            (3, "fp32"), (3, "bf16")])
+def test_a_non_finite_step_is_skipped_by_the_engine(process_group, zero, precision):
+    """The training loop relies on it (no host sync of its own): at every ZeRO stage and
+    precision, a NaN loss leaves every weight as it was and counts in ``skipped_steps``."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    cfg = load_config("tiny", [*TINY, f"train.zero_stage={zero}", f"train.precision={precision}"])
+    engine = build_engine(cfg, VOCAB_IDS, world_size=1, total_steps=4)
+    engine.train()
+
+    def weights() -> list[torch.Tensor]:
+        return [(safe_get_full_fp32_param(p) if hasattr(p, "ds_id") else p.detach()).float().clone()
+                for p in engine.module.parameters()]
+
+    for i, nan in enumerate((False, True, False)):
+        loss = engine(make_batch(cfg, cfg.train.micro_batch_size, seed=i))["loss"]
+        before = weights()
+        engine.backward(loss * float("nan") if nan else loss)
+        engine.step()
+        after = weights()
+        changed = sum(not torch.equal(a, b) for a, b in zip(before, after))
+        assert (changed == 0) if nan else (changed > 0), (i, changed)
+        assert all(bool(w.isfinite().all()) for w in after)
+    assert (engine.global_steps, engine.skipped_steps) == (3, 1)

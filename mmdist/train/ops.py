@@ -1,0 +1,45 @@
+"""DeepSpeed's compiled ops, built once per machine at install (``make setup``) instead of at a
+user's first training run.
+
+On CPU, DeepSpeed's communication layer compiles its shared-memory collective op
+(``ShareMemCommBuilder``) the first time a process group starts, into ``$TORCH_EXTENSIONS_DIR``
+(the Makefile points it at ``.cache/torch_extensions``); a fresh machine's first run waited for
+the compiler inside its start-up. ``python -m mmdist.train.ops`` builds it ahead of time; later
+loads find it compiled. On a GPU machine DeepSpeed uses NCCL and nothing is built here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def build_ops() -> dict[str, float]:
+    """Build (or find already built) the ops a CPU run loads; seconds per op."""
+    from mmdist.train.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()  # before deepspeed.accelerator: without MLflow
+    from deepspeed.accelerator import get_accelerator
+    out: dict[str, float] = {}
+    if get_accelerator().device_name() != "cpu":
+        return out
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return out
+    t0 = time.perf_counter()
+    builder.load(verbose=False)
+    out[builder.NAME] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> None:
+    print("[mmdist] building DeepSpeed's CPU ops (once per machine; a minute the first time)",
+          flush=True)
+    built = build_ops()
+    print("[mmdist] DeepSpeed ops ready: "
+          + (", ".join(f"{k} ({v:.1f} s)" for k, v in built.items()) or "none needed"),
+          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
