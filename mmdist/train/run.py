@@ -262,7 +262,8 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     reg = {"model_uri": None, "alias": None, "version": None}
     if cfg.tracking.register:
         with result.checkpoint.as_directory() as ckpt_dir:
-            reg = register_model(uri, run_id, Path(ckpt_dir) / "model", cfg, metrics)
+            reg = register_model(uri, run_id, Path(ckpt_dir) / "model", cfg, metrics,
+                                 checkpoint=result.checkpoint.path)
     tracking.retry(lambda: tracking.set_terminated(uri, run_id, "FINISHED"),
                    "closing the MLflow run")
     return {
@@ -271,6 +272,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "run_name": run_name,
         "model_uri": reg["model_uri"],
         "alias": reg["alias"],
+        "alias_error": reg.get("alias_error"),
         "global_step": int(out.get("global_step", result.metrics.get("global_step", 0))),
         "bad_steps": int(out.get("bad_steps_total", 0)),
         "resumes": out.get("resumes", []),
@@ -313,7 +315,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     for k, v in sorted(s["metrics"].items()):
         print(f"{k:<12} {v:.4f}")
     if s["model_uri"]:
-        print(f"model        {s['model_uri']}  (alias @{s['alias']})")
+        print(f"model        {s['model_uri']}  "
+              + (f"(alias @{s['alias']})" if s["alias"] else "(no alias: see above)"))
     print(f"tracking     {s['tracking_uri']}")
     if s["tracking_uri"].startswith("sqlite:///"):
         print(f"open the UI  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1")

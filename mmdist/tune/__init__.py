@@ -227,6 +227,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
         "failed_trials": len(failed), "failed": failed, "dropped": dropped,
         "best_config": best["overrides"], "best_metric": best["metric"],
         "metric": metric, "model_uri": reg["model_uri"], "alias": reg["alias"],
+        "alias_error": reg.get("alias_error"),
         "report_dir": str(report_dir), "trial_steps": sum(r["steps"] for r in rows),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -60,6 +60,74 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     assert metrics["val_accuracy"] == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)
 
 
+def test_registration_happens_once_and_never_aliases_on_missing_facts(trained, monkeypatch):
+    """A registration whose first request reached the server and then timed out, and a
+    resubmitted job, both end with one version; a champion lookup that fails for another reason
+    than "no champion" registers the version without an alias and names `mmdist promote`."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mmdist.train import register as reg
+
+    s, uri = trained["summary"], trained["uri"]
+    client = MlflowClient(uri)
+    model_dir, ckpt = Path(s["checkpoint"]) / "model", s["checkpoint"]
+    experiment = client.get_run(s["run_id"]).info.experiment_id
+    logged = lambda: client.search_logged_models([experiment])  # noqa: E731
+    n_logged = len(logged())
+    real, created = mlflow.register_model, []
+
+    def times_out_once(*a, **k):
+        v = real(*a, **k)
+        created.append(str(v.version))
+        if len(created) == 1:
+            raise TimeoutError("read timed out (the server stored the version)")
+        return v
+
+    monkeypatch.setattr(mlflow, "register_model", times_out_once)
+    cfg = trained["cfg"].override(["tracking.model_name=once-model"])
+    first = reg.register_model(uri, s["run_id"], model_dir, cfg, s["metrics"], checkpoint=ckpt,
+                               wait_s=0)
+    again = reg.register_model(uri, s["run_id"], model_dir, cfg, s["metrics"], checkpoint=ckpt,
+                               wait_s=0)  # the job resubmitted
+    assert created == ["1"]  # the retry found version 1 and created none
+    assert first["version"] == again["version"] == "1" and first["alias"] == "champion"
+    assert [str(v.version) for v in client.search_model_versions("name = 'once-model'")] == ["1"]
+    assert len(logged()) == n_logged  # training's own logged model of this checkpoint, reused
+    monkeypatch.undo()
+
+    def no_permission(self, name, alias):
+        raise MlflowException("user may not read model aliases", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", no_permission)
+    cfg = trained["cfg"].override(["tracking.model_name=unsure-model"])
+    out = reg.register_model(uri, s["run_id"], model_dir, cfg, s["metrics"], checkpoint=ckpt,
+                             attempts=2, wait_s=0)
+    monkeypatch.undo()
+    assert out["version"] == "1" and out["alias"] is None
+    assert "mmdist promote models:/unsure-model/1 --alias champion" in out["alias_error"]
+    assert "may not read model aliases" in out["alias_error"]
+    assert client.get_registered_model("unsure-model").aliases == {}
+
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "promote", "models:/unsure-model/1",
+                        "--json"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["alias_uri"] == \
+        "models:/unsure-model@champion"
+    assert str(client.get_model_version_by_alias("unsure-model", "champion").version) == "1"
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "promote", "models:/unsure-model/7"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 1 and "models:/unsure-model/7" in r.stderr, r.stderr[-2000:]
+
+
 def _mixed_modality_shards(tmp_path):
     """A JSONL source whose rows have either an image or an audio clip (never both)."""
     import json

@@ -34,6 +34,8 @@ CASES: dict[str, tuple[list[str], dict]] = {
                   "split": "train"}),
     "pull": (["--dst", "out", "models:/m@champion", "--json"],
              {"dst": "out", "uri": "models:/m@champion", "json": True}),
+    "promote": (["models:/m/3", "--json", "--alias", "challenger"],
+                {"uri": "models:/m/3", "json": True, "alias": "challenger"}),
     "predict": (["--text", "a red circle", "--json", "--model", "models:/m@champion"],
                 {"text": "a red circle", "json": True, "model": "models:/m@champion"}),
     "preflight": (["--sweep", "train.num_workers=1", "--timeout", "5",
