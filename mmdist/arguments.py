@@ -10,6 +10,20 @@ import argparse
 import importlib
 
 
+def repeated_override(overrides: list[str]) -> str | None:
+    """The problem of a ``key=value`` list that sets one key to two different values (which
+    one was meant is a guess), or None."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            continue
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k in seen and seen[k] != v:
+            return (f"{k} is given twice ({k}={seen[k]}, then {k}={v}); keep the one you mean")
+        seen[k] = v
+    return None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser that takes flags and positionals in any order.
 
@@ -19,7 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
     (``parse_known_intermixed_args``); one with sub-commands parses as usual up to the command
     name, and the command's own parser (of this class too: ``add_subparsers`` makes its
     parsers of the parent's class) then takes the rest intermixed. Used by ``mmdist`` and by
-    every ``jobs/*.py`` entrypoint.
+    every ``jobs/*.py`` entrypoint. A ``KEY=VALUE`` list that sets one key to two different
+    values is refused, naming the key (:func:`repeated_override`).
     """
 
     _intermixing = False
@@ -31,9 +46,13 @@ class ArgumentParser(argparse.ArgumentParser):
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            ns, rest = self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+        problem = repeated_override(getattr(ns, "overrides", None) or [])
+        if problem:
+            self.error(problem)
+        return ns, rest
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

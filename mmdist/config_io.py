@@ -2,7 +2,8 @@
 
 Dotted ``key=value`` overrides merged into a nested dict, CLI strings read as YAML for the type
 of their field, and pydantic's validation errors turned into one ``key=value: problem`` line
-each, with every problem found in one call. Imports nothing from mmdist: ``mmdist.config`` is
+each, with every problem found in one call; YAML is read by :func:`load_yaml`, which refuses
+Python tags, oversized texts and alias bombs. Imports nothing from mmdist: ``mmdist.config`` is
 its one user.
 """
 
@@ -19,6 +20,49 @@ from pydantic import BaseModel, ValidationError, ValidationInfo
 
 _NONE = ("none", "null", "~")
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+MAX_YAML_BYTES = 1 << 20  # a config file is a few kB
+MAX_YAML_NODES = 100_000  # values after aliases are expanded (a billion laughs has 10**9)
+
+
+class YAMLBomb(yaml.YAMLError):
+    """YAML whose aliases expand to more values than any config holds, or refer to themselves."""
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` (no Python tags: they are refused) that also refuses a text over
+    :data:`MAX_YAML_BYTES` and aliases that expand past :data:`MAX_YAML_NODES` values or into
+    themselves, before anything is built from them.
+
+    Raises:
+        yaml.YAMLError: not YAML, a Python tag, or one of the above (:class:`YAMLBomb`).
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise YAMLBomb(f"{len(text)} characters; a config is at most {MAX_YAML_BYTES}")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node, open_: set[int]) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_:
+            raise YAMLBomb(f"line {n.start_mark.line + 1}: an alias refers to itself")
+        open_.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(c, open_) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k, open_) + size(v, open_) for k, v in n.value)
+        open_.discard(id(n))
+        sizes[id(n)] = total
+        if total > MAX_YAML_NODES:
+            raise YAMLBomb(f"line {n.start_mark.line + 1}: its aliases expand to {total:,} "
+                           f"values or more; a config holds at most {MAX_YAML_NODES:,}")
+        return total
+
+    size(node, set())
+    return yaml.safe_load(text)
 
 
 def from_text(value: Any, tp: Any) -> Any:
@@ -33,7 +77,7 @@ def from_text(value: Any, tp: Any) -> Any:
     base = type(get_args(tp)[0]) if get_origin(tp) is Literal else get_origin(tp) or tp
     if isinstance(value, str) and base is not str:
         try:
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         except yaml.YAMLError:
             return value
     if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -95,7 +139,7 @@ def read_yaml(name_or_path: str, config_dir: Path) -> tuple[Path, dict[str, Any]
         raise FileNotFoundError(
             f"config {name_or_path!r}: no such file and no such preset; presets: {presets}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         return path, {}, [f"{path}: not valid YAML: {e}"]
     if not isinstance(raw, dict):

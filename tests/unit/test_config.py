@@ -108,6 +108,42 @@ def test_yaml_file_and_missing_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_hostile_yaml_is_refused_naming_the_file_and_builds_nothing(tmp_path):
+    marker = tmp_path / "PWNED"
+    files = {
+        # a Python tag: safe loading refuses it, nothing runs
+        "tag.yaml": f"model: !!python/object/apply:os.system ['touch {marker}']\n",
+        # a billion laughs: 9 levels of 10 aliases, 10**9 values once expanded
+        "laughs.yaml": "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+            f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi")) + "train: {epochs: 1}\n",
+        "loop.yaml": "model: &m\n  inner: *m\n",
+        "huge.yaml": "train:\n  epochs: 1\n" + "# padding\n" * 200_000,
+    }
+    expected = {"tag.yaml": "python/object", "laughs.yaml": "expand to",
+                "loop.yaml": "refers to itself", "huge.yaml": "at most"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path / name))
+        assert name in str(e.value) and expected[name] in str(e.value), str(e.value)
+    assert not marker.exists()
+    # anchors within reason still work
+    (tmp_path / "ok.yaml").write_text("model: &m {fusion: add}\ntrain: {epochs: 1}\n")
+    assert load_config(str(tmp_path / "ok.yaml")).model.fusion == "add"
+
+
+def test_a_key_given_twice_with_two_values_is_refused_by_name(capsys):
+    from mmdist.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["config", "show", "demo", "train.lr=0.1", "model.fusion=add", "train.lr=0.2"])
+    assert e.value.code == 2
+    assert "train.lr is given twice (train.lr=0.1, then train.lr=0.2)" in capsys.readouterr().err
+    args = build_parser().parse_args(["config", "show", "demo", "train.lr=0.1", "train.lr=0.1"])
+    assert args.overrides == ["train.lr=0.1", "train.lr=0.1"]  # the same value twice is fine
+
+
 def _mmdist(*args):
     return subprocess.run([sys.executable, "-m", "mmdist.cli", *args], capture_output=True,
                           text=True, timeout=120)
