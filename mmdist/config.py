@@ -90,6 +90,11 @@ class DataConfig(Section):
     tokenizer: str | None = None
     augment: bool = False  # random crop/flip of images in training
     shard_rows: int = Field(1000, ge=1)  # target rows per Parquet shard
+    # `mmdist prepare` quarantines rows past these (decompression bombs, endless audio, a
+    # caption that is a whole book)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # width x height of a source image
+    max_audio_seconds: float = Field(600.0, gt=0)  # duration of a source clip
+    max_text_chars: int = Field(20_000, ge=1)  # characters of a text or target
     cpus_per_task: float = Field(0.5, gt=0)  # per Ray Data task; a fraction fits beside workers
     deterministic: bool = True  # same seed -> same order on every rank; false: blocks as they come
 

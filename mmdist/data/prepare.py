@@ -47,6 +47,7 @@ from mmdist.data.sources import (
     AudioCapsSource,
     CocoSource,
     JsonlSource,
+    RowLimits,
     SourceError,
     SyntheticSource,
     load_record,
@@ -83,6 +84,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", metavar="FILE",
                         help="jsonl: one JSON object per line (image, audio, text, target, label)")
     parser.add_argument("--audio", metavar="DIR", help="audiocaps: directory of the audio files")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="coco, jsonl, audiocaps: read media paths that lead outside the "
+                             "dataset folder (absolute, '..', symlinks out); by default such rows "
+                             "are quarantined")
     parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
                         help="fraction of rows (grouped by image/audio file) held out for "
                              "validation (default: data.val_fraction)")
@@ -138,11 +143,14 @@ def build_source(args: argparse.Namespace, data: DataConfig):
         return DigitsSource(num_samples=data.synthetic_samples, seed=args.seed,
                             image_size=data.image_size, audio_seconds=data.audio_seconds,
                             caption=args.digits_caption, label=args.digits_label)
+    limits, outside = RowLimits.from_config(data), bool(getattr(args, "allow_outside_root", False))
     if args.source == "coco":
-        return CocoSource(captions=args.captions, images=args.images)
+        return CocoSource(captions=args.captions, images=args.images, limits=limits,
+                          allow_outside_root=outside)
     if args.source == "jsonl":
-        return JsonlSource(manifest=args.manifest)
-    return AudioCapsSource(captions=args.captions, audio=args.audio)
+        return JsonlSource(manifest=args.manifest, limits=limits, allow_outside_root=outside)
+    return AudioCapsSource(captions=args.captions, audio=args.audio, limits=limits,
+                           allow_outside_root=outside)
 
 
 def prepared_data(cfg: Config) -> DataConfig:

@@ -9,8 +9,9 @@ A source works in two steps so that the expensive part can run in parallel (Ray 
 ``records()`` raises ``SourceError`` when the source cannot be read at all (missing captions
 file, not JSON, no usable columns). ``load()`` returns a row of ``schema.SHARD_SCHEMA``
 (``sample_id, text, target, label, image, audio``) or raises :class:`RowError` naming what is
-wrong (missing file, undecodable image/audio, empty text, wrong types); such rows go to
-quarantine. Every record has a stable ``sample_id`` (its position in the source), an
+wrong (missing file, undecodable image/audio, empty text, wrong types, past the
+:class:`RowLimits`, a path leading out of the dataset folder, a duplicate id, a line that is not
+UTF-8); such rows go to quarantine and the rest of the source is kept. Every record has a stable ``sample_id`` (its position in the source), an
 ``origin`` (file and line/annotation, for people) and a ``group`` (rows of one group, e.g. the
 captions of one image, always land in the same split).
 """
@@ -49,15 +50,48 @@ class RowError(ValueError):
 # ---- validation shared by every source --------------------------------------------------------
 
 
-def check_image(data: bytes) -> None:
+@dataclass(frozen=True)
+class RowLimits:
+    """The most a row may hold (``data.max_image_pixels``, ``max_audio_seconds``,
+    ``max_text_chars``): past them a row is quarantined, before it is decoded where the header
+    tells."""
+
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+    max_text_chars: int = 20_000
+
+    @classmethod
+    def from_config(cls, data: Any) -> RowLimits:
+        return cls(data.max_image_pixels, data.max_audio_seconds, data.max_text_chars)
+
+
+def inside(root: str | Path, rel: str, what: str, allow_outside: bool = False) -> str:
+    """``root / rel``, refused (RowError) when it leads out of ``root``: an absolute path,
+    ``..``, or a symlink to elsewhere, unless ``allow_outside``."""
+    p = Path(root) / rel
+    if allow_outside:
+        return str(p)
+    top, real = Path(root).resolve(), p.resolve()
+    if real != top and top not in real.parents:
+        raise RowError(f"{what} path outside the dataset folder (pass --allow-outside-root to "
+                       f"read it): {rel!r} leads to {real}, outside {root}")
+    return str(p)
+
+
+def check_image(data: bytes, max_pixels: int = RowLimits.max_image_pixels) -> None:
     """Decode image bytes the way training will (any mode -> 8-bit RGB, see
     ``image.decode_image``); raise RowError when that fails, so a row that passes here
-    never turns into a missing image at training time."""
+    never turns into a missing image at training time. The size in the header is checked
+    against ``max_pixels`` before the pixels are decoded (a decompression bomb)."""
     mode = None
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size[0] < 1 or img.size[1] < 1:
                 raise RowError(f"empty image: size {img.size}")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise RowError(f"image too large: {w} x {h} = {w * h:,} pixels, over "
+                               f"data.max_image_pixels={max_pixels:,}")
             mode = img.mode
         decode_image(data, 8)  # parses the whole bitstream and converts the mode
     except RowError:
@@ -70,12 +104,19 @@ def check_image(data: bytes) -> None:
                        f"{type(e).__name__}: {msg}") from None
 
 
-def check_audio(data: bytes) -> None:
-    """Fully decode WAV/FLAC bytes; raise RowError when soundfile cannot or it is empty."""
+def check_audio(data: bytes, max_seconds: float = RowLimits.max_audio_seconds) -> None:
+    """Fully decode WAV/FLAC bytes; raise RowError when soundfile cannot, it is empty, or it
+    lasts longer than ``max_seconds`` (by its header, then by what decodes)."""
     if not data:
         raise RowError("undecodable audio: empty file (0 bytes)")
     try:
+        info = sf.info(io.BytesIO(data))
+        if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+            raise RowError(f"audio too long: {info.frames / info.samplerate:,.1f} s, over "
+                           f"data.max_audio_seconds={max_seconds:g}")
         wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except RowError:
+        raise
     except Exception as e:
         # soundfile names the in-memory buffer (<_io.BytesIO object at 0x...>); drop that
         msg = re.sub(r"Error opening <_io\.BytesIO object at 0x[0-9a-f]+>: ", "", str(e))
@@ -84,6 +125,9 @@ def check_audio(data: bytes) -> None:
         raise RowError(f"empty audio: 0 samples ({wav.shape[1]} channel(s) at {rate} Hz)")
     if not np.isfinite(wav).all():
         raise RowError("bad audio: samples are NaN or infinite")
+    if wav.shape[0] / rate > max_seconds:  # a header that under-stated the length
+        raise RowError(f"audio too long: {wav.shape[0] / rate:,.1f} s, over "
+                       f"data.max_audio_seconds={max_seconds:g}")
 
 
 def read_file(path: str | Path, what: str) -> bytes:
@@ -110,14 +154,19 @@ def _check_label(value: Any, name: str) -> int:
 def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = None,
              image: bytes | None = None, audio: bytes | None = None,
              text_required: bool = False, label_image: Any = None,
-             label_audio: Any = None) -> dict[str, Any]:
+             label_audio: Any = None, limits: RowLimits = RowLimits()) -> dict[str, Any]:
     """Validate the fields of one row and return it in the shard schema.
 
     Raises:
-        RowError: wrong types, empty text, no modality at all, undecodable image/audio.
+        RowError: wrong types, empty text, no modality at all, undecodable image/audio, past
+            ``limits``.
     """
     if text is not None and not isinstance(text, str):
         raise RowError(f"text must be a string: got {type(text).__name__} {text!r:.60}")
+    for name, value in (("text", text), ("target", target)):
+        if isinstance(value, str) and len(value) > limits.max_text_chars:
+            raise RowError(f"{name} too long: {len(value):,} characters, over "
+                           f"data.max_text_chars={limits.max_text_chars:,}")
     if text is not None and not text.strip():
         raise RowError("empty text")
     if text is None and text_required:
@@ -132,9 +181,9 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
     if text is None and image is None and audio is None:
         raise RowError("no text, image or audio")
     if image is not None:
-        check_image(image)
+        check_image(image, limits.max_image_pixels)
     if audio is not None:
-        check_audio(audio)
+        check_audio(audio, limits.max_audio_seconds)
     return {"sample_id": int(sample_id), "text": text, "target": target, "label": label,
             "image": image, "audio": audio, "label_image": label_image,
             "label_audio": label_audio}
@@ -180,6 +229,8 @@ class CocoSource:
 
     captions: str
     images: str
+    limits: RowLimits = RowLimits()
+    allow_outside_root: bool = False  # image paths may lead out of --images
     name: str = "coco"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -195,6 +246,7 @@ class CocoSource:
                 files[img["id"]] = img["file_name"]
         if not data["annotations"]:
             raise SourceError(f"--captions {self.captions}: no rows ('annotations' is empty)")
+        ids: dict[str, int] = {}
         for i, ann in enumerate(data["annotations"]):
             rec = {"sample_id": i, "origin": f"{self.captions}: annotations[{i}]",
                    "group": f"annotation {i}"}
@@ -202,16 +254,23 @@ class CocoSource:
                 rec["error"] = f"annotation is not an object: {ann!r:.60}"
             elif ann.get("image_id") not in files:
                 rec["error"] = f"image_id not listed in 'images': {ann.get('image_id')!r}"
+            elif "id" in ann and (first := _first_of(ids, ann["id"], i)) is not None:
+                rec["error"] = f"duplicate id: {ann['id']!r}, first at annotations[{first}]"
             else:
-                rec.update(group=f"image {ann['image_id']}", text=ann.get("caption"),
-                           image_path=str(Path(self.images) / files[ann["image_id"]]))
+                rec.update(group=f"image {ann['image_id']}", text=ann.get("caption"))
+                try:
+                    rec["image_path"] = inside(self.images, str(files[ann["image_id"]]),
+                                               "image", self.allow_outside_root)
+                except RowError as e:
+                    rec["error"] = str(e)
             yield rec
 
     def load(self, record: dict[str, Any]) -> dict[str, Any]:
         if "error" in record:
             raise RowError(record["error"])
         image = read_file(record["image_path"], "image")
-        return make_row(record["sample_id"], text=record["text"], image=image, text_required=True)
+        return make_row(record["sample_id"], text=record["text"], image=image, text_required=True,
+                        limits=self.limits)
 
 
 @dataclass(frozen=True)
@@ -220,6 +279,8 @@ class JsonlSource:
     manifest), ``text``, ``target``, ``label``, ``label_image``, ``label_audio``."""
 
     manifest: str
+    limits: RowLimits = RowLimits()
+    allow_outside_root: bool = False  # media paths may lead out of the manifest's folder
     name: str = "jsonl"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -227,16 +288,26 @@ class JsonlSource:
         if not path.is_file():
             raise SourceError(f"--manifest {path}: no such file")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
+            lines = path.read_bytes().splitlines()
+        except OSError as e:
             raise SourceError(f"--manifest {path}: cannot read: {e}") from None
         base = path.parent
         i = 0
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
+        ids: dict[str, int] = {}
+        for lineno, raw in enumerate(lines, 1):
+            try:  # one line that is not UTF-8 is one bad row, not a lost manifest
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                line = None
+                bad = f"line is not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+            if line is not None and not line.strip():
                 continue
             rec: dict[str, Any] = {"sample_id": i, "origin": f"{path}:{lineno}", "group": f"{i}"}
             i += 1
+            if line is None:
+                rec["error"] = bad
+                yield rec
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -254,6 +325,10 @@ class JsonlSource:
                                 f"label_image, label_audio, id): {unknown}")
                 yield rec
                 continue
+            if "id" in obj and (first := _first_of(ids, obj["id"], lineno)) is not None:
+                rec["error"] = f"duplicate id: {obj['id']!r}, first on line {first}"
+                yield rec
+                continue
             for key in ("image", "audio"):
                 v = obj.get(key)
                 if v is None:
@@ -261,7 +336,11 @@ class JsonlSource:
                 if not isinstance(v, str):
                     rec["error"] = f"{key} must be a path string: got {type(v).__name__}"
                     break
-                rec[f"{key}_path"] = str(base / v)
+                try:
+                    rec[f"{key}_path"] = inside(base, v, key, self.allow_outside_root)
+                except RowError as e:
+                    rec["error"] = str(e)
+                    break
             if "image_path" in rec or "audio_path" in rec:
                 # rows sharing a media file share a split; its path as the manifest writes it,
                 # not where the dataset lies today, so a moved dataset splits the same way
@@ -281,7 +360,7 @@ class JsonlSource:
         return make_row(record["sample_id"], text=record.get("text"), target=record.get("target"),
                         label=record.get("label"), image=image, audio=audio,
                         label_image=record.get("label_image"),
-                        label_audio=record.get("label_audio"))
+                        label_audio=record.get("label_audio"), limits=self.limits)
 
 
 _FILE_COLUMNS = ("file_name", "filename", "file", "path", "audio", "youtube_id", "audiocap_id")
@@ -295,6 +374,8 @@ class AudioCapsSource:
 
     captions: str
     audio: str
+    limits: RowLimits = RowLimits()
+    allow_outside_root: bool = False  # file names may lead out of --audio
     name: str = "audiocaps"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -325,25 +406,40 @@ class AudioCapsSource:
                 if not name:
                     rec["error"] = f"empty {file_col}"
                 else:
-                    rec["audio_path"] = self._resolve(name)
+                    try:
+                        rec["audio_path"] = inside(self.audio, self._resolve(name), "audio",
+                                                   self.allow_outside_root)
+                    except RowError as e:
+                        rec["error"] = str(e)
                 yield rec
         if i == 0:
             raise SourceError(f"--captions {path}: no rows (a header and no captions)")
 
     def _resolve(self, name: str) -> str:
+        """``name`` relative to ``--audio``, with ``.wav`` or ``.flac`` added when it has none."""
         p = Path(self.audio) / name
         if p.suffix.lower() in AUDIO_EXTENSIONS or p.exists():
-            return str(p)
+            return name
         for ext in AUDIO_EXTENSIONS:
             if p.with_name(p.name + ext).exists():
-                return str(p.with_name(p.name + ext))
-        return str(p.with_name(p.name + ".wav"))
+                return name + ext
+        return name + ".wav"
 
     def load(self, record: dict[str, Any]) -> dict[str, Any]:
         if "error" in record:
             raise RowError(record["error"])
         audio = read_file(record["audio_path"], "audio")
-        return make_row(record["sample_id"], text=record["text"], audio=audio, text_required=True)
+        return make_row(record["sample_id"], text=record["text"], audio=audio, text_required=True,
+                        limits=self.limits)
+
+
+def _first_of(seen: dict[str, int], value: Any, where: int) -> int | None:
+    """Where ``value`` was first seen (None the first time; then it is recorded at ``where``)."""
+    key = json.dumps(value, sort_keys=True, default=str)
+    if key in seen:
+        return seen[key]
+    seen[key] = where
+    return None
 
 
 def _load_json(path: str) -> Any:

@@ -262,3 +262,98 @@ def test_image_and_audio_bytes_in_shards_decode(tmp_path):
     for r in _all_rows(out):
         assert Image.open(io.BytesIO(r["image"])).size == (16, 16)
         assert sf.read(io.BytesIO(r["audio"]))[1] == 8000
+
+
+def test_hostile_rows_are_quarantined_naming_what_and_the_rest_kept(tmp_path):
+    import os
+    import struct
+
+    from mmdist.data.sources import RowLimits
+
+    root = tmp_path / "set"
+    (root / "media").mkdir(parents=True)
+    _png(root / "media" / "ok.png")
+    _wav(root / "media" / "ok.wav")
+    _png(tmp_path / "outside.png")  # beside the dataset folder, not in it
+    os.symlink(tmp_path / "outside.png", root / "media" / "link.png")
+    # a decompression bomb: 10000 x 5000 pixels (50M, over the 40M default) in a tiny file
+    Image.new("L", (10_000, 5_000)).save(root / "media" / "bomb.png")
+    assert (root / "media" / "bomb.png").stat().st_size < 200_000
+    t = np.arange(16_000) / 8000  # 2 s, over the limit below
+    sf.write(root / "media" / "long.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+             8000)
+    wav = bytearray((root / "media" / "ok.wav").read_bytes())  # a header claiming 2 GiB
+    i = wav.find(b"data")
+    wav[i + 4:i + 8] = struct.pack("<I", 0x7FFFFFF0)
+    (root / "media" / "lying.wav").write_bytes(bytes(wav))
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(4000, np.float32), 8000, format="FLAC")
+    (root / "media" / "cut.flac").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    rows = [
+        {"image": "media/ok.png", "text": "fine", "id": "a"},
+        {"image": "media/bomb.png", "text": "bomb"},
+        {"audio": "media/long.wav", "text": "too long"},
+        {"audio": "media/lying.wav", "text": "a header that lies"},
+        {"audio": "media/cut.flac", "text": "cut flac"},
+        {"text": "word " * 1000},
+        {"image": "../outside.png", "text": "dot dot"},
+        {"image": str(tmp_path / "outside.png"), "text": "absolute"},
+        {"image": "media/link.png", "text": "symlink out"},
+        {"image": "media/ok.png", "text": "same id", "id": "a"},
+    ]
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(3, b'{"text": "caf\xe9 in latin-1"}')  # line 4: not UTF-8
+    (root / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    limits = RowLimits(max_audio_seconds=1.5, max_text_chars=1000)
+    out = tmp_path / "out"
+    s = convert(JsonlSource(str(root / "m.jsonl"), limits=limits), out, DATA)
+    _check_invariant(s, out)
+    reasons = {q["origin"].rsplit(":", 1)[1]: q["reason"] for q in _quarantine(out)}
+    assert reasons["2"].startswith("image too large: 10000 x 5000 = 50,000,000 pixels")
+    assert "data.max_image_pixels=40,000,000" in reasons["2"]
+    assert reasons["3"].startswith("audio too long: 2.0 s, over data.max_audio_seconds=1.5")
+    assert reasons["4"] == "line is not UTF-8 text: byte 0xe9 at column 14"
+    assert reasons["6"].startswith("undecodable audio")  # the cut FLAC
+    assert reasons["7"].startswith("text too long: 5,000 characters")
+    for line, shown in (("8", "'../outside.png'"), ("9", "outside.png"), ("10", "link.png")):
+        assert reasons[line].startswith("image path outside the dataset folder (pass "
+                                        "--allow-outside-root"), reasons[line]
+        assert shown in reasons[line]
+    assert reasons["11"] == "duplicate id: 'a', first on line 1"
+    kept = {r["text"]: r for r in _all_rows(out)}
+    assert set(kept) == {"fine", "a header that lies"}  # over-stated length: decoded as it is
+    assert sf.read(io.BytesIO(kept["a header that lies"]["audio"]))[0].shape == (2000,)
+    assert not (out / "quarantine.jsonl").read_text().count("word word")  # values stay out
+
+    # the flag lets paths out of the folder through; the defaults take the long clip and caption
+    out2 = tmp_path / "out2"
+    s2 = convert(JsonlSource(str(root / "m.jsonl"), allow_outside_root=True), out2, DATA)
+    texts = {r["text"] for r in _all_rows(out2)}
+    assert {"dot dot", "absolute", "symlink out", "too long", "word " * 1000} <= texts
+    assert s2["rows_quarantined"] == 4  # the bomb, the line not UTF-8, the cut FLAC, the same id
+
+
+def test_coco_and_audiocaps_paths_out_of_their_folder_are_quarantined(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "audio").mkdir()
+    _png(tmp_path / "images" / "in.png")
+    _png(tmp_path / "out.png")
+    _wav(tmp_path / "audio" / "in.wav")
+    _wav(tmp_path / "out.wav")
+    coco = {"images": [{"id": 1, "file_name": "in.png"}, {"id": 2, "file_name": "../out.png"}],
+            "annotations": [{"image_id": 1, "caption": "in", "id": 7},
+                            {"image_id": 2, "caption": "out", "id": 8},
+                            {"image_id": 1, "caption": "again", "id": 7}]}
+    (tmp_path / "caps.json").write_text(json.dumps(coco))
+    s = convert(CocoSource(str(tmp_path / "caps.json"), str(tmp_path / "images")),
+                tmp_path / "o1", DATA)
+    assert s["rows_written"] == 1
+    assert s["quarantine_reasons"] == {"image path outside the dataset folder (pass "
+                                       "--allow-outside-root to read it)": 1, "duplicate id": 1}
+    with (tmp_path / "caps.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "caption"], ["in.wav", "in"],
+                                 ["../out.wav", "out"]])
+    s = convert(AudioCapsSource(str(tmp_path / "caps.csv"), str(tmp_path / "audio")),
+                tmp_path / "o2", DATA)
+    assert s["rows_written"] == 1 and list(s["quarantine_reasons"]) == [
+        "audio path outside the dataset folder (pass --allow-outside-root to read it)"]
