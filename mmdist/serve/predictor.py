@@ -16,9 +16,9 @@ import torch
 
 from mmdist.config import Config
 from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
+from mmdist.data.rows import check_audio, check_image
 from mmdist.data.schema import as_tensors
 from mmdist.data.shards import canonical_batches
-from mmdist.data.sources import check_audio, check_image
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.models.model_files import AUDIO_PROCESSOR_DIR, load_model
 from mmdist.tasks import compute_metrics

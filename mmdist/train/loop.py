@@ -19,7 +19,7 @@ Rules that keep ranks in lock step (a hang in a collective is the worst failure 
 The hot loop reads nothing back from the device on an ordinary step (on a GPU each read drains
 the kernel queue): the training loss is summed on the device and read at log steps, sample ids
 come from the CPU copy of the batch, and a step whose gradients are not finite is skipped by
-DeepSpeed's optimizer, which counts it in ``engine.skipped_steps`` (:class:`_NonFiniteSteps`).
+DeepSpeed's optimizer, which counts it in ``engine.skipped_steps`` (:class:`mmdist.train.watch.NonFiniteSteps`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 # timed between these two marks
 # ruff: noqa: E402
 _IMPORT_STARTED = time.time()
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import ray.train
@@ -50,6 +50,7 @@ from mmdist.train.engine import build_engine
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
+from mmdist.train.watch import NonFiniteSteps, Startup
 
 _IMPORTED = time.time()
 
@@ -92,7 +93,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     engine_ready = time.time()
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
     state = checkpointer.restore()
-    startup = _Startup(job, entered, engine_ready, time.time())
+    startup = Startup(job, (_IMPORT_STARTED, _IMPORTED), entered, engine_ready, time.time())
 
     faults = Faults.parse(job.faults, job.storage, rank)
     tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to
@@ -101,7 +102,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
     per_rank = micro_batches_per_rank(cfg, job.train_rows, world)
     eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
-    bad_steps = _NonFiniteSteps(t.max_bad_steps, reporter.say, engine.skipped_steps)
+    bad_steps = NonFiniteSteps(t.max_bad_steps, reporter.say, engine.skipped_steps)
     train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)
     watch = ConstantWatch(constant_losses(cfg, job.labels), reporter.say,
                           lambda v: _mean_across_ranks(v, device))
@@ -181,69 +182,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # ---- helpers of the loop -----------------------------------------------------------------
-
-
-class _Startup:
-    """Seconds from ``mmdist train`` to this attempt's first optimizer step, by phase: the
-    driver's own (``Job.driver_phases``), then Ray Train starting the workers, the worker's
-    imports, its process group, the engine, the checkpoint restore and the first step (the
-    data pipeline's start, one forward, backward and optimizer step)."""
-
-    def __init__(self, job: Job, entered: float, engine_ready: float, restored: float):
-        self.started_at = job.started_at
-        self.phases: dict[str, float] = dict(job.driver_phases)
-        marks = [("ray_train_start", job.fit_at, _IMPORT_STARTED),
-                 ("worker_imports", _IMPORT_STARTED, _IMPORTED),
-                 ("process_group", _IMPORTED, entered),
-                 ("engine", entered, engine_ready),
-                 ("restore", engine_ready, restored)]
-        for name, a, b in marks:
-            if a is not None:
-                self.phases[name] = round(max(0.0, b - a), 2)
-        self.restored = restored
-        self.total: float | None = None
-
-    def first_step(self, say: Callable[[str], None]) -> None:
-        if self.total is not None:
-            return
-        now = time.time()
-        self.phases["first_step"] = round(now - self.restored, 2)
-        self.total = round(now - self.started_at, 2) if self.started_at else None
-        if self.total is not None:
-            say(f"first optimizer step {self.total:.1f} s after start ("
-                + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")")
-
-
-
-class _NonFiniteSteps:
-    """Counts optimizer steps skipped for non-finite gradients in ``state.bad_steps_total`` and
-    stops training after ``max_bad`` such steps in a row.
-
-    The skip itself is DeepSpeed's: its ZeRO, fp16 and bf16 optimizers (and
-    :class:`mmdist.train.optim.FiniteAdamW` at ZeRO-0 in fp32) leave the weights, the optimizer
-    state and the LR schedule untouched when the global gradient norm is not finite, and count
-    the step in ``engine.skipped_steps``; every rank sees the same reduced norm, so all agree.
-    The step still counts as a global step. Reading that host-side counter costs no device sync.
-    """
-
-    def __init__(self, max_bad: int, say: Callable[[str], None], skipped: int = 0):
-        self.max_bad, self.say, self.in_a_row, self.skipped = max_bad, say, 0, skipped
-
-    def after_step(self, skipped: int, state: TrainState) -> None:
-        """``skipped``: the engine's ``skipped_steps`` after the step that made ``state``."""
-        if skipped == self.skipped:
-            self.in_a_row = 0
-            return
-        self.skipped = skipped
-        self.in_a_row += 1
-        state.bad_steps_total += 1
-        self.say(f"step {state.global_step}: non-finite loss or gradients, update skipped "
-                 f"({self.in_a_row} in a row)")
-        if self.in_a_row >= self.max_bad:
-            raise FloatingPointError(
-                f"{self.in_a_row} consecutive non-finite losses at step {state.global_step} "
-                f"(train.max_bad_steps={self.max_bad}); lower train.lr or check the data. "
-                "The last good checkpoint is kept.")
 
 
 class _TrainLossLog:

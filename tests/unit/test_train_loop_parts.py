@@ -14,9 +14,10 @@ from mmdist.train import checkpoint as ck
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
-from mmdist.train.loop import _NonFiniteSteps, _TrainLossLog
+from mmdist.train.loop import _TrainLossLog
 from mmdist.train.optim import FiniteAdamW
 from mmdist.train.reporter import Reporter
+from mmdist.train.watch import NonFiniteSteps
 
 
 class _Engine:
@@ -134,7 +135,7 @@ def test_faults_count_micro_batches_and_fault_only_their_rank(tmp_path):
 def test_skipped_steps_are_counted_then_stop():
     """Fed DeepSpeed's ``skipped_steps`` after each optimizer step."""
     lines = []
-    guard = _NonFiniteSteps(3, lines.append, skipped=1)  # a resumed engine had skipped one
+    guard = NonFiniteSteps(3, lines.append, skipped=1)  # a resumed engine had skipped one
     state = ck.TrainState(global_step=5)
     for skipped in (2, 3, 3, 4, 5):
         guard.after_step(skipped, state)
