@@ -77,51 +77,60 @@ def image_png(scan: int, size: int, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-class _Espeak:
-    """espeak-ng through ctypes, synchronous synthesis into memory (one at a time)."""
+_SYNTH_LOCK = threading.Lock()
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                             ctypes.c_void_p)
+_LIBC = ctypes.CDLL(None)
 
-    def __init__(self):
-        import espeakng_loader  # the library and voice data, from its wheel
 
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
-        if rate != SPEECH_RATE:
-            raise RuntimeError(f"espeak-ng did not start (returned {rate})")
-        self.chunks: list[np.ndarray] = []
-        callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                    ctypes.c_void_p)
+def _say(text: str, voice: str, words_per_minute: int, pitch: int) -> np.ndarray:
+    """espeak-ng through ctypes: one synchronous synthesis into memory, from a fresh library.
 
-        def collect(wav, n, _events):
-            if n > 0:
-                self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0
+    espeak-ng keeps state between utterances in file-level variables (the pitch flutter phase)
+    that ``espeak_Terminate`` does not reset, and its breath-noise voices draw from its own seed
+    and the C library's ``rand``, so the same call gave a different waveform depending on what
+    the process said before. Loading the library afresh for every word (about 3 ms) and seeding
+    both generators makes each waveform a function of its arguments alone, whatever process or
+    order generates the rows.
+    """
+    import _ctypes
 
-        self._callback = callback(collect)  # kept alive as long as the library holds it
-        self.lib.espeak_SetSynthCallback(self._callback)
-        self.lock = threading.Lock()
+    import espeakng_loader  # the library and voice data, from its wheel
 
-    def say(self, text: str, voice: str, words_per_minute: int, pitch: int) -> np.ndarray:
-        with self.lock:
-            if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+    chunks: list[np.ndarray] = []
+
+    def collect(wav, n, _events):
+        if n > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    callback = _CALLBACK(collect)
+    with _SYNTH_LOCK:
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        try:
+            rate = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
+            if rate != SPEECH_RATE:
+                raise RuntimeError(f"espeak-ng did not start (returned {rate})")
+            lib.espeak_SetSynthCallback(callback)
+            _LIBC.srand(0)  # the breath-noise voices draw from the C library's rand()
+            lib.espeak_ng_SetRandSeed(0)
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise ValueError(f"espeak-ng has no voice {voice!r}")
-            self.lib.espeak_SetParameter(1, words_per_minute, 0)  # espeakRATE
-            self.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH (0..100)
-            self.chunks = []
+            lib.espeak_SetParameter(1, words_per_minute, 0)  # espeakRATE
+            lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH (0..100)
             data = text.encode()
-            self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
-            wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
-        return wav.astype(np.float32) / 32768.0
-
-
-@functools.cache
-def _espeak() -> _Espeak:
-    return _Espeak()
+            lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
+            lib.espeak_Terminate()
+        finally:
+            _ctypes.dlclose(lib._handle)  # the next word starts from the library's initial state
+    wav = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return wav.astype(np.float32) / 32768.0
 
 
 @functools.lru_cache(maxsize=2048)
 def spoken(digit: int, voice: int, words_per_minute: int, pitch: int) -> np.ndarray:
     """The word for ``digit`` in one voice (float32 at :data:`SPEECH_RATE`), trimmed."""
-    wav = _espeak().say(WORDS[digit], VOICES[voice], words_per_minute, pitch)
+    wav = _say(WORDS[digit], VOICES[voice], words_per_minute, pitch)
     loud = np.flatnonzero(np.abs(wav) > 0.01)
     return wav[loud[0]:loud[-1] + 1] if len(loud) else wav
 

@@ -8,7 +8,7 @@ import soundfile as sf
 from PIL import Image
 
 from mmdist.config import load_config
-from mmdist.data.digits import WORDS, DigitsSource, generate_row
+from mmdist.data.digits import WORDS, DigitsSource, generate_row, spoken
 from mmdist.data.prepare import convert
 from mmdist.train.startable import with_data_defaults
 
@@ -28,6 +28,17 @@ def test_rows_are_deterministic_and_pair_half_the_digits():
     assert rate == 22050 and len(wav) == 11025 and np.abs(wav).max() > 0.1  # a spoken word
     written = generate_row(3, 0, 32, 0.5, "written", "written")
     assert WORDS[written.written] in written.text and written.label == written.written
+
+
+def test_speech_does_not_depend_on_what_the_process_said_before():
+    """espeak-ng keeps state between words (flutter phase, breath noise): every voice, including
+    the breathy ones, must give the same waveform whatever was synthesized earlier."""
+    first = [generate_row(i, 5, 16, 0.5, "both", "same").audio for i in range(30)]
+    spoken.cache_clear()
+    for voice in range(14):  # a different history: every voice once, in another order
+        spoken(3, 13 - voice, 150, 40)
+    again = [generate_row(i, 5, 16, 0.5, "both", "same").audio for i in reversed(range(30))]
+    assert first == again[::-1]
 
 
 def test_prepare_records_per_modality_labels_and_training_uses_them(tmp_path):
