@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("mmdist.serve.pull", "download a registered model into a self-contained folder"),
     "predict": ("mmdist.serve.predict", "run a model on one image/audio/text example"),
     "promote": ("mmdist.serve.promote", "point an alias (champion) at a registered version"),
+    "serve": ("mmdist.serve.deploy", "serve a registered model over HTTP on Ray Serve"),
     "bench": ("mmdist.bench", "benchmarks: ingest, train, zero, mfu, sweep"),
     "preflight": ("mmdist.preflight", "check a cluster can run a config before submitting"),
     "config": ("mmdist.config_cli", "show the resolved config of a preset or YAML file"),

@@ -31,18 +31,19 @@ def _kind(doc: dict) -> str:
 def test_the_expected_files_exist():
     names = {p.relative_to(CLUSTER).as_posix() for p in YAMLS}
     assert {"aws.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml",
-            "kuberay/rayjob-train.yaml", "kuberay/rayjob-sweep.yaml"} <= names
+            "kuberay/rayjob-train.yaml", "kuberay/rayjob-sweep.yaml",
+            "kuberay/rayservice.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(CLUSTER).as_posix())
 def test_every_cluster_yaml_parses_and_is_known(path):
     for doc in _docs(path):
         kind = _kind(doc)
-        assert kind in {"launcher", "runtime_env", "RayCluster", "RayJob",
+        assert kind in {"launcher", "runtime_env", "RayCluster", "RayJob", "RayService",
                         "PersistentVolumeClaim"}, f"{path}: unknown document kind {kind!r}"
         {"launcher": _check_launcher, "runtime_env": _check_runtime_env,
          "RayCluster": _check_raycluster, "RayJob": _check_rayjob,
-         "PersistentVolumeClaim": _check_pvc}[kind](doc, path)
+         "RayService": _check_rayservice, "PersistentVolumeClaim": _check_pvc}[kind](doc, path)
 
 
 def _check_launcher(d: dict, path: Path):
@@ -125,6 +126,20 @@ def _check_rayjob(d: dict, path: Path):
     if "runtimeEnvYAML" in spec:
         yaml.safe_load(spec["runtimeEnvYAML"])
     _check_raycluster_spec(spec["rayClusterSpec"], path)
+
+
+def _check_rayservice(d: dict, path: Path):
+    """The Serve config is what mmdist.serve.deployment.build_app takes, and builds."""
+    from mmdist.serve.deployment import build_app
+
+    assert d["apiVersion"] == "ray.io/v1", f"{path}: apiVersion"
+    serve_config = yaml.safe_load(d["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["port"] == 8000, f"{path}: http_options.port"
+    for app in serve_config["applications"]:
+        assert app["import_path"] == "mmdist.serve.deployment:build_app", f"{path}: import_path"
+        assert app["args"]["model"].startswith("models:/"), f"{path}: args.model"
+        build_app(app["args"])  # refuses an arg it does not know, naming it
+    _check_raycluster_spec(d["spec"]["rayClusterConfig"], path)
 
 
 def _check_pvc(d: dict, path: Path):
