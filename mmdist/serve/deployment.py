@@ -12,8 +12,8 @@ answering until the switch, so no request is dropped or answered by a half-loade
 ``import_path: mmdist.serve.deployment:build_app`` with ``args: {model: models:/NAME@ALIAS}``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request)
+# at run time, and Serve's ingress wrapper cannot resolve them from strings.
 import asyncio
 import logging
 import os

@@ -21,6 +21,7 @@ from typing import Any
 
 from mmdist.config import Config
 from mmdist.tracking import retry
+from mmdist.train.model_env import pyfunc_code_paths, pyfunc_requirements
 
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serve" / "pyfunc_model.py"
 METRIC_TAG = "mmdist.primary_metric"
@@ -84,8 +85,7 @@ def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
                 name="model", python_model=str(PYFUNC_CODE),
                 artifacts={"model_dir": str(model_dir)},
                 signature=model_signature(), input_example=example,
-                pip_requirements=["torch", "torchvision", "transformers", "tokenizers",
-                                  "safetensors", "pillow", "soundfile", "pandas", "mlflow"],
+                pip_requirements=pyfunc_requirements(), code_paths=pyfunc_code_paths(),
                 tags={CHECKPOINT_TAG: identity})
         return info.model_uri
 
