@@ -20,6 +20,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "mfu": ("mmdist.bench.mfu", "model-FLOPs utilisation of the real training step"),
     "sweep": ("mmdist.bench.sweep", "ASHA vs full budget over the same sweep space"),
     "fusion": ("mmdist.bench.fusion", "every fusion method x stage on real data, against chance"),
+    "serve": ("mmdist.bench.serve", "Ray Serve with vs without request batching, 1-32 clients"),
 }
 
 

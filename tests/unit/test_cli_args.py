@@ -38,6 +38,11 @@ CASES: dict[str, tuple[list[str], dict]] = {
                 {"uri": "models:/m/3", "json": True, "alias": "challenger"}),
     "predict": (["--text", "a red circle", "--json", "--model", "models:/m@champion"],
                 {"text": "a red circle", "json": True, "model": "models:/m@champion"}),
+    "serve": (["--port", "9001", "models:/m@champion", "--max-batch-size", "8", "--json"],
+              {"port": 9001, "model": "models:/m@champion", "max_batch_size": 8, "json": True,
+               "host": "127.0.0.1"}),
+    "bench serve": (["--clients", "1,8", "--json", "--requests", "20"],
+                    {"clients": "1,8", "json": True, "requests": 20}),
     "preflight": (["--sweep", "train.num_workers=1", "--timeout", "5",
                    "tune.max_concurrent_trials=1"],
                   {"sweep": True, "timeout": 5.0,
@@ -72,7 +77,7 @@ CASES: dict[str, tuple[list[str], dict]] = {
 
 # jobs/*.py -> the command whose arguments it takes
 JOBS = {"train.py": "train", "sweep.py": "sweep", "prepare_data.py": "prepare",
-        "evaluate.py": "evaluate", "predict.py": None}
+        "evaluate.py": "evaluate", "predict.py": None, "serve.py": "serve"}
 PREDICT_JOB = (["--model", "m", "--data", "shards", "--json", "--out", "preds", "--actors", "2"],
                {"model": "m", "data": "shards", "json": True, "out": "preds", "actors": 2})
 
