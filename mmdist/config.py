@@ -126,7 +126,9 @@ class ModelConfig(Section):
     lm_conditioning: Literal[LM_CONDITIONING] = "prefix"
     vqa_answer: Literal[VQA_ANSWERS] = "generate"  # answer with the decoder, or classify it
     hidden_size: int = Field(0, ge=0, description="0 = from model.size")
-    num_classes: int = 8  # classify / multitask classification head
+    num_classes: int = Field(0, ge=0, description=(
+        "classes of the classify head (and of vqa_answer=classify); 0 = from the data: its "
+        "largest label + 1"))
     modality_dropout: float = Field(0.0, ge=0, lt=1)  # P(drop a non-text modality) per sample
     # itm / contrastive: the two modalities matched, e.g. [image, audio]; [] -> text vs the rest
     match: list[Literal[MODALITIES]] = Field(default_factory=list)
@@ -207,6 +209,9 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
+    zero_on_one_worker: bool = Field(False, description=(
+        "run ZeRO-1/2 even on one worker, where nothing is partitioned and its gradient hooks "
+        "and bucket copies only cost time (false: one worker runs them as ZeRO-0)"))
     offload_optimizer: bool = False
     precision: Literal[PRECISIONS] = "fp32"
     lr: float = Field(1e-3, gt=0)
@@ -230,6 +235,17 @@ class TrainConfig(Section):
     @property
     def world_size(self) -> int:  # one rank per Ray Train worker
         return self.num_workers
+
+    def zero_stage_at(self, world_size: int | None = None) -> int:
+        """The ZeRO stage DeepSpeed runs at ``world_size`` (default: num_workers): stages 1
+        and 2 partition optimizer state and gradients across ranks, so one rank runs them as
+        ZeRO-0 (same numerics, none of the hooks) unless zero_on_one_worker or optimizer
+        offload (which needs ZeRO) asks for them."""
+        world = world_size or self.world_size
+        if (world == 1 and self.zero_stage in (1, 2) and not self.zero_on_one_worker
+                and not self.offload_optimizer):
+            return 0
+        return self.zero_stage
 
     @property
     def train_batch_size(self) -> int:  # samples per optimizer step, all ranks (as in DeepSpeed)
@@ -317,7 +333,8 @@ class Config(Section):
     def resolve(self) -> dict[str, Any]:
         """The derived values (properties of the config), logged beside it as MLflow params."""
         t = self.train
-        return {"world_size": t.world_size, "global_batch_size": t.train_batch_size,
+        return {"world_size": t.world_size, "zero_stage": t.zero_stage_at(),
+                "global_batch_size": t.train_batch_size,
                 "grad_accum_steps": t.grad_accum_steps, "primary_metric": self.primary_metric,
                 "metric_mode": self.metric_mode}
 

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + rounds * args.steps + args.profile_steps
     init_ray(num_cpus=args.threads, dashboard=True)  # the Ray `mmdist train` starts
     print(f"[bench train] model size={cfg.model.size} fusion={cfg.model.fusion} "
-          f"batch={cfg.train.micro_batch_size} zero={cfg.train.zero_stage} "
+          f"batch={cfg.train.micro_batch_size} zero={cfg.train.zero_stage_at()} "
           f"precision={cfg.train.precision} threads={args.threads}; {args.warmup} warm-up "
           f"steps, then {rounds} rounds of {args.steps} steps per side", flush=True)
     torch.set_num_threads(args.threads)

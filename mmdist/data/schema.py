@@ -91,7 +91,7 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
         "sample_id": torch.arange(B, dtype=torch.int64),
         "input_ids": ids, "attention_mask": ones,
         "target_ids": ids.clone(), "target_mask": ones.clone(),
-        "label": torch.randint(0, num_classes, (B,), generator=g),
+        "label": torch.randint(0, max(num_classes, 1), (B,), generator=g),  # 0: from the data
         "image": torch.randint(0, 256, (B, 3, image_size, image_size), generator=g,
                                dtype=torch.uint8),
         "audio": torch.randn(B, n_mels, frames, generator=g),

@@ -21,6 +21,15 @@ if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without 
     from mmdist.models.metrics import TaskMetrics
 
 
+def known_classes(m: ModelConfig) -> int:
+    """``model.num_classes`` once the data has decided it (training, sweeps and evaluation set
+    it from the shards' labels when it is 0); a model cannot be built before."""
+    if m.num_classes == 0:
+        raise ValueError("model.num_classes=0 (from the data) but this model is built without "
+                         "shards to read the labels from: set model.num_classes")
+    return m.num_classes
+
+
 def head_outputs(num_classes: int) -> int:
     """Width of a classification head: one sigmoid logit for two classes."""
     return 1 if num_classes == 2 else num_classes
@@ -62,8 +71,8 @@ class Classify(Task):
 
     @classmethod
     def config_problems(cls, m: ModelConfig, role: str) -> list[str]:
-        if m.num_classes < 2:
-            return [f"model.num_classes={m.num_classes}: must be >= 2 for {role}"]
+        if m.num_classes == 1:
+            return [f"model.num_classes=1: must be >= 2 for {role} (or 0: from the data)"]
         return []
 
     @classmethod
@@ -76,7 +85,7 @@ class Classify(Task):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Classify:
-        return cls(ctx.dim, ctx.cfg.model.num_classes)
+        return cls(ctx.dim, known_classes(ctx.cfg.model))
 
     @classmethod
     def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:

@@ -17,7 +17,13 @@ from mmdist.tasks.base import BuildContext, Task, TaskOutput
 
 if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
     from mmdist.models.metrics import TaskMetrics
-from mmdist.tasks.classify import class_logits, classify, head_outputs, label_entropy
+from mmdist.tasks.classify import (
+    class_logits,
+    classify,
+    head_outputs,
+    known_classes,
+    label_entropy,
+)
 from mmdist.tasks.lm import decoder_problems, make_decoder, teacher_forced
 
 
@@ -53,7 +59,7 @@ class VQA(Task):
         m = ctx.cfg.model
         if cls.uses_decoder(m):
             return cls(None, make_decoder(ctx))
-        return cls(MLPHead(ctx.dim, head_outputs(m.num_classes)), None)
+        return cls(MLPHead(ctx.dim, head_outputs(known_classes(m))), None)
 
     @classmethod
     def head_cost(cls, cfg: Config, spec: SizeSpec, vocab_size: int, memory_tokens: int) -> Cost:

@@ -138,6 +138,12 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
     d = Path(ckpt_dir)
     body = json.loads((d / STATE_FILE).read_text())
     saved_world, problems = int(body["world_size"]), []
+    saved_stage = int(body.get("zero_stage", zero_stage))
+    if saved_world == world_size and saved_stage != zero_stage:
+        problems.append(
+            f"it was written at ZeRO-{saved_stage} and this run is ZeRO-{zero_stage}: DeepSpeed "
+            f"keeps optimizer state in another layout per stage. Resume with "
+            f"train.zero_stage={saved_stage}, or start a new train.run_name")
     if saved_world != world_size:
         problems.append(
             f"it was written by {saved_world} worker(s) and this run has {world_size} "
@@ -155,6 +161,12 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
     if problems:
         raise ValueError(f"cannot resume from {d} (step {body.get('global_step')}): "
                          + "; ".join(problems))
+
+
+def stage_written(ckpt_dir: str | Path) -> int | None:
+    """The ZeRO stage DeepSpeed ran when it wrote ``ckpt_dir`` (None: not recorded)."""
+    stage = json.loads((Path(ckpt_dir) / STATE_FILE).read_text()).get("zero_stage")
+    return None if stage is None else int(stage)
 
 
 def read_state(ckpt_dir: str | Path, rank: int) -> TrainState:

@@ -66,7 +66,7 @@ class Checkpointer:
         return state
 
     def _load(self, chosen: Path, skipped: list[str]) -> TrainState:
-        ckpt_lib.check_resume(chosen, self.world, self.cfg.train.zero_stage,
+        ckpt_lib.check_resume(chosen, self.world, self.cfg.train.zero_stage_at(self.world),
                               self.cfg.to_dict()["model"])
         self.engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG, load_module_strict=True)
         state = ckpt_lib.read_state(chosen, self.rank)
@@ -101,7 +101,8 @@ class Checkpointer:
                 t = self.cfg.train
                 ckpt_lib.write_state(tmp, state, {
                     "run_name": self.job.run_name, "world_size": self.world,
-                    "zero_stage": t.zero_stage, "config": self.cfg.to_dict(), "metrics": metrics})
+                    "zero_stage": t.zero_stage_at(self.world), "config": self.cfg.to_dict(),
+                    "metrics": metrics})
                 shutil.copytree(Path(self.job.data_dir) / "tokenizer", Path(tmp) / "tokenizer")
             ckpt_lib.write_file_list(tmp, self.rank)  # last: marks this rank complete
             self.reporter.report(metrics, tmp)

@@ -25,10 +25,11 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
         raise ValueError(
             f"train.global_batch_size ({t.train_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size}) x world size ({t.world_size})")
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.zero_stage >= 1:
+    stage = t.zero_stage_at()
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True)
-    if t.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False,
                     stage3_param_persistence_threshold=1e4)
     if t.offload_optimizer:

@@ -86,7 +86,7 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
         parts = enable_activation_checkpointing(model)
         if log:
             log(f"activation checkpointing on: {', '.join(parts) or 'no part'}")
-    optimizer, schedule = build_optimizer(model, cfg, total_steps)
+    optimizer, schedule = build_optimizer(model, cfg, total_steps, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config, dist_init_required=False)
     if cfg.model.compile:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mmdist.config import Config
+from mmdist.console import step_line
 from mmdist.data.pipeline import iter_train_batches, load_tokenizer
 from mmdist.data.torch_batches import iter_torch
 from mmdist.tasks import build_metrics
@@ -88,8 +89,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     n_total = total_steps(cfg, job.train_rows, world)
     engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say,
                           init_dir=job.init_dir)
-    reporter.say(f"DeepSpeed ZeRO-{t.zero_stage} engine ready on {world} worker(s) in "
-                 f"{time.perf_counter() - t_setup:.1f} s; {n_total} optimizer steps to run")
+    stage = t.zero_stage_at(world)
+    why = (f" (train.zero_stage={t.zero_stage}: one worker has nothing to partition; "
+           "train.zero_on_one_worker=true runs it anyway)" if stage != t.zero_stage else "")
+    reporter.say(f"DeepSpeed ZeRO-{stage} engine ready on {world} worker(s) in "
+                 f"{time.perf_counter() - t_setup:.1f} s{why}; {n_total} optimizer steps to run")
     engine_ready = time.time()
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
     state = checkpointer.restore()
@@ -217,8 +221,7 @@ class _TrainLossLog:
         avg = _mean_across_ranks(float(self.loss_sum) / n if n else float("nan"), self.device)
         rate = (step - self.since_step) / max(time.perf_counter() - self.since, 1e-9)
         lr = engine.get_lr()[0]
-        self.reporter.say(f"step {step}/{self.n_total}  epoch {state.epoch}  "
-                          f"loss {avg:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
+        self.reporter.say(step_line(step, self.n_total, state.epoch, avg, lr, rate))
         self.reporter.log({"train_loss": avg, "lr": lr, "steps_per_s": rate}, step)
         self._restart(step)
         return {"train_loss": avg, "lr": lr}

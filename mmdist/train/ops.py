@@ -10,7 +10,9 @@ loads find it compiled. On a GPU machine DeepSpeed uses NCCL and nothing is buil
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
 
 
@@ -33,12 +35,19 @@ def build_ops() -> dict[str, float]:
 
 
 def main() -> None:
-    print("[mmdist] building DeepSpeed's CPU ops (once per machine; a minute the first time)",
-          flush=True)
-    built = build_ops()
-    print("[mmdist] DeepSpeed ops ready: "
-          + (", ".join(f"{k} ({v:.1f} s)" for k, v in built.items()) or "none needed"),
-          flush=True)
+    """Build the ops; says what it is doing when that takes more than a moment (the first
+    time), and once they are ready. DeepSpeed's own output goes to stderr (the caller's log)."""
+    notice = threading.Timer(2.0, lambda: print(
+        "[mmdist] building DeepSpeed's CPU ops (once per machine; about a minute)", flush=True))
+    notice.start()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # "... built successfully" and the like
+            built = build_ops()
+    finally:
+        notice.cancel()
+    if any(v >= 2.0 for v in built.values()):
+        print("[mmdist] DeepSpeed ops ready: "
+              + ", ".join(f"{k} ({v:.1f} s)" for k, v in built.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
-    """AdamW (:class:`FiniteAdamW` at ZeRO-0 in fp32) and a factory for the warm-up/cosine
-    LambdaLR.
+def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int,
+                    world_size: int | None = None):
+    """AdamW (:class:`FiniteAdamW` where DeepSpeed runs ZeRO-0 in fp32 at ``world_size``) and a
+    factory for the warm-up/cosine LambdaLR.
 
     The schedule is returned as a factory that ``deepspeed.initialize`` calls with the optimizer
     it ends up with: ZeRO-3 regroups the parameters, so a scheduler built on the client
@@ -71,6 +72,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
     if t.offload_optimizer:
         return None, schedule
     # ZeRO-0 in fp32 is the one configuration where DeepSpeed does not skip non-finite steps
-    cls = FiniteAdamW if (t.zero_stage == 0 and t.precision == "fp32") else torch.optim.AdamW
+    plain = t.zero_stage_at(world_size) == 0 and t.precision == "fp32"
+    cls = FiniteAdamW if plain else torch.optim.AdamW
     opt = cls(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
     return opt, schedule

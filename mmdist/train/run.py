@@ -17,6 +17,7 @@ from typing import Any
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.console import Console
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.shards import ManifestError, read_manifest, shard_labels, verify_manifest
 from mmdist.errors import CommandError
@@ -41,15 +42,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="where synthetic shards are written when data.path is not set "
                              "(default: <train.storage_path>/data when a storage path is set, "
                              "shared by all nodes of a cluster; else .cache/data)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, DeepSpeed's and the workers' own output as Ray prints "
+                             "it (default: in the run's log file, <storage>/<run>/mmdist.log)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
-                    data_cache=args.data_cache)
-    release_ray()
-    _print_summary(summary)
-    return summary
+    if not cfg.train.run_name:  # named now: its folder holds the log from the first line on
+        cfg = cfg.override({"train.run_name": default_run_name(cfg)})
+    log_file = run_log_file(cfg)
+    with Console(log_file, verbose=args.verbose) as console:
+        summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
+                        data_cache=args.data_cache, console=console)
+        release_ray()
+    _print_summary({**summary, "log_file": str(log_file)})
+    return {**summary, "log_file": str(log_file)}
+
+
+def run_log_file(cfg: Config) -> Path:
+    """Where a run's library output goes: ``<train.storage_path>/<run name>/mmdist.log``."""
+    return (Path(cfg.train.storage_path or "runs").resolve() / str(cfg.train.run_name)
+            / "mmdist.log")
 
 
 def default_run_name(cfg: Config) -> str:
@@ -107,21 +121,29 @@ def tokenizer_problems(cfg: Config, data_dir: Path) -> list[str]:
             f"--tokenizer {lm}`"]
 
 
-def check_resumable(cfg: Config, run_dir: Path) -> None:
+def check_resumable(cfg: Config, run_dir: Path) -> Config:
     """Before anything starts: a run name with checkpoints resumes the newest complete one;
-    refuse it now, with the reason, if the workers could not load it."""
+    refuse it now, with the reason, if the workers could not load it. Returns ``cfg``, set to
+    run ZeRO on one worker as the checkpoint was written (an older mmdist ran ZeRO-1/2 there)."""
 
     chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
     for note in skipped:
         print(f"[mmdist] WARNING: skipping incomplete checkpoint {note}", flush=True)
     if chosen is None:
-        return
+        return cfg
+    t, written = cfg.train, ckpt_lib.stage_written(chosen)
+    if t.zero_stage in (1, 2) and written in (0, t.zero_stage) and written != t.zero_stage_at():
+        cfg = cfg.override({"train.zero_on_one_worker": written != 0})
+        print(f"[mmdist] run {run_dir.name}: its checkpoint was written at ZeRO-{written}; "
+              f"resuming at ZeRO-{written} (train.zero_on_one_worker="
+              f"{str(written != 0).lower()})", flush=True)
     try:
-        ckpt_lib.check_resume(chosen, cfg.train.num_workers, cfg.train.zero_stage,
+        ckpt_lib.check_resume(chosen, cfg.train.num_workers, cfg.train.zero_stage_at(),
                               cfg.to_dict()["model"])
     except ValueError as e:
         raise CommandError(f"run {run_dir.name}: {e}") from None
     print(f"[mmdist] run {run_dir.name} resumes from {chosen.name}", flush=True)
+    return cfg
 
 
 def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
@@ -216,8 +238,10 @@ def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | No
 
 
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
-          data_cache: str | Path | None = None) -> dict[str, Any]:
-    """Run one training job end to end and return its summary (what `--json` prints)."""
+          data_cache: str | Path | None = None, console: Console | None = None
+          ) -> dict[str, Any]:
+    """Run one training job end to end and return its summary (what `--json` prints);
+    ``console`` (the CLI's) sorts what Ray forwards from the workers once Ray is up."""
     # heavy (MLflow): not for --help
     from mmdist import tracking
     from mmdist.train.register import register_model
@@ -229,9 +253,11 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     cfg = with_data_defaults(cfg, read_manifest(data_dir))
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
-    check_resumable(cfg, Path(storage) / run_name)
+    cfg = check_resumable(cfg, Path(storage) / run_name)
     mark("data_checks")
     init_ray(address, num_cpus, dashboard=True)
+    if console:
+        console.attach_ray()
     require_startable(cfg, data_dir)  # resources + data size, or refuse now
     mark("ray_init")
 
@@ -318,6 +344,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"model        {s['model_uri']}  "
               + (f"(alias @{s['alias']})" if s["alias"] else "(no alias: see above)"))
     print(f"tracking     {s['tracking_uri']}")
+    if s.get("log_file"):
+        print(f"log          {s['log_file']}  (Ray, DeepSpeed, workers; --verbose shows them)")
     if s["tracking_uri"].startswith("sqlite:///"):
         print(f"open the UI  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1")
     print("=" * 72, flush=True)

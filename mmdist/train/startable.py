@@ -119,24 +119,38 @@ def label_problems(cfg: Config, labels: dict[str, Any] | None, where: str) -> li
     if not labels or labels.get("max") is None or not reads_labels(cfg):
         return []
     n, top = cfg.model.num_classes, int(labels["max"])
-    if top < n:
+    if top < n or n == 0:  # 0: taken from these labels (with_data_defaults)
         return []
     return [f"model.num_classes={n} but the data has labels up to {top} ({where}): set "
             f"model.num_classes={top + 1} (labels count from 0)"]
 
 
 def with_data_defaults(cfg: Config, manifest: dict[str, Any]) -> Config:
-    """``cfg`` with what the data and the pretrained parts decide: ``model.aux_classes`` from
-    the per-modality labels the shards have (``manifest["modality_labels"]``) when unset, so
-    auxiliary per-modality objectives are on whenever the labels allow; the preprocessing a
-    pretrained encoder expects (:func:`processor_settings`)."""
+    """``cfg`` with what the data and the pretrained parts decide: ``model.num_classes`` from
+    the shards' largest label when it is 0 (a task with a class head); ``model.aux_classes``
+    from the per-modality labels the shards have (``manifest["modality_labels"]``) when unset,
+    so auxiliary per-modality objectives are on whenever the labels allow; the preprocessing a
+    pretrained encoder expects (:func:`processor_settings`).
+
+    Raises:
+        CommandError: ``model.num_classes=0`` and the shards record no class label.
+    """
     cfg = processor_settings(cfg)
-    m = cfg.model
-    if m.aux_classes or m.aux_weight <= 0:
-        return cfg
-    found = {mod: int(s["max"]) + 1 for mod, s in (manifest.get("modality_labels") or {}).items()
-             if s and s.get("max") is not None and mod in m.modalities and s["max"] >= 1}
-    return cfg.override({"model.aux_classes": found}) if found else cfg
+    m, changes = cfg.model, {}
+    if m.num_classes == 0 and reads_labels(cfg):
+        top = (manifest.get("labels") or {}).get("max")
+        if top is None:
+            raise CommandError(f"model.num_classes=0 takes the classes from the data, and the "
+                             f"shards of task {m.task} record no class label (column `label`): "
+                             "prepare them with labels or set model.num_classes")
+        changes["model.num_classes"] = max(2, int(top) + 1)
+    if not m.aux_classes and m.aux_weight > 0:
+        found = {mod: int(s["max"]) + 1
+                 for mod, s in (manifest.get("modality_labels") or {}).items()
+                 if s and s.get("max") is not None and mod in m.modalities and s["max"] >= 1}
+        if found:
+            changes["model.aux_classes"] = found
+    return cfg.override(changes) if changes else cfg
 
 
 def processor_settings(cfg: Config) -> Config:

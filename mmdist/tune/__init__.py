@@ -27,6 +27,7 @@ from typing import Any
 from mmdist import tracking
 from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
+from mmdist.console import Console
 from mmdist.data.shards import read_manifest
 from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
@@ -78,6 +79,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-cache", default=None,
                         help="where synthetic shards go when data.path is not set (default: "
                              "<train.storage_path>/data, else .cache/data)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Tune's status tables and every trial's output (default: a "
+                             "line per finished trial; the rest in <storage>/<sweep>/mmdist.log)")
 
 
 def check_fits(cfg: Config, data_dir: str | Path | None = None) -> None:
@@ -111,22 +115,30 @@ def concurrent_trials(cfg: Config, cluster_cpus: float) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
-    summary = sweep(cfg, space_args=args.space, name=args.resume or args.name,
-                    resume=bool(args.resume), address=args.address, num_cpus=args.num_cpus,
-                    data_cache=args.data_cache)
-    release_ray()
+    name = args.resume or args.name or f"sweep-{cfg.model.task}-{uuid.uuid4().hex[:6]}"
+    log_file = Path(cfg.train.storage_path or "runs").resolve() / name / "mmdist.log"
+    with Console(log_file, verbose=args.verbose, worker_lines=False) as console:
+        summary = sweep(cfg, space_args=args.space, name=name, resume=bool(args.resume),
+                        address=args.address, num_cpus=args.num_cpus,
+                        data_cache=args.data_cache, console=console)
+        release_ray()
+    summary["log_file"] = str(log_file)
     _print_summary(summary)
     return summary
 
 
 def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = None,
           resume: bool = False, address: str | None = None, num_cpus: int | None = None,
-          data_cache: str | Path | None = None, register: bool | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep and return its summary (what `--json` prints)."""
+          data_cache: str | Path | None = None, register: bool | None = None,
+          console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep and return its summary (what `--json` prints); ``console``
+    (the CLI's) takes Tune's and the trials' output once Ray is up."""
     # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from mmdist.tune.progress import TrialLines
 
     t0 = time.perf_counter()
     space = resolve_space(cfg, space_args or [])
@@ -145,6 +157,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     cfg = with_data_defaults(cfg, read_manifest(data_dir))
     metric, mode = cfg.primary_metric, cfg.metric_mode
     init_ray(address, num_cpus, dashboard=True)
+    quiet = console is not None and console.attach_ray()
     check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none
     uri = tracking.tracking_uri(cfg)
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
@@ -185,11 +198,13 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=concurrency),
             # a trial that raises is failed, not retried, and the others go on
-            run_config=tune.RunConfig(name="tune", storage_path=tune_path, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0,
-                                                                        fail_fast=False)))
-    grid = tuner.fit()
+            run_config=tune.RunConfig(
+                name="tune", storage_path=tune_path, verbose=0 if quiet else 1,
+                callbacks=[TrialLines(console, expected_trials(tune_space, cfg.tune.num_samples),
+                                      metric)] if quiet else None,
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     expected = expected_trials(tune_space, cfg.tune.num_samples)
+    grid = tuner.fit()
     unfinished = _unfinished_trials(Path(tune_path) / "tune", expected)
     if unfinished:  # Ctrl+C: Tune saved its state and returned early
         raise CommandError(
@@ -281,4 +296,6 @@ def _print_summary(s: dict[str, Any]) -> None:
     if s["model_uri"]:
         print(f"model        {s['model_uri']}  (alias @{s['alias']})")
     print(f"report       {s['report_dir']}  (trials.csv, heatmap.png, curves.png)")
+    if s.get("log_file"):
+        print(f"log          {s['log_file']}  (Tune, Ray, trials; --verbose shows them)")
     print("=" * 72, flush=True)

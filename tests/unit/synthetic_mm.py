@@ -18,8 +18,9 @@ VOCAB = 64
 
 
 def tiny_config(*overrides: str) -> Config:
-    """The shipped tiny preset with overrides (image 32 px, 16 mels, 0.5 s, 16 tokens)."""
-    return load_config("tiny", list(overrides))
+    """The shipped tiny preset with overrides (image 32 px, 16 mels, 0.5 s, 16 tokens) and 8
+    classes (a model built without shards must be told: model.num_classes=0 reads the data)."""
+    return load_config("tiny", ["model.num_classes=8", *overrides])
 
 
 def classes_without_equal_neighbours(n: int, n_classes: int, g: torch.Generator) -> torch.Tensor:

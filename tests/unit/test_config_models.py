@@ -87,8 +87,9 @@ def test_derived_values_are_properties_and_resolve_lists_them():
     t = cfg.train
     assert (t.world_size, t.train_batch_size, t.grad_accum_steps) == (2, 64, 4)
     assert (cfg.primary_metric, cfg.metric_mode) == ("val_loss", "min")
-    assert cfg.resolve() == {"world_size": 2, "global_batch_size": 64, "grad_accum_steps": 4,
-                             "primary_metric": "val_loss", "metric_mode": "min"}
+    assert cfg.resolve() == {"world_size": 2, "zero_stage": 2, "global_batch_size": 64,
+                             "grad_accum_steps": 4, "primary_metric": "val_loss",
+                             "metric_mode": "min"}
     assert load_config("demo", ["model.task=lm"]).metric_mode == "min"
     assert load_config("demo").resolve()["global_batch_size"] == 64  # 32 x 2, no accumulation
 

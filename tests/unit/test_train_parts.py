@@ -83,7 +83,7 @@ def test_state_and_ledgers_round_trip(tmp_path):
 # ---- checkpoint completeness -----------------------------------------------------------------
 
 
-def _fake_checkpoint(root, name, step, world=2):
+def _fake_checkpoint(root, name, step, world=2, stage=2, model=None):
     d = root / name
     root.mkdir(parents=True, exist_ok=True)
     for rank in range(world):  # what each rank writes into its own folder; Ray merges them
@@ -92,7 +92,8 @@ def _fake_checkpoint(root, name, step, world=2):
         (part / "ds" / f"shard_{rank}.pt").write_bytes(b"x" * (100 + rank))
         if rank == 0:
             ck.write_state(part, ck.TrainState(global_step=step), {
-                "world_size": world, "zero_stage": 2, "config": {"model": {"fusion": "concat"}}})
+                "world_size": world, "zero_stage": stage,
+                "config": {"model": model or {"fusion": "concat"}}})
         ck.write_file_list(part, rank)
         shutil.copytree(part, d, dirs_exist_ok=True)
     return d
@@ -121,6 +122,38 @@ def test_check_resume_refuses_another_world_size_or_model(tmp_path):
         ck.check_resume(d, 1, 2, {"fusion": "concat"})
     with pytest.raises(ValueError, match=r"model\.fusion \('concat' there, 'film' here\)"):
         ck.check_resume(d, 2, 2, {"fusion": "film"})
+    with pytest.raises(ValueError, match=r"written at ZeRO-2 and this run is ZeRO-3: .* "
+                                         r"train\.zero_stage=2"):
+        ck.check_resume(d, 2, 3, {"fusion": "concat"})
+
+
+def test_one_worker_runs_zero_1_and_2_as_zero_0():
+    """Nothing to partition on one rank: ZeRO-1/2's hooks and bucket copies only cost time."""
+    one = load_config("demo", ["train.num_workers=1", "train.zero_stage=2"])
+    assert deepspeed_config(one)["zero_optimization"] == {"stage": 0}
+    assert one.resolve()["zero_stage"] == 0 and one.train.zero_stage_at(2) == 2
+    assert deepspeed_config(one, world_size=2)["zero_optimization"]["stage"] == 2
+    kept = one.override({"train.zero_on_one_worker": True})
+    assert deepspeed_config(kept)["zero_optimization"]["stage"] == 2
+    offload = one.override({"train.offload_optimizer": True})  # CPU Adam needs ZeRO
+    assert deepspeed_config(offload)["zero_optimization"]["stage"] == 2
+    three = one.override({"train.zero_stage": 3})
+    assert deepspeed_config(three)["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("written,flag,expect", [(2, False, True), (0, True, False),
+                                                 (2, True, True), (0, False, False)])
+def test_resume_on_one_worker_runs_the_stage_the_checkpoint_was_written_at(
+        tmp_path, written, flag, expect):
+    from mmdist.train.run import check_resumable
+
+    run = tmp_path / "run"
+    cfg = load_config("demo", ["train.num_workers=1", "train.zero_stage=2",
+                               f"train.zero_on_one_worker={str(flag).lower()}"])
+    _fake_checkpoint(run, "checkpoint_a", 4, world=1, stage=written, model=cfg.to_dict()["model"])
+    got = check_resumable(cfg, run)
+    assert got.train.zero_on_one_worker is expect and got.train.zero_stage_at() == written
+    assert got.model == cfg.model
 
 
 def test_undelivered_metrics_are_handed_over_and_delivered(tmp_path):

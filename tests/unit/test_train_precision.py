@@ -34,9 +34,12 @@ from tests.unit.synthetic_mm import VOCAB, make_batch
 pytestmark = pytest.mark.slow
 
 VOCAB_IDS = {"vocab_size": VOCAB, "pad_id": 0, "bos_id": 2, "eos_id": 3}
-# tiny inputs (32 px suits every image encoder: vit patch 16, resnet stride 32)
+# tiny inputs (32 px suits every image encoder: vit patch 16, resnet stride 32); one rank runs
+# the ZeRO stage asked for (by default one worker runs ZeRO-1/2 as ZeRO-0)
 TINY = ["model.size=tiny", "data.max_text_len=16", "data.n_mels=16", "data.audio_seconds=0.5",
-        "data.image_size=32", "train.num_workers=1", "train.micro_batch_size=4",
+        "data.image_size=32", "model.num_classes=8", "train.num_workers=1",
+        "train.zero_on_one_worker=true",
+        "train.micro_batch_size=4",
         "train.global_batch_size=0", "train.warmup_steps=0"]
 
 # One case per row; each runs in bf16 and in fp16. Together they hold every text, image and audio
@@ -94,6 +97,7 @@ def train_steps(cfg: Config, steps: int = STEPS) -> list[float]:
     engine = build_engine(cfg, VOCAB_IDS, world_size=1, total_steps=steps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     assert engine.module.dtype == dtype[cfg.train.precision]  # the engine did cast the model
+    assert engine.zero_optimization_stage() == cfg.train.zero_stage  # the stage asked for
     losses = []
     engine.train()
     for i in range(steps):
@@ -189,9 +193,10 @@ def half_steps(cfg: Config) -> None:
 
 
 # Shipped presets as shipped, at tiny size. On this CPU machine a GPU preset runs on CPU with
-# its own precision and ZeRO stage (use_gpu is the one key changed).
+# its own precision and ZeRO stage (use_gpu is the one key changed; one rank runs that stage).
 PRESET_TINY = ["model.size=tiny", "data.max_text_len=16", "data.n_mels=16",
                "data.audio_seconds=0.5", "data.image_size=32", "train.num_workers=1",
+               "train.zero_on_one_worker=true",
                "train.micro_batch_size=4", "train.global_batch_size=0", "train.use_gpu=false"]
 
 

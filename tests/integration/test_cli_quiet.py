@@ -1,0 +1,33 @@
+"""`mmdist train` as a newcomer runs it: the default path (no optional flag) prints mmdist's
+lines and the summary, and puts what Ray, DeepSpeed and the workers say in the run's log."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE = ("Setting accelerator to CPU", "No CUDA runtime", "TrainController", "RayTrainWorker",
+         "Started a local Ray instance", "Token authentication", "built successfully",
+         "Requesting resources", "Context impl SQLiteImpl")
+
+
+def test_train_default_path_is_quiet_and_logs_the_libraries(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "train", "--config", "tiny"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.rstrip().splitlines()
+    assert len(lines) <= 40, r.stdout
+    assert lines[-1] == "=" * 72 and any(x.startswith("run ") for x in lines[-12:]), r.stdout
+    for noise in NOISE:
+        assert noise not in r.stdout and noise not in r.stderr, (noise, r.stdout, r.stderr)
+    assert "[mmdist] step 8/8" in r.stdout  # the step lines (a bar on a terminal)
+    # one worker runs the preset's ZeRO-2 as ZeRO-0, and says so
+    assert "DeepSpeed ZeRO-0 engine ready on 1 worker(s)" in r.stdout
+    log = next(tmp_path.glob("runs/*/mmdist.log"))
+    assert f"log          {log}" in r.stdout
+    text = log.read_text()
+    assert "Setting accelerator to CPU" in text and "RayTrainWorker" in text, text[-2000:]

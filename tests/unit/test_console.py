@@ -1,0 +1,45 @@
+"""Quiet by default: mmdist's lines on screen, everything else in the run's log file."""
+
+import io
+import logging
+
+from mmdist.console import Console, parse_step, step_line
+
+
+def test_step_lines_round_trip():
+    line = "[mmdist] " + step_line(40, 120, 1, 0.693147, 3e-4, 2.5)
+    assert parse_step(line) == {"step": 40, "total": 120, "epoch": 1, "loss": 0.6931,
+                                "lr": 3e-4, "rate": 2.5}
+    assert parse_step("[mmdist] eval val_loss 0.5") is None
+
+
+def test_worker_output_is_sorted_into_screen_and_file(tmp_path):
+    out = io.StringIO()  # not a terminal: step lines print as lines, no bar
+    log = tmp_path / "run" / "mmdist.log"
+    ray_handlers = list(logging.getLogger("ray").handlers)
+    with Console(log, out=out) as c:
+        c.worker_output({"lines": [
+            "[2026-12-03 07:31:06] [WARNING] [real_accelerator.py:213] Setting accelerator to CPU",
+            "[mmdist] DeepSpeed ZeRO-0 engine ready on 1 worker(s) in 3.1 s",
+            "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+            "[mmdist] " + step_line(10, 20, 0, 0.7, 1e-3, 3.0)],
+            "pid": 42, "actor_name": "RayTrainWorker", "is_err": False})
+        logging.getLogger("ray.train").warning("Requesting resources")  # a library logger
+        logging.getLogger("mlflow.store").info("Creating initial MLflow database tables")
+    shown = out.getvalue().splitlines()
+    assert shown == ["[mmdist] DeepSpeed ZeRO-0 engine ready on 1 worker(s) in 3.1 s",
+                     "[mmdist] step 10/20  epoch 0  loss 0.7000  lr 1.00e-03  3.00 steps/s"]
+    text = log.read_text()
+    for kept in ("(RayTrainWorker pid=42) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op",
+                 "Setting accelerator to CPU", "WARNING ray.train: Requesting resources",
+                 "INFO mlflow.store: Creating initial MLflow database tables",
+                 "[mmdist] DeepSpeed ZeRO-0 engine ready"):
+        assert kept in text, kept
+    assert logging.getLogger("ray").handlers == ray_handlers  # given back as they were
+
+
+def test_verbose_leaves_the_libraries_alone(tmp_path):
+    before = list(logging.getLogger("mlflow").handlers)
+    with Console(tmp_path / "x.log", verbose=True):
+        assert logging.getLogger("mlflow").handlers == before
+    assert (tmp_path / "x.log").exists()
