@@ -9,10 +9,11 @@ with the mean validation loss and names the results: ``val_<metric>`` for one ta
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from sacrebleu.metrics import BLEU
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
@@ -117,9 +118,16 @@ def content_ids(ids: Iterable[int], eos_id: int, special_ids: Iterable[int]) -> 
 
 
 class TokenBLEU(Metric):
-    """Corpus BLEU-4 (0..1) over token ids, cut at the tokenizer's EOS, its special tokens
-    removed; add-one smoothing of the n-gram precisions for n > 1, so that short captions
-    without a 4-gram match do not score 0.
+    """Corpus BLEU-4 (0..1: sacreBLEU's score / 100) of generated rows against their references,
+    each cut at the tokenizer's EOS with its special tokens removed.
+
+    sacreBLEU computes it (``BLEU().corpus_score``: 13a tokenisation, exponential smoothing) on
+    the words of the decoded text when :attr:`words` is set (``build_metrics`` sets it from the
+    run's tokenizer), else on the token ids as words. With ``effective_order`` a split whose
+    sentences are all shorter than 4 words (a digit, "a red circle") is scored on the n-gram
+    orders it has instead of 0; any split with a 4-gram gets the standard score. The states are
+    the content ids of every row, gathered from all ranks, so the score is the corpus score of
+    the whole split.
 
     Args:
         eos_id: the end-of-sequence id of the tokenizer in use.
@@ -128,45 +136,43 @@ class TokenBLEU(Metric):
 
     full_state_update = False
 
-    def __init__(self, eos_id: int, special_ids: Iterable[int], max_n: int = 4):
+    def __init__(self, eos_id: int, special_ids: Iterable[int]):
         super().__init__()
-        self.eos_id, self.special_ids, self.max_n = int(eos_id), sorted(set(special_ids)), max_n
-        # content ids -> the words of their decoded text (set by build_metrics from the run's
-        # tokenizer); None: BLEU over token ids
+        self.eos_id, self.special_ids = int(eos_id), sorted(set(special_ids))
+        # content ids -> the words of their decoded text; None: BLEU over token ids
         self.words: Callable[[list[int]], list[str]] | None = None
-        for name, size in (("matches", max_n), ("totals", max_n), ("hyp_len", 1), ("ref_len", 1)):
-            self.add_state(name, default=torch.zeros(size, dtype=torch.float64),
-                           dist_reduce_fx="sum")
+        # flat float32 (exact for ids below 2^24), so a rank without samples contributes an
+        # empty tensor of the same dtype and rank: content ids, and each row's length
+        for name in ("hyp_ids", "hyp_lens", "ref_ids", "ref_lens"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, generated: Tensor, target: Tensor) -> None:
-        n_max = self.max_n
-        matches, totals = [0] * n_max, [0] * n_max
-        hyp_len = ref_len = 0
-        for hyp, ref in zip(generated.tolist(), target.tolist()):
-            h = content_ids(hyp, self.eos_id, self.special_ids)
-            r = content_ids(ref, self.eos_id, self.special_ids)
-            if self.words is not None:
-                h, r = self.words(h), self.words(r)
-            hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-            for n in range(1, n_max + 1):
-                hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-                rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-                matches[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-                totals[n - 1] += max(len(h) - n + 1, 0)
-        dev = self.matches.device
-        self.matches += torch.tensor(matches, dtype=torch.float64, device=dev)
-        self.totals += torch.tensor(totals, dtype=torch.float64, device=dev)
-        self.hyp_len += hyp_len
-        self.ref_len += ref_len
+        for ids, lens, rows in ((self.hyp_ids, self.hyp_lens, generated),
+                                (self.ref_ids, self.ref_lens, target)):
+            content = [content_ids(r, self.eos_id, self.special_ids) for r in rows.tolist()]
+            ids.append(torch.tensor([i for c in content for i in c], dtype=torch.float32,
+                                    device=self.device))
+            lens.append(torch.tensor([len(c) for c in content], dtype=torch.float32,
+                                     device=self.device))
+
+    def _texts(self, ids: Any, lens: Any) -> list[str]:
+        flat = dim_zero_cat(ids).long().tolist() if len(ids) else []
+        out, at = [], 0
+        for n in (dim_zero_cat(lens).long().tolist() if len(lens) else []):
+            row = flat[at:at + n]
+            at += n
+            out.append(" ".join(self.words(row) if self.words is not None else map(str, row)))
+        return out
 
     def compute(self) -> Tensor:
-        hyp_len, ref_len = float(self.hyp_len), float(self.ref_len)
-        m, t = self.matches.tolist(), self.totals.tolist()
-        if hyp_len == 0 or m[0] == 0:
+        hyps = self._texts(self.hyp_ids, self.hyp_lens)
+        refs = self._texts(self.ref_ids, self.ref_lens)
+        if not hyps:
             return torch.tensor(0.0)
-        log_p = sum(math.log((m[n] + (n > 0)) / (t[n] + (n > 0))) for n in range(self.max_n))
-        bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-        return torch.tensor(bp * math.exp(log_p / self.max_n))
+        # token ids are words already; decoded text gets sacreBLEU's standard tokenisation
+        bleu = BLEU(tokenize="13a" if self.words is not None else "none", effective_order=True)
+        score = bleu.corpus_score(hyps, [refs]).score / 100.0
+        return torch.tensor(min(score, 1.0), dtype=torch.float64)  # 100.00000000000004 / 100
 
 
 def corpus_bleu(generated: Tensor, target: Tensor, eos_id: int,
