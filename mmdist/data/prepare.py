@@ -1,6 +1,7 @@
 """`mmdist prepare`: convert a data source into validated Parquet shards + manifest.
 
     mmdist prepare --source synthetic --out data/synth --num-samples 2000 --seed 0
+    mmdist prepare --source mmt --config ref_mmt --out data/mmt --num-samples 4000
     mmdist prepare --source coco --images val2017/ --captions captions_val2017.json --out data/coco
     mmdist prepare --source jsonl --manifest pairs.jsonl --out data/pairs
     mmdist prepare --source audiocaps --audio clotho/ --captions clotho_captions.csv --out data/clotho
@@ -28,6 +29,7 @@ import pyarrow as pa
 from mmdist.arguments import add_config_arguments
 from mmdist.config import load_config
 from mmdist.data.digits import CAPTIONS, LABELS, DigitsSource
+from mmdist.data.mmt import MMTSource
 from mmdist.data.preprocess import PreprocessSpec
 from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
 from mmdist.data.shards import (
@@ -68,7 +70,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output shard directory (replaced if it holds an earlier prepare)")
     parser.add_argument("--num-samples", type=int, default=None, metavar="N",
-                        help="synthetic, digits: rows to generate (default: "
+                        help="synthetic, digits, mmt: rows to generate (default: "
                              "data.synthetic_samples)")
     parser.add_argument("--digits-caption", choices=CAPTIONS, default="both",
                         help="digits: the caption names the written digit (written) or the "
@@ -139,6 +141,9 @@ def build_source(args: argparse.Namespace, data: DataConfig):
         return SyntheticSource(num_samples=data.synthetic_samples, seed=args.seed,
                                image_size=data.image_size, sample_rate=data.sample_rate,
                                audio_seconds=data.audio_seconds)
+    if args.source == "mmt":
+        return MMTSource(num_samples=data.synthetic_samples, seed=args.seed,
+                         image_size=data.image_size)
     if args.source == "digits":
         return DigitsSource(num_samples=data.synthetic_samples, seed=args.seed,
                             image_size=data.image_size, audio_seconds=data.audio_seconds,

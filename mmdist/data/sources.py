@@ -29,7 +29,7 @@ from typing import Any
 from mmdist.data.rows import RowError, RowLimits, inside, make_row, read_file
 from mmdist.data.synthetic import audio_label, generate_sample, image_label
 
-SOURCES = ("synthetic", "digits", "coco", "jsonl", "audiocaps")
+SOURCES = ("synthetic", "digits", "mmt", "coco", "jsonl", "audiocaps")
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
