@@ -27,7 +27,12 @@ from mmdist.train.deepspeed_config import deepspeed_config
 from mmdist.train.faults import from_environ
 from mmdist.train.job import Job
 from mmdist.train.retry import fit_with_retries
-from mmdist.train.startable import label_problems, require_startable, with_data_defaults
+from mmdist.train.startable import (
+    label_problems,
+    require_startable,
+    storage_problem,
+    with_data_defaults,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +57,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not cfg.train.run_name:  # named now: its folder holds the log from the first line on
         cfg = cfg.override({"train.run_name": default_run_name(cfg)})
     log_file = run_log_file(cfg)
+    problem = storage_problem(log_file.parent.parent)
+    if problem:
+        raise CommandError(problem)
     with Console(log_file, verbose=args.verbose) as console:
         summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
                         data_cache=args.data_cache, console=console)

@@ -170,6 +170,26 @@ def processor_settings(cfg: Config) -> Config:
     return cfg.override(changed) if changed else cfg
 
 
+def storage_problem(folder: str | Path, key: str = "train.storage_path") -> str | None:
+    """Why a local folder cannot hold a run (checkpoints, its log, its sample ledger), found
+    by creating it and writing a file there; None when it can, or for a remote URI (Ray Train
+    writes those through pyarrow; ``mmdist preflight`` checks them from a worker)."""
+    text = str(folder)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    path = Path(text.removeprefix("file://"))
+    probe = path / f".mmdist-write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return (f"{key}={path}: cannot write there ({type(e).__name__}: {e.strerror or e}); "
+                "checkpoints, the run's log and its sample ledger go there: set a writable "
+                "folder")
+    return None
+
+
 def data_problems(cfg: Config, manifest: dict[str, Any], where: str) -> list[str]:
     """Every problem of a shard set for ``cfg``: its size (:func:`data_size_problems`) and its
     labels (:func:`label_problems`)."""

@@ -38,6 +38,7 @@ from mmdist.train.startable import (
     check_resources,
     cluster_resources,
     data_problems,
+    storage_problem,
     with_data_defaults,
 )
 from mmdist.tune.report import error_line, format_overrides, trial_rows, write_report
@@ -117,6 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, args.overrides)
     name = args.resume or args.name or f"sweep-{cfg.model.task}-{uuid.uuid4().hex[:6]}"
     log_file = Path(cfg.train.storage_path or "runs").resolve() / name / "mmdist.log"
+    problem = storage_problem(log_file.parent.parent)
+    if problem:
+        raise CommandError(problem)
     with Console(log_file, verbose=args.verbose, worker_lines=False) as console:
         summary = sweep(cfg, space_args=args.space, name=name, resume=bool(args.resume),
                         address=args.address, num_cpus=args.num_cpus,

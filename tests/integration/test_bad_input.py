@@ -152,6 +152,15 @@ def _cases(files: Path, small: Path, model: Path, tmp: Path) -> dict[str, tuple[
         "mmdist evaluate: model path does not exist": (
             ["mmdist", "evaluate", "--model", str(tmp / "no-model"), "--data", str(small)],
             (1, "no-model: not a model directory")),
+        # sysfs refuses new folders even to root: a storage nobody can write
+        "mmdist train: read-only storage": (
+            ["mmdist", "train", "--config", "tiny", "--num-cpus", "2",
+             "train.storage_path=/sys/mmdist-runs"],
+            (1, "train.storage_path=/sys/mmdist-runs: cannot write there", "writable folder")),
+        "jobs/sweep.py: read-only storage": (
+            ["jobs/sweep.py", "--config", "tiny", "--num-cpus", "2",
+             "train.storage_path=/sys/mmdist-runs"],
+            (1, "train.storage_path=/sys/mmdist-runs: cannot write there")),
         "mmdist train: YAML syntax error": (
             ["mmdist", "train", "--config", str(files / "syntax.yaml"), "--num-cpus", "2"],
             (1, "syntax.yaml", "not valid YAML", "line 1")),

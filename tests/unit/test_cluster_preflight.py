@@ -79,6 +79,15 @@ def test_manifest_is_read_and_bad_json_is_named(tmp_path):
     assert not broken.ok and "not valid JSON" in broken.detail
 
 
+def test_read_only_storage_is_caught_naming_the_key():
+    """sysfs refuses new folders even to root: a storage path nobody can write."""
+    from mmdist.preflight import check_storage
+
+    check = check_storage(load_config("tiny", ["train.storage_path=/sys/mmdist-runs"]))
+    assert not check.ok
+    assert "train.storage_path=/sys/mmdist-runs: cannot write there" in check.detail
+
+
 def test_cluster_submissions_need_absolute_storage_and_a_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config("tiny")
