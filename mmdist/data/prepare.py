@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -107,6 +108,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+# a full disk, a quota, a file-size limit, a read-only filesystem: the write failed, not the data
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"data.val_fraction": args.val_fraction, "data.shard_rows": args.shard_rows,
              "data.vocab_size": args.vocab_size, "data.synthetic_samples": args.num_samples,
@@ -123,6 +128,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           parallel=args.parallel)
     except SourceError as e:
         raise CommandError(str(e)) from None
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise CommandError(
+            f"--out {args.out}: cannot write the shards ({e.strerror}"
+            + (f": {e.filename}" if e.filename else "") + ")"
+            f"; nothing was kept (the half-written folder is removed, and {args.out} is as it "
+            "was before). Free space or choose another --out") from None
     print_summary(summary)
     if summary["rows_written"] == 0:
         raise CommandError(f"every row of the source was bad ({summary['rows_in']} rows "
