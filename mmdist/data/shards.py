@@ -171,6 +171,18 @@ def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> l
     return [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
 
 
+def example_texts(data_dir: str | Path, n: int = 2) -> list[str]:
+    """The first ``n`` non-empty texts of the val split (else train): a model's input example
+    from the data it was trained on."""
+    for split in ("val", "train"):
+        for f in sorted((Path(data_dir) / split).glob("*.parquet")):
+            texts = [t for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()
+                     if t]
+            if texts:
+                return texts[:n]
+    return []
+
+
 def canonical_batches(data_dir: str | Path, split: str, batch_size: int) -> list:
     """The split as Arrow tables of ``batch_size`` consecutive rows (files in name order): the
     same batches as evaluation during training, so metrics match exactly."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config import Config
+from mmdist.data.shards import example_texts
 from mmdist.tracking import retry
 from mmdist.train.model_env import pyfunc_code_paths, pyfunc_requirements
 
@@ -49,6 +50,7 @@ def _beats(new: float, old: float, mode: str) -> bool:
 
 def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
                    metrics: dict[str, float], checkpoint: str | None = None,
+                   data_dir: str | Path | None = None,
                    attempts: int = 40, wait_s: float = 3.0) -> dict[str, Any]:
     """Log ``model_dir`` to ``run_id``, register it, alias it; retries while MLflow is down.
 
@@ -56,6 +58,7 @@ def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
         checkpoint: what identifies the checkpoint the model comes from (its storage path);
             defaults to ``model_dir``. A second call with the same run and checkpoint returns
             the version the first one made.
+        data_dir: the shards it trained on: the input example takes texts of theirs.
         attempts, wait_s: retries of each MLflow step.
 
     Returns:
@@ -74,7 +77,10 @@ def register_model(uri: str, run_id: str, model_dir: Path, cfg: Config,
     identity = str(checkpoint or model_dir)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    example = pd.DataFrame({"text": ["a red circle with a low tone"]})
+    # the input example: texts of the training data (images and audio are file paths in
+    # this signature, which would not exist where the model is served)
+    texts = example_texts(data_dir) if data_dir and "text" in cfg.model.modalities else []
+    example = pd.DataFrame({"text": texts}) if texts else None
 
     def log() -> str:
         found = logged_model_of(client, run_id, identity)

@@ -297,7 +297,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     if cfg.tracking.register:
         with result.checkpoint.as_directory() as ckpt_dir:
             reg = register_model(uri, run_id, Path(ckpt_dir) / "model", cfg, metrics,
-                                 checkpoint=result.checkpoint.path)
+                                 checkpoint=result.checkpoint.path, data_dir=data_dir)
     tracking.retry(lambda: tracking.set_terminated(uri, run_id, "FINISHED"),
                    "closing the MLflow run")
     return {

@@ -238,7 +238,8 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     if (cfg.tracking.register if register is None else register) and best.get("model_dir"):
         reg = register_model(uri, parent, Path(best["model_dir"]),
                              cfg.override(best["overrides"]), {metric: best["final_metric"]
-                                                               or best["metric"]})
+                                                               or best["metric"]},
+                             data_dir=data_dir)
     tracking.set_terminated(uri, parent, "FINISHED")
     summary = {
         "ok": True, "name": name, "parent_run_id": parent, "trials": len(rows),

@@ -55,6 +55,11 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     val = pd.read_parquet(data_dir / "val")
     pred = model.predict(val[["text", "image", "audio"]].head(4))
     assert len(pred) == 4 and np.isfinite(pred["score"]).all()
+    # its input example is text of the data it trained on, not a made-up sentence
+    from mlflow.models import Model
+
+    example = Model.load("models:/zero2-model@champion").load_input_example()
+    assert list(example["text"]) == [t for t in val["text"] if t][:2]
     local = Predictor.from_dir(pull("models:/zero2-model@champion", tmp_path / "pulled", uri)["dst"])
     metrics = local.evaluate_dir(data_dir, split="val")
     assert metrics["val_accuracy"] == pytest.approx(s["metrics"]["val_accuracy"], abs=1e-6)
