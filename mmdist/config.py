@@ -19,12 +19,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # and encoders come from the registry (one entry there adds a name here).
 TASKS = tuple(registry.TASKS)
 SIZES = ("tiny", "small", "base", "1b", "7b")
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")
 FUSIONS = tuple(registry.FUSIONS)
 FUSION_STAGES = ("early", "mid", "late")
 TEXT_ENCODERS = registry.TEXT_ENCODERS
 IMAGE_ENCODERS = registry.IMAGE_ENCODERS
 AUDIO_ENCODERS = registry.AUDIO_ENCODERS
+VIDEO_TEMPORALS = registry.VIDEO_TEMPORALS
 DECODERS = registry.DECODERS
 LM_CONDITIONING = ("prefix", "cross_attention")
 VQA_ANSWERS = ("generate", "classify")
@@ -95,6 +96,11 @@ class DataConfig(Section):
     max_image_pixels: int = Field(40_000_000, ge=1)  # width x height of a source image
     max_audio_seconds: float = Field(600.0, gt=0)  # duration of a source clip
     max_text_chars: int = Field(20_000, ge=1)  # characters of a text or target
+    max_video_seconds: float = Field(3600.0, gt=0)  # duration of a source video
+    # video: K frames per clip, sampled uniformly over the clip, or at video_fps frames per
+    # second from its start (at most K); stored at image_size (mmdist.data.video)
+    video_frames: int = Field(8, ge=1)
+    video_fps: float | None = Field(None, gt=0)
     cpus_per_task: float = Field(0.5, gt=0)  # per Ray Data task; a fraction fits beside workers
     deterministic: bool = True  # same seed -> same order on every rank; false: blocks as they come
 
@@ -116,12 +122,17 @@ class ModelConfig(Section):
 
     task: Literal[TASKS] = "itm"
     size: Literal[SIZES] = "small"
-    modalities: list[Literal[MODALITIES]] = Field(default_factory=lambda: [*MODALITIES], min_length=1)
+    # video is opt-in: a model reads it only when listed
+    modalities: list[Literal[MODALITIES]] = Field(
+        default_factory=lambda: ["text", "image", "audio"], min_length=1)
     fusion: Literal[FUSIONS] = "concat"
     fusion_stage: Literal[FUSION_STAGES] = "mid"
     text_encoder: Literal[TEXT_ENCODERS] = "lstm"
     image_encoder: Literal[IMAGE_ENCODERS] = "cnn"
     audio_encoder: Literal[AUDIO_ENCODERS] = "conv"
+    # video: model.image_encoder (and model.image_pretrained) per frame, then across time:
+    # mean (no order), transformer (over per-frame vectors), tokens (every frame's tokens)
+    video_temporal: Literal[VIDEO_TEMPORALS] = "transformer"
     decoder: Literal[DECODERS] = "gpt2"  # the decoder LM for task lm/vqa/multitask
     lm_conditioning: Literal[LM_CONDITIONING] = "prefix"
     vqa_answer: Literal[VQA_ANSWERS] = "generate"  # answer with the decoder, or classify it
@@ -184,7 +195,8 @@ class ModelConfig(Section):
         present = {"decoder": decodes, "projectors": True,
                    **{f"{m}_encoder": m in mods for m in MODALITIES}}
         tuned = {"decoder": self.decoder_pretrained,
-                 **{f"{m}_encoder": getattr(self, f"{m}_pretrained") for m in MODALITIES}}
+                 **{f"{m}_encoder": getattr(self, f"{m}_pretrained")
+                    for m in ("text", "image", "audio")}}
         return [
             (self.decoder_pretrained and not decodes, f"model.decoder_pretrained="
              f"{self.decoder_pretrained!r}: task {self.task!r} has no decoder LM (use lm, "
@@ -303,7 +315,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> Config:
         d, m = self.data, self.model
-        encodes = "image" in m.modalities and m.fusion_stage != "early"
+        encodes = bool({"image", "video"} & set(m.modalities)) and m.fusion_stage != "early"
         return report(self, info, [
             (encodes and m.image_encoder == "vit_b_16" and d.image_size % 16,
              f"data.image_size={d.image_size}: model.image_encoder=vit_b_16 needs a multiple of "

@@ -35,6 +35,7 @@ FUSIONS = {
 TEXT_ENCODERS = ("bert", "lstm", "gru")
 IMAGE_ENCODERS = ("cnn", "resnet18", "resnet50", "vit_b_16")
 AUDIO_ENCODERS = ("conv", "transformer")
+VIDEO_TEMPORALS = ("mean", "transformer", "tokens")  # across frames (models/video_encoder.py)
 DECODERS = ("gpt2", "llama", "lstm")
 
 

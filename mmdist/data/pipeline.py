@@ -58,10 +58,10 @@ SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
 
 
 def shard_columns(paths: list[str]) -> list[str]:
-    """The columns to read: :data:`SHARD_COLUMNS` and the per-modality labels where the shards
-    have them (shards written before they existed do not)."""
+    """The columns to read: :data:`SHARD_COLUMNS` and the per-modality labels and ``video``
+    where the shards have them (shards written before they existed do not)."""
     have = set(pq.read_schema(paths[0]).names) if paths else set()
-    return [*SHARD_COLUMNS, *(c for c in MODALITY_LABELS if c in have)]
+    return [*SHARD_COLUMNS, *(c for c in (*MODALITY_LABELS, "video") if c in have)]
 MAP_BATCH_SIZE = 64  # rows per preprocess_batch call inside Ray Data
 # Most bytes per block after each task's first (see BatchPreprocessor): Ray's own default target
 # is 128 MiB; half of it bounds what a task holds before handing it over.
@@ -146,7 +146,8 @@ def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Data
             raise ValueError(f"{data_dir}: no {split} shards in the manifest "
                              f"(prepare with --val-fraction > 0 for a val split)")
         spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train",
-                                          audio_features=audio_dir(cfg))
+                                          audio_features=audio_dir(cfg),
+                                          video="video" in cfg.model.modalities)
         out[split] = build_dataset(paths, spec, tokenizer,
                                    cpus_per_task=cfg.data.cpus_per_task)
         # Ray Data's bars, drawn in every worker for every eval pass and forwarded line by line

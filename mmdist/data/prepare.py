@@ -29,9 +29,9 @@ import pyarrow as pa
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import load_config
+from mmdist.data import video_prepare
 from mmdist.data.digits import CAPTIONS, LABELS, DigitsSource
 from mmdist.data.mmt import MMTSource
-from mmdist.data.preprocess import PreprocessSpec
 from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
 from mmdist.data.shards import (
     MANIFEST,
@@ -83,7 +83,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="seed of the synthetic data and of the train/val split (default: 0)")
     parser.add_argument("--images", metavar="DIR", help="coco: directory of the image files")
     parser.add_argument("--captions", metavar="FILE",
-                        help="coco: captions JSON; audiocaps: captions CSV")
+                        help="coco: captions JSON; audiocaps, video: captions CSV")
     parser.add_argument("--manifest", metavar="FILE",
                         help="jsonl: one JSON object per line (image, audio, text, target, label)")
     parser.add_argument("--audio", metavar="DIR", help="audiocaps: directory of the audio files")
@@ -105,6 +105,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", choices=("auto", "ray", "local"), default="auto",
                         help=f"convert with Ray Data (ray), in this process (local) or ray from "
                              f"{RAY_THRESHOLD} rows on (auto, the default)")
+    video_prepare.add_video_arguments(parser)
     add_config_arguments(parser)
 
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if flags:  # flags win over the config file; validated like any override
         cfg = cfg.override(flags)
     try:
-        source = build_source(args, cfg.data)
+        source = video_prepare.build_video_source(args, cfg.data) or build_source(args, cfg.data)
         data = prepared_data(cfg)
         summary = convert(source, args.out, data, seed=args.seed,
                           params=source_params(source, data, args.seed),
@@ -255,7 +256,7 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             "created_by": "mmdist prepare",
             "source": source.name,
             "params": params or {},
-            "preprocess": PreprocessSpec.from_config(data).to_dict(),
+            "preprocess": video_prepare.preprocess_entry(data, tmp, shards),
             "tokenizer": TOKENIZER_DIR,
             "tokenizer_vocab_size": tokenizer.vocab_size,
             "tokenizer_files": {f"{TOKENIZER_DIR}/{p.name}": sha256_file(p)
@@ -381,8 +382,8 @@ def prepare_synthetic(out_dir: str | Path, cfg: Config, seed: int = 0) -> dict[s
         The summary dict (``reused: True`` when nothing was written).
     """
     d = prepared_data(cfg)
-    source = SyntheticSource(num_samples=d.synthetic_samples, seed=seed, image_size=d.image_size,
-                             sample_rate=d.sample_rate, audio_seconds=d.audio_seconds)
+    source = video_prepare.synthetic_source_for(cfg, seed) or SyntheticSource(
+        d.synthetic_samples, seed, d.image_size, d.sample_rate, d.audio_seconds)
     params = source_params(source, d, seed)
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():

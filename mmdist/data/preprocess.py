@@ -25,6 +25,7 @@ from mmdist.data.audio import decode_audio, log_mel
 from mmdist.data.hf_audio import AudioFeatures
 from mmdist.data.image import decode_image
 from mmdist.data.schema import MODALITY_LABELS, audio_frames
+from mmdist.data.video import strip_to_frames
 
 if TYPE_CHECKING:
     from mmdist.config import DataConfig
@@ -46,6 +47,8 @@ class PreprocessSpec:
         audio_features: a pretrained audio encoder's directory (``model.audio_pretrained``, or
             the copy a saved model holds): its feature extractor makes the audio features
             (``mmdist.data.hf_audio``) instead of mmdist's log-mel.
+        video_frames: K, frames per video in the batch; 0 when the model reads no video
+            (the ``video`` key is then ``(B, 0, 3, S, S)``: no bytes move).
     """
 
     image_size: int = 64
@@ -56,17 +59,20 @@ class PreprocessSpec:
     max_text_len: int = 32
     augment: bool = False
     audio_features: str | None = None
+    video_frames: int = 0
 
     @classmethod
     def from_config(cls, data: DataConfig, augment: bool | None = None,
-                    audio_features: str | None = None) -> PreprocessSpec:
+                    audio_features: str | None = None, video: bool = False) -> PreprocessSpec:
         """The spec of ``cfg.data``; ``augment`` overrides ``data.augment`` (False for val);
-        ``audio_features``: ``model.audio_pretrained`` (see the class)."""
+        ``audio_features``: ``model.audio_pretrained`` (see the class); ``video``: the model
+        reads video (``data.video_frames`` frames per row, else none)."""
         return cls(image_size=data.image_size, sample_rate=data.sample_rate,
                    audio_seconds=data.audio_seconds, n_mels=data.n_mels,
                    hop_length=data.hop_length, max_text_len=data.max_text_len,
                    augment=data.augment if augment is None else augment,
-                   audio_features=audio_features)
+                   audio_features=audio_features,
+                   video_frames=data.video_frames if video else 0)
 
     def replace(self, **changes: Any) -> PreprocessSpec:
         return dataclasses.replace(self, **changes)
@@ -199,6 +205,18 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
             audio[has_audio] = log_mel(waves[has_audio], spec.sample_rate, M, spec.hop_length,
                                        spec.n_fft)
 
+    K = spec.video_frames
+    videos = np.zeros((n, K, 3, S, S), dtype=np.uint8)
+    has_video = np.zeros(n, dtype=bool)
+    for i, data in enumerate(_column(batch, "video", n) if K else ()):
+        if not _present(data):
+            continue
+        try:
+            videos[i] = strip_to_frames(bytes(data), K, S)
+            has_video[i] = True
+        except Exception:
+            pass
+
     labels = {k: np.array([int(v) if _present(v) else -1 for v in _column(batch, k, n)],
                           dtype=np.int64) for k in ("label", *MODALITY_LABELS)}
     return {
@@ -214,6 +232,8 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec,
         "has_image": has_image,
         "has_audio": has_audio,
         **{k: labels[k] for k in MODALITY_LABELS},
+        "video": videos,
+        "has_video": has_video,
     }
 
 

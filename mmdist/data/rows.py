@@ -23,6 +23,10 @@ class RowError(ValueError):
     """One row is bad; the message is the quarantine reason."""
 
 
+class SourceError(RuntimeError):
+    """The source cannot be read at all (names the file and what is wrong)."""
+
+
 @dataclass(frozen=True)
 class RowLimits:
     """The most a row may hold (``data.max_image_pixels``, ``max_audio_seconds``,
@@ -127,8 +131,11 @@ def _check_label(value: Any, name: str) -> int:
 def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = None,
              image: bytes | None = None, audio: bytes | None = None,
              text_required: bool = False, label_image: Any = None,
-             label_audio: Any = None, limits: RowLimits = RowLimits()) -> dict[str, Any]:
+             label_audio: Any = None, limits: RowLimits = RowLimits(),
+             video: bytes | None = None) -> dict[str, Any]:
     """Validate the fields of one row and return it in the shard schema.
+
+    ``video`` is a frame strip made by ``data.video`` (already decoded and checked).
 
     Raises:
         RowError: wrong types, empty text, no modality at all, undecodable image/audio, past
@@ -151,7 +158,7 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
     label = _check_label(label, "label")
     label_image = _check_label(label_image, "label_image")
     label_audio = _check_label(label_audio, "label_audio")
-    if text is None and image is None and audio is None:
+    if text is None and image is None and audio is None and video is None:
         raise RowError("no text, image or audio")
     if image is not None:
         check_image(image, limits.max_image_pixels)
@@ -159,4 +166,4 @@ def make_row(sample_id: int, text: Any = None, target: Any = None, label: Any = 
         check_audio(audio, limits.max_audio_seconds)
     return {"sample_id": int(sample_id), "text": text, "target": target, "label": label,
             "image": image, "audio": audio, "label_image": label_image,
-            "label_audio": label_audio}
+            "label_audio": label_audio, "video": video}

@@ -10,6 +10,8 @@
     audio      binary    encoded audio file bytes (WAV/FLAC); null when absent
     label_image int64    class of what the image alone shows; -1 when absent (auxiliary)
     label_audio int64    class of what the audio alone says; -1 when absent (auxiliary)
+    video      binary    K sampled frames as one PNG strip K frames tall (``data/video.py``);
+                         null when absent. A video's sound track is the row's ``audio``.
 
 2. Model batches (what preprocessing returns and what `FusedModel.forward` takes; numpy in
    Ray Data, torch tensors on the worker, B = batch size):
@@ -26,9 +28,12 @@
                                      Normalisation to float happens inside the model, so
                                      batches cross the object store as uint8.
     audio           float32 (B, n_mels, F)  log-mel, F = audio_frames(...); zeros when absent
+    video           uint8   (B, K, 3, S, S)  K = data.video_frames when the model reads video,
+                                     else 0 (no bytes move for models without video)
     has_text        bool    (B,)
     has_image       bool    (B,)
     has_audio       bool    (B,)
+    has_video       bool    (B,)
 
 Every key is always present: a missing modality is a zero tensor plus has_<modality>=False,
 so every rank runs every encoder every step (no ZeRO-3 hang on mixed modality subsets).
@@ -54,6 +59,7 @@ SHARD_SCHEMA = pa.schema([
     ("audio", pa.binary()),
     ("label_image", pa.int64()),
     ("label_audio", pa.int64()),
+    ("video", pa.binary()),
 ])
 
 # Per-modality label columns (shard and batch), the modality they describe.
@@ -61,7 +67,7 @@ MODALITY_LABELS = {"label_image": "image", "label_audio": "audio"}
 
 BATCH_KEYS = ("sample_id", "input_ids", "attention_mask", "target_ids", "target_mask", "label",
               "image", "audio", "has_text", "has_image", "has_audio", "label_image",
-              "label_audio")
+              "label_audio", "video", "has_video")
 
 # Special tokens of tokenizers trained by mmdist (ids fixed in this order).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[MASK]")
@@ -75,7 +81,7 @@ def audio_frames(sample_rate: int, audio_seconds: float, hop_length: int) -> int
 
 def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size: int,
                  n_mels: int, frames: int, num_classes: int = 8, seed: int = 0,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", video_frames: int = 0) -> dict:
     """A model batch of random content with every key of the contract (benchmarks, smoke runs).
 
     Token ids avoid the special ids; every modality is present.
@@ -100,6 +106,9 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
         "has_audio": torch.ones(B, dtype=torch.bool),
         "label_image": torch.full((B,), -1, dtype=torch.int64),
         "label_audio": torch.full((B,), -1, dtype=torch.int64),
+        "video": torch.randint(0, 256, (B, video_frames, 3, image_size, image_size),
+                               generator=g, dtype=torch.uint8),
+        "has_video": torch.full((B,), video_frames > 0, dtype=torch.bool),
     }
     return {k: v.to(device) for k, v in batch.items()}
 

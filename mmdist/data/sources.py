@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmdist.data.rows import RowError, RowLimits, inside, make_row, read_file
+from mmdist.data.rows import RowError, RowLimits, SourceError, inside, make_row, read_file
 from mmdist.data.synthetic import audio_label, generate_sample, image_label
+from mmdist.data.video import VideoSpec
+from mmdist.data.video_sources import load_video
 
-SOURCES = ("synthetic", "digits", "mmt", "coco", "jsonl", "audiocaps")
+SOURCES = ("synthetic", "digits", "mmt", "coco", "jsonl", "audiocaps", "video",
+           "synthetic_video")
 AUDIO_EXTENSIONS = (".wav", ".flac")
-
-
-class SourceError(RuntimeError):
-    """The source cannot be read at all (names the file and what is wrong)."""
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -123,12 +122,15 @@ class CocoSource:
 
 @dataclass(frozen=True)
 class JsonlSource:
-    """One JSON object per line with any of ``image``, ``audio`` (paths relative to the
-    manifest), ``text``, ``target``, ``label``, ``label_image``, ``label_audio``."""
+    """One JSON object per line with any of ``image``, ``audio``, ``video`` (paths relative to
+    the manifest), ``text``, ``target``, ``label``, ``label_image``, ``label_audio``. A video's
+    sound track is the row's audio unless ``audio`` is given; its subtitles (``clip.srt`` /
+    ``clip.vtt`` beside it) the text unless ``text`` is."""
 
     manifest: str
     limits: RowLimits = RowLimits()
     allow_outside_root: bool = False  # media paths may lead out of the manifest's folder
+    video_spec: VideoSpec = VideoSpec()  # how videos become frames (data.video_*)
     name: str = "jsonl"
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -166,18 +168,18 @@ class JsonlSource:
                 rec["error"] = f"line is not a JSON object: {line:.60}"
                 yield rec
                 continue
-            unknown = sorted(set(obj) - {"image", "audio", "text", "target", "label", "id",
-                                         "label_image", "label_audio"})
+            unknown = sorted(set(obj) - {"image", "audio", "video", "text", "target", "label",
+                                         "id", "label_image", "label_audio"})
             if unknown:
-                rec["error"] = ("unknown keys (expected image, audio, text, target, label, "
-                                f"label_image, label_audio, id): {unknown}")
+                rec["error"] = ("unknown keys (expected image, audio, video, text, target, "
+                                f"label, label_image, label_audio, id): {unknown}")
                 yield rec
                 continue
             if "id" in obj and (first := _first_of(ids, obj["id"], lineno)) is not None:
                 rec["error"] = f"duplicate id: {obj['id']!r}, first on line {first}"
                 yield rec
                 continue
-            for key in ("image", "audio"):
+            for key in ("image", "audio", "video"):
                 v = obj.get(key)
                 if v is None:
                     continue
@@ -189,10 +191,11 @@ class JsonlSource:
                 except RowError as e:
                     rec["error"] = str(e)
                     break
-            if "image_path" in rec or "audio_path" in rec:
+            media = next((k for k in ("image", "video", "audio") if f"{k}_path" in rec), None)
+            if media:
                 # rows sharing a media file share a split; its path as the manifest writes it,
                 # not where the dataset lies today, so a moved dataset splits the same way
-                rec["group"] = posixpath.normpath(obj["image" if "image_path" in rec else "audio"])
+                rec["group"] = posixpath.normpath(obj[media])
             rec.update(text=obj.get("text"), target=obj.get("target"), label=obj.get("label"),
                        label_image=obj.get("label_image"), label_audio=obj.get("label_audio"))
             yield rec
@@ -205,10 +208,15 @@ class JsonlSource:
             raise RowError(record["error"])
         image = read_file(record["image_path"], "image") if "image_path" in record else None
         audio = read_file(record["audio_path"], "audio") if "audio_path" in record else None
-        return make_row(record["sample_id"], text=record.get("text"), target=record.get("target"),
+        text, video = record.get("text"), None
+        if "video_path" in record:
+            v = load_video(record["video_path"], self.video_spec, self.limits)
+            video, audio = v["video"], audio if audio is not None else v["audio"]
+            text = text if text is not None else v["subtitles"]
+        return make_row(record["sample_id"], text=text, target=record.get("target"),
                         label=record.get("label"), image=image, audio=audio,
                         label_image=record.get("label_image"),
-                        label_audio=record.get("label_audio"), limits=self.limits)
+                        label_audio=record.get("label_audio"), limits=self.limits, video=video)
 
 
 _FILE_COLUMNS = ("file_name", "filename", "file", "path", "audio", "youtube_id", "audiocap_id")

@@ -47,8 +47,8 @@ def test_cli_text_is_read_as_yaml_for_the_field_type():
     ("train.micro_batch_size=0", "train.micro_batch_size=0: must be >= 1"),
     ("train.grad_clip=-1", "train.grad_clip=-1.0: must be >= 0 (0 = off)"),
     ("train.zero_stage=4", "train.zero_stage=4: must be in [0, 3]"),
-    ("model.modalities=text,video", "model.modalities=['text', 'video']: unknown 'video'; "
-                                    "choose from ['text', 'image', 'audio']"),
+    ("model.modalities=text,smell", "model.modalities=['text', 'smell']: unknown 'smell'; "
+                                    "choose from ['text', 'image', 'audio', 'video']"),
     ("model.modalities=[]", "model.modalities=[]: must not be empty"),
     ("model.task_weights=5", "model.task_weights='5': expected dict[str, float]"),
     ("tracking.experiment=", "tracking.experiment='': must not be empty"),
