@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -107,6 +108,27 @@ def problems(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def check_model(model: str, tracking_uri: str) -> None:
+    """Refuse, before any replica starts, a registered model or alias that does not exist."""
+    from mmdist.serve.deployment import resolve
+
+    if model.startswith("models:/"):
+        try:
+            resolve(model, tracking_uri)
+        except Exception as e:  # MlflowException: no such model, alias or version
+            raise CommandError(f"{model}: not found in {tracking_uri} "
+                               f"({getattr(e, 'message', e)})") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CommandError(f"--host {host} --port {port}: cannot listen there "
+                               f"({e.strerror}); pick another --port") from None
+
+
 def get_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (our own server)
         return json.loads(r.read())
@@ -147,6 +169,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if bad:
         raise CommandError("; ".join(bad))
     settings = settings_from_args(args)
+    check_model(settings["model"], settings["tracking_uri"])
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        check_port_free(args.host, args.port)
     init_ray(args.address, num_cpus=args.num_cpus)
     try:
         out = start(settings, args.host, args.port, args.app_name)

@@ -4,6 +4,7 @@
 import base64
 import io
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -146,3 +147,19 @@ def test_serve_command_refuses_bad_flags_by_name_before_starting_ray(capsys, mon
     assert "--port=0" in err and "--max-replicas=1: must be >= --replicas=2" in err
     assert main(["serve", "models:/m@champion", "--detach"]) == 1
     assert "--detach: needs a Ray cluster" in capsys.readouterr().err
+
+
+def test_serve_command_names_a_missing_model_or_a_busy_port_before_starting_ray(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["serve", "models:/nope@champion", "--tracking-uri", store]) == 1
+    assert "models:/nope@champion: not found in" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path / "model"), "--port", str(port)]) == 1
+    assert f"--port {port}: cannot listen there" in capsys.readouterr().err
