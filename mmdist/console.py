@@ -68,6 +68,7 @@ class Console:
         self._file: TextIO | None = None
         self._handler: logging.Handler | None = None
         self._attached = False
+        self._tenth = -1  # the last tenth of the run a step line was shown for (no terminal)
         self._stderr: TextIO | None = None
         self._env: dict[str, str | None] = {}
 
@@ -167,12 +168,18 @@ class Console:
                 self.say(line)
 
     def say(self, line: str) -> None:
-        """An mmdist line: a step line moves the bar (on a terminal), others print above it."""
+        """An mmdist line: a step line moves the bar (on a terminal; elsewhere one line per
+        tenth of the run is shown), others print above it."""
         step = parse_step(line)
         with self._lock:
             if step and self.out.isatty():
                 self._advance(step)
                 return
+            if step:
+                tenth = step["step"] * 10 // max(step["total"], 1)
+                if tenth <= self._tenth and step["step"] != step["total"]:
+                    return
+                self._tenth = tenth
             if self._bar is not None:
                 self._bar.write(line, file=self.out)
             else:

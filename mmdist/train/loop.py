@@ -140,7 +140,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             state.global_step = engine.global_steps
             bad_steps.after_step(engine.skipped_steps, state)
             faults.after_step(state.global_step)
-            startup.first_step(reporter.say)
+            startup.first_step(reporter.note)  # the summary has it too
 
             if train_log.due(state.global_step):
                 last_metrics.update(train_log.log(engine, state))

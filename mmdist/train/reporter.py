@@ -31,11 +31,18 @@ class Reporter:
                         if rank == 0 and run_id else None)
 
     def say(self, msg: str) -> None:
-        """Print one progress line (rank 0)."""
+        """Print one progress line (rank 0): on the user's screen."""
+        self._print(f"[mmdist] {msg}")
+
+    def note(self, msg: str) -> None:
+        """A detail for the run's log (rank 0): on the screen only with --verbose."""
+        self._print(f"mmdist: {msg}")
+
+    def _print(self, line: str) -> None:
         if self.rank == 0:
             # the process's real stdout: Ray Train patches print() to log *and*, once anything
             # has wrapped sys.stdout, print as well, so every line would reach the driver twice
-            print(f"[mmdist] {msg}", file=sys.__stdout__ or sys.stdout, flush=True)
+            print(line, file=sys.__stdout__ or sys.stdout, flush=True)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Send ``metrics`` of ``step`` to MLflow (rank 0; buffered, flushed now and then)."""

@@ -43,3 +43,12 @@ def test_verbose_leaves_the_libraries_alone(tmp_path):
     with Console(tmp_path / "x.log", verbose=True):
         assert logging.getLogger("mlflow").handlers == before
     assert (tmp_path / "x.log").exists()
+
+
+def test_without_a_terminal_one_step_line_per_tenth_of_the_run(tmp_path):
+    out = io.StringIO()
+    with Console(tmp_path / "x.log", out=out) as c:
+        for step in range(5, 101, 5):  # every 5 of 100 steps, as with train.log_every=5
+            c.say("[mmdist] " + step_line(step, 100, 0, 0.5, 1e-3, 2.0))
+    shown = [int(line.split()[2].split("/")[0]) for line in out.getvalue().splitlines()]
+    assert shown == [5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
