@@ -26,6 +26,7 @@ from mmdist.models.input_embeddings import FrameEmbedding, PatchEmbedding, TextE
 from mmdist.models.sizes import SizeSpec, size_spec
 from mmdist.models.text_encoder import BertTextEncoder, build_text_encoder
 from mmdist.models.transformers_init import build_transformers_model, hf, outside_zero_init
+from mmdist.models.video_encoder import VideoEncoder
 
 # Aligned slots the element-wise fusion methods combine, per stage.
 SLOTS = {"early": 8, "mid": 4, "late": 1}
@@ -90,7 +91,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int = 0, bos_id: int = 2, 
     m, d = cfg.model, cfg.data
     spec = size_spec(m.size, m.hidden_size)
     vocab = make_vocab(vocab_size, pad_id, bos_id, eos_id, special_ids)
-    mods = [x for x in ("text", "image", "audio") if x in m.modalities]
+    mods = [x for x in ("text", "image", "audio", "video") if x in m.modalities]
     extra = dict(extra) if extra is not None else {}  # pretrained parts record theirs
     weights = task_class(m.task).components(m)
     encoders = _encoders(cfg, spec, vocab, encoded_modalities(mods, list(weights)), extra,
@@ -140,7 +141,11 @@ def _encoders(cfg: Config, spec: SizeSpec, vocab: dict[str, Any], mods: list[str
     frames = audio_frames(d.sample_rate, d.audio_seconds, d.hop_length)
     encoders = nn.ModuleDict()
     for mod in mods:
-        if m.fusion_stage == "early":
+        if mod == "video":  # the image encoder of this stage per frame, then across time
+            frame = _encoders(cfg, spec, vocab, ["image"], extra, load_pretrained)["image"]
+            encoders[mod] = VideoEncoder(frame, m.video_temporal, d.video_frames, dim,
+                                         spec.heads, spec.enc_layers)
+        elif m.fusion_stage == "early":
             encoders[mod] = {
                 "text": lambda: TextEmbedding(vocab["vocab_size"], dim, d.max_text_len,
                                               vocab["pad_id"]),
