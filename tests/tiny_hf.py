@@ -21,9 +21,9 @@ SPECIALS = {"gpt2": ("<|endoftext|>", "<|endoftext|>", None),
             "qwen2": ("<|endoftext|>", "<|endoftext|>", None)}
 
 
-def tiny_tokenizer(family: str, vocab_size: int = 160) -> Tokenizer:
+def tiny_tokenizer(family: str, vocab_size: int = 160, texts: list[str] = TEXTS) -> Tokenizer:
     """A byte-level BPE tokenizer as GPT-2 / Llama 3 / Qwen2 ship (``tokenizer.json``), trained
-    on :data:`TEXTS`, with the family's special tokens and no mmdist metadata."""
+    on ``texts`` (:data:`TEXTS`), with the family's special tokens and no mmdist metadata."""
     bos, eos, pad = SPECIALS[family]
     specials = list(dict.fromkeys(t for t in (bos, eos, pad) if t))
     tok = Tokenizer(models.BPE())
@@ -31,19 +31,20 @@ def tiny_tokenizer(family: str, vocab_size: int = 160) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS * 5, trainer)
+    tok.train_from_iterator(texts * 5, trainer)
     return tok
 
 
 def tiny_lm(path: str | Path, arch: str = "llama", hidden: int = 32, layers: int = 2,
-            min_vocab: int = 0) -> Path:
-    """A random causal LM of ``arch`` (``llama``, ``gpt2``, ``qwen2``) and its tokenizer,
-    saved in ``path``; the embedding table covers the tokenizer and at least ``min_vocab``."""
+            min_vocab: int = 0, texts: list[str] = TEXTS, vocab_size: int = 160) -> Path:
+    """A random causal LM of ``arch`` (``llama``, ``gpt2``, ``qwen2``) and its tokenizer
+    (trained on ``texts`` up to ``vocab_size``), saved in ``path``; the embedding table covers
+    the tokenizer and at least ``min_vocab``."""
     import transformers  # heavy: only the tests that build models import this module
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = tiny_tokenizer(arch)
+    tok = tiny_tokenizer(arch, vocab_size, texts)
     tok.save(str(path / "tokenizer.json"))
     n = max(tok.get_vocab_size(), min_vocab)
     bos, eos, _ = SPECIALS[arch]
