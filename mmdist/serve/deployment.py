@@ -162,12 +162,22 @@ class ModelServer:
             i += len(rows)
         return out
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it is over the limit: by its Content-Length, or
+        while it streams in when it has none."""
+        check_body_size(int(request.headers.get("content-length") or 0), self.settings)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            check_body_size(size, self.settings)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         """``{"text", "image", "audio"}`` or a list of them -> the answer(s) + model version."""
         try:
-            check_body_size(int(request.headers.get("content-length") or 0), self.settings)
-            raw = await request.body()
+            raw = await self._read_body(request)
             loaded = self.loaded
             rows, single = parse_predict_body(raw, loaded.modalities, self.settings)
             if len(rows) >= self.settings.max_batch_size:  # already a batch: no queue

@@ -2,6 +2,7 @@
 trained; moving its alias; and `mlflow models serve` of the same registered model."""
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -154,10 +155,39 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_next_one_succeeds(s
         assert field in got["error"]
         ok_status, ok = _http(url, {"text": example["b64"]["text"]})
         assert ok_status == 200 and "score" in ok
+    # no Content-Length (chunked): refused while it streams in
+    conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=120)
+    conn.request("POST", "/predict", body=iter([b'{"text": "', b"x" * 2**19, b"y" * 2**19,
+                                                b"z" * 64, b'"}']),
+                 headers={"content-type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["field"] == "body"
+    conn.close()
+    assert _http(url, {"text": example["b64"]["text"]})[0] == 200
+
+
+def _polled_app(served, trained, tmp_path) -> dict:
+    """A second application on the same Serve proxy, following the alias by polling every
+    second (no POST /reload)."""
+    from mmdist.serve.deploy import start
+
+    return start({"model": f"models:/{NAME}@champion", "tracking_uri": trained["uri"],
+                  "cache": str(tmp_path / "cache"), "poll_s": 1, "cpus": 0.25},
+                 "127.0.0.1", served["port"], "polled", "/polled")
+
+
+def _wait_for_version(app, version: str, tries: int = 600) -> bool:
+    """Whether the polled app's /health reaches ``version`` (a wait for the poller, not a
+    timing assertion: up to 10 minutes on a loaded machine)."""
+    for _ in range(tries):
+        if _http(app["url"] + "/health")[1]["model_version"] == version:
+            return True
+        time.sleep(1)
+    return False
 
 
 def test_moving_the_alias_switches_the_served_version_without_dropping_requests(
-        served, trained, versions, example, capsys):
+        served, trained, versions, example, capsys, tmp_path):
     url, body = served["url"], example["b64"]
     _, before = _http(url + "/predict", body)
     statuses, seen, stop = [], set(), threading.Event()
@@ -168,6 +198,7 @@ def test_moving_the_alias_switches_the_served_version_without_dropping_requests(
             statuses.append(status)
             seen.add(got.get("model_version"))
 
+    polled = _polled_app(served, trained, tmp_path)
     assert _register(trained, versions["2"], "v2") == "2"  # registration moves champion to v2
     asker = threading.Thread(target=keep_asking)
     asker.start()
@@ -183,6 +214,7 @@ def test_moving_the_alias_switches_the_served_version_without_dropping_requests(
     assert after["model_version"] == "2" and after["score"] != pytest.approx(before["score"])
     want = _predict_cli(capsys, versions["2"], **example["files"])["score"]
     assert after["score"] == pytest.approx(want, abs=1e-5)
+    assert _wait_for_version(polled, "2")  # the polling replica follows by itself
     # back with `mmdist promote`, then a reload: v1's answers again
     assert main(["promote", f"models:/{NAME}/1", "--alias", "champion",
                  "--tracking-uri", trained["uri"]]) == 0
@@ -191,6 +223,7 @@ def test_moving_the_alias_switches_the_served_version_without_dropping_requests(
     assert status == 200 and reloaded["model_version"] == "1"
     _, again = _http(url + "/predict", body)
     assert again["model_version"] == "1" and again["score"] == pytest.approx(before["score"])
+    assert _wait_for_version(polled, "1")
 
 
 def test_mlflow_models_serve_answers_a_request(trained, versions, example, tmp_path, capsys):
