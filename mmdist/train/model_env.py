@@ -14,6 +14,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../mmdist
 
 # mmdist's dependencies that loading a model and predicting never imports (training, sweeps,
 # data sources, reports); tests/integration/test_serve_http.py checks it on a registered model.
+# av decodes video in `mmdist prepare` only: the predictor takes text, image and audio.
 NOT_FOR_PREDICTION = frozenset({
     "ray", "deepspeed", "accelerate", "matplotlib", "tabulate", "scikit-learn",
     "espeakng-loader", "threadpoolctl", "av", "sacrebleu"})
