@@ -92,10 +92,19 @@ class Checkpointer:
         """
         metrics = at_step(metrics, state)
         with tempfile.TemporaryDirectory(prefix="mmdist-ckpt-") as tmp:
-            self.engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
-            ckpt_lib.write_ledger(tmp, self.rank, state.epoch, ledger, state.order_hash)
-            if final:
-                self.consolidate(Path(tmp) / ckpt_lib.MODEL_DIR)
+            try:
+                self.engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
+                ckpt_lib.write_ledger(tmp, self.rank, state.epoch, ledger, state.order_hash)
+                if final:
+                    self.consolidate(Path(tmp) / ckpt_lib.MODEL_DIR)
+            except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write so
+                free = shutil.disk_usage(tmp).free
+                raise OSError(
+                    f"rank {self.rank} could not write the checkpoint of step "
+                    f"{state.global_step} into {tmp} ({type(e).__name__}: {str(e)[:200]}); "
+                    f"{free / 2**20:.0f} MiB free there. The previous complete checkpoint "
+                    "stays the newest; a full disk or a file-size limit looks like this"
+                ) from e
             if self.rank == 0:
                 self.reporter.hand_over(state)
                 t = self.cfg.train

@@ -13,6 +13,11 @@ Set on the driver before `mmdist train`; the values travel to the workers with t
     MMDIST_FAULT_RAISE_AT_STEP=N  rank MMDIST_FAULT_RANK (default 0) raises RuntimeError right
                                   after optimizer step N, on every attempt (a deterministic bug);
                                   each raise appends a line to .fault-raised-at-N in the run folder
+    MMDIST_FAULT_DISK_FULL_AT_STEP=N:BYTES
+                                  after optimizer step N, once, rank MMDIST_FAULT_RANK's writes stop
+                                  at BYTES per file (RLIMIT_FSIZE: a write past it fails, as on a
+                                  full disk), so its next checkpoint is cut off part-way; the
+                                  restarted attempt is a new process without the limit
 
 Nothing happens when none of them is set.
 """
@@ -46,6 +51,9 @@ class Faults:
     marker: Path | None = None
     raise_at_step: int = 0
     raise_log: Path | None = None
+    disk_full_at_step: int = 0
+    disk_full_bytes: int = 0
+    disk_marker: Path | None = None
     batches_seen: int = 0  # micro-batches this attempt has computed a loss for
 
     @classmethod
@@ -60,6 +68,11 @@ class Faults:
             f.raise_at_step = int(env[PREFIX + "RAISE_AT_STEP"])
             f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
             f.raise_log = Path(marker_dir) / f".fault-raised-at-{f.raise_at_step}"
+        if env.get(PREFIX + "DISK_FULL_AT_STEP"):
+            step, _, size = env[PREFIX + "DISK_FULL_AT_STEP"].partition(":")
+            f.disk_full_at_step, f.disk_full_bytes = int(step), int(size or 65536)
+            f.kill_rank = int(env.get(PREFIX + "RANK", "0"))
+            f.disk_marker = Path(marker_dir) / f".fault-disk-full-at-{f.disk_full_at_step}"
         if env.get(PREFIX + "NAN_BATCHES"):
             ranges = []
             for part in env[PREFIX + "NAN_BATCHES"].split(","):
@@ -88,6 +101,21 @@ class Faults:
             with open(self.raise_log, "a") as f:
                 f.write("raised\n")
             raise RuntimeError(f"fault injection: a deterministic error after step {step}")
+        if (self.disk_full_at_step and step == self.disk_full_at_step
+                and self.rank == self.kill_rank and self.disk_marker is not None
+                and not self.disk_marker.exists()):
+            import ctypes
+            import resource  # POSIX; only these faults need them
+
+            self.disk_marker.parent.mkdir(parents=True, exist_ok=True)
+            self.disk_marker.write_text("disk full\n")
+            # a failed write, not a dead process; through libc: the training loop runs outside
+            # the main thread, where Python's signal.signal refuses
+            ctypes.CDLL(None).signal(int(signal.SIGXFSZ), ctypes.c_void_p(1))  # SIG_IGN
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_full_bytes, hard))
+            print(f"[mmdist] fault injection: rank {self.rank}'s files stop at "
+                  f"{self.disk_full_bytes} bytes after step {step}", flush=True)
         if (self.kill_at_step and step == self.kill_at_step and self.rank == self.kill_rank
                 and self.marker is not None and not self.marker.exists()):
             self.marker.parent.mkdir(parents=True, exist_ok=True)

@@ -315,3 +315,22 @@ def test_mlflow_server_down_for_a_minute_loses_no_metric(ray_local, synthetic_da
         assert s["model_uri"] == f"models:/outage-model/{version.version}"
     finally:
         server.stop()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+        ray_local, synthetic_data, tmp_path, monkeypatch, capsys):
+    """After step 5 the worker's writes stop at 4 MB a file (RLIMIT_FSIZE, what a full disk
+    does to a write): the step-8 checkpoint is cut off part-way. The step-4 checkpoint stays the
+    newest complete one; the retry resumes there and the run ends at its last step."""
+    monkeypatch.setenv("MMDIST_FAULT_DISK_FULL_AT_STEP", f"5:{4 * 2**20}")
+    s = train(_cfg(synthetic_data, tmp_path, "model.size=small", "train.max_steps=12",
+                   "train.max_failures=1", "train.checkpoint_every=4", "train.eval_every=100",
+                   "train.run_name=full"))
+    assert (tmp_path / "runs" / "full" / ".fault-disk-full-at-5").exists()  # the fault fired
+    out = capsys.readouterr().out
+    assert "could not write the checkpoint of step 8" in out, out[-3000:]  # cut off part-way
+    assert "retry 1/1 from the checkpoint at step 4" in out
+    assert [r["from_step"] for r in s["resumes"]] == [4]
+    assert s["global_step"] == 12
+    state = json.loads((Path(s["checkpoint"]) / "mmdist_state.json").read_text())
+    assert state["global_step"] == 12
