@@ -32,6 +32,8 @@ VQA_ANSWERS = ("generate", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGS = ("random", "grid")
+# what `mmdist train` generates without data.path (`mmdist prepare --source` names; data.generated)
+SYNTHETIC_SOURCES = ("synthetic", "digits", "mmt", "synthetic_video")
 LOWER_IS_BETTER = ("_loss", "_perplexity")  # metric name endings where lower is better
 # Parts of the fused model that `model.freeze` names (mmdist.models.adapt says which is which).
 COMPONENTS = ("text_encoder", "image_encoder", "audio_encoder", "projectors", "decoder")
@@ -78,6 +80,9 @@ class DataConfig(Section):
 
     path: str | None = None  # shard directory written by `mmdist prepare`; None -> synthetic
     synthetic_samples: int = Field(2000, ge=1)  # rows generated when path is None
+    # the source generated when path is None; None: synthetic_video if the model reads video,
+    # else synthetic
+    synthetic_source: Literal[SYNTHETIC_SOURCES] | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
     image_size: int = Field(64, ge=1)  # square side after resize/crop, pixels
     sample_rate: int = Field(16000, ge=1)  # audio is resampled to this rate, Hz

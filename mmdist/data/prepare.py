@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from mmdist.arguments import add_config_arguments
-from mmdist.config import load_config
+from mmdist.config import SYNTHETIC_SOURCES, load_config
 from mmdist.data import video_prepare
-from mmdist.data.digits import CAPTIONS, LABELS, DigitsSource
-from mmdist.data.mmt import MMTSource
+from mmdist.data.digits import CAPTIONS, LABELS
+from mmdist.data.generated import generated_source, synthetic_source_for
 from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
 from mmdist.data.shards import (
     MANIFEST,
@@ -52,7 +52,6 @@ from mmdist.data.sources import (
     JsonlSource,
     RowLimits,
     SourceError,
-    SyntheticSource,
     load_record,
 )
 from mmdist.data.tokenizer import TextTokenizer
@@ -151,17 +150,9 @@ def build_source(args: argparse.Namespace, data: DataConfig):
     missing = [f"--{n}" for n in need if not getattr(args, n, None)]
     if missing:
         raise SourceError(f"--source {args.source} needs {' and '.join(missing)}")
-    if args.source == "synthetic":
-        return SyntheticSource(num_samples=data.synthetic_samples, seed=args.seed,
-                               image_size=data.image_size, sample_rate=data.sample_rate,
-                               audio_seconds=data.audio_seconds)
-    if args.source == "mmt":
-        return MMTSource(num_samples=data.synthetic_samples, seed=args.seed,
-                         image_size=data.image_size)
-    if args.source == "digits":
-        return DigitsSource(num_samples=data.synthetic_samples, seed=args.seed,
-                            image_size=data.image_size, audio_seconds=data.audio_seconds,
-                            caption=args.digits_caption, label=args.digits_label)
+    if args.source in SYNTHETIC_SOURCES:
+        return generated_source(args.source, data, args.seed, video_captions=args.video_captions,
+                                digits_caption=args.digits_caption, digits_label=args.digits_label)
     limits, outside = RowLimits.from_config(data), bool(getattr(args, "allow_outside_root", False))
     if args.source == "coco":
         return CocoSource(captions=args.captions, images=args.images, limits=limits,
@@ -375,15 +366,15 @@ def prepare_synthetic(out_dir: str | Path, cfg: Config, seed: int = 0) -> dict[s
 
     Args:
         out_dir: shard directory.
-        cfg: the config; ``data.synthetic_samples``, sizes, split and tokenizer settings apply.
+        cfg: the config; ``data.synthetic_source`` (``mmdist.data.generated``),
+            ``data.synthetic_samples``, sizes, split and tokenizer settings apply.
         seed: dataset seed.
 
     Returns:
         The summary dict (``reused: True`` when nothing was written).
     """
     d = prepared_data(cfg)
-    source = video_prepare.synthetic_source_for(cfg, seed) or SyntheticSource(
-        d.synthetic_samples, seed, d.image_size, d.sample_rate, d.audio_seconds)
+    source = synthetic_source_for(cfg, d, seed)
     params = source_params(source, d, seed)
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():

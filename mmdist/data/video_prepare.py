@@ -6,7 +6,7 @@
 
 ``data.video_frames`` / ``data.video_fps`` choose the frames, ``data.image_size`` their size
 (``mmdist.data.video``). `mmdist train` without ``data.path`` prepares the synthetic video
-source when ``model.modalities`` lists video (:func:`synthetic_source_for`).
+source when ``model.modalities`` lists video (``mmdist.data.generated``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
-from mmdist.config import task_class
 from mmdist.data.preprocess import PreprocessSpec
 from mmdist.data.rows import RowLimits, SourceError
 from mmdist.data.sources import JsonlSource
-from mmdist.data.synthetic_video import SyntheticVideoSource
 from mmdist.data.video import VideoSpec
 from mmdist.data.video_sources import CAPTION_ROLES, VideoCsvSource
 
 if TYPE_CHECKING:
-    from mmdist.config import Config, DataConfig
+    from mmdist.config import DataConfig
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,16 +37,13 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_video_source(args: argparse.Namespace, data: DataConfig) -> Any | None:
-    """The source of ``--source video`` / ``synthetic_video``, and of ``jsonl`` (whose lines
-    may name videos); None for other sources."""
+    """The source of ``--source video``, and of ``jsonl`` (whose lines may name videos); None
+    for other sources (``synthetic_video`` is built by ``mmdist.data.generated``)."""
     spec = VideoSpec.from_config(data)
     outside = bool(getattr(args, "allow_outside_root", False))
     if args.source == "jsonl" and args.manifest:
         return JsonlSource(manifest=args.manifest, limits=RowLimits.from_config(data),
                            allow_outside_root=outside, video_spec=spec)
-    if args.source == "synthetic_video":
-        return SyntheticVideoSource(num_samples=data.synthetic_samples, seed=args.seed,
-                                    video_spec=spec, captions=args.video_captions)
     if args.source != "video":
         return None
     missing = [f"--{n}" for n in ("videos", "captions") if not getattr(args, n, None)]
@@ -69,13 +64,3 @@ def preprocess_entry(data: DataConfig, out: Path, shards: list[dict[str, Any]]) 
             video = video or col.null_count < len(col)
     return PreprocessSpec.from_config(data, video=video).to_dict()
 
-
-def synthetic_source_for(cfg: Config, seed: int) -> SyntheticVideoSource | None:
-    """The synthetic video source `mmdist train` prepares when the model reads video (its
-    captions as targets when the task writes text), else None."""
-    if "video" not in cfg.model.modalities:
-        return None
-    writes = task_class(cfg.model.task).uses_decoder(cfg.model)
-    return SyntheticVideoSource(num_samples=cfg.data.synthetic_samples, seed=seed,
-                                video_spec=VideoSpec.from_config(cfg.data),
-                                captions="target" if writes else "text")

@@ -18,6 +18,7 @@ from typing import Any
 from mmdist.arguments import add_config_arguments
 from mmdist.config import Config, load_config
 from mmdist.console import Console
+from mmdist.data.generated import synthetic_source_name
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.shards import ManifestError, read_manifest, shard_labels, verify_manifest
 from mmdist.errors import CommandError
@@ -80,15 +81,17 @@ def default_run_name(cfg: Config) -> str:
 
 
 def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
-    """The shard directory: data.path, or synthetic shards prepared (once) for this config."""
+    """The shard directory: data.path, or shards of ``data.synthetic_source`` prepared (once)
+    for this config."""
     if cfg.data.path:
         return Path(cfg.data.path).resolve()
     if data_cache is None:
         data_cache = (Path(cfg.train.storage_path) / "data" if cfg.train.storage_path
                       else Path(".cache/data"))
     d = cfg.data
-    key = (f"synthetic-n{d.synthetic_samples}-s{cfg.train.seed}-img{d.image_size}"
-           f"-sr{d.sample_rate}-a{d.audio_seconds}-v{d.vocab_size}-val{d.val_fraction}")
+    key = (f"{synthetic_source_name(cfg)}-n{d.synthetic_samples}-s{cfg.train.seed}"
+           f"-img{d.image_size}-sr{d.sample_rate}-a{d.audio_seconds}-v{d.vocab_size}"
+           f"-val{d.val_fraction}")
     out = Path(data_cache).resolve() / key
     prepare_synthetic(out, cfg, seed=cfg.train.seed)
     return out
