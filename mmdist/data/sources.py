@@ -222,6 +222,15 @@ class JsonlSource:
 _FILE_COLUMNS = ("file_name", "filename", "file", "path", "audio", "youtube_id", "audiocap_id")
 
 
+def _not_utf8(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (decoded with ``surrogateescape``)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _first_bad_byte(text: str) -> int:
+    return next(ord(ch) - 0xDC00 for ch in text if "\udc80" <= ch <= "\udcff")
+
+
 @dataclass(frozen=True)
 class AudioCapsSource:
     """Audio-caption CSV as in Clotho (``file_name, caption_1..caption_5``) or AudioCaps
@@ -240,12 +249,14 @@ class AudioCapsSource:
             raise SourceError(f"--captions {path}: no such file")
         if not Path(self.audio).is_dir():
             raise SourceError(f"--audio {self.audio}: not a directory")
-        try:
-            with path.open(newline="", encoding="utf-8") as f:
+        try:  # bytes that are not UTF-8 stay as surrogates: one bad row, not a lost file
+            with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
                 rows = list(csv.DictReader(f))
                 header = rows and list(rows[0]) or []
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
+        except (OSError, csv.Error) as e:
             raise SourceError(f"--captions {path}: cannot read CSV: {e}") from None
+        if _not_utf8(" ".join(header)):
+            raise SourceError(f"--captions {path}: its header line is not UTF-8 text")
         file_col = next((c for c in _FILE_COLUMNS if c in header), None)
         cap_cols = [c for c in header if c == "caption" or c.startswith("caption_")]
         if file_col is None or not cap_cols:
@@ -255,11 +266,15 @@ class AudioCapsSource:
         i = 0
         for lineno, row in enumerate(rows, 2):
             name = (row.get(file_col) or "").strip()
+            bad = [c for c, v in row.items() if isinstance(v, str) and _not_utf8(v)]
             for col in cap_cols:
                 rec = {"sample_id": i, "origin": f"{path}:{lineno} {col}", "group": name,
                        "text": row.get(col)}
                 i += 1
-                if not name:
+                if bad:
+                    rec.update(error=f"line is not UTF-8 text (column {bad[0]}: byte "
+                               f"0x{_first_bad_byte(row[bad[0]]):02x})", text=None, group="")
+                elif not name:
                     rec["error"] = f"empty {file_col}"
                 else:
                     try:

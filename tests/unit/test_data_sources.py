@@ -17,7 +17,13 @@ from mmdist.config import DataConfig, load_config
 from mmdist.data import prepare
 from mmdist.data.prepare import convert, prepare_synthetic
 from mmdist.data.shards import ManifestError, split_of_groups, verify_manifest
-from mmdist.data.sources import AudioCapsSource, CocoSource, JsonlSource, SyntheticSource
+from mmdist.data.sources import (
+    AudioCapsSource,
+    CocoSource,
+    JsonlSource,
+    SourceError,
+    SyntheticSource,
+)
 
 DATA = DataConfig(image_size=16, sample_rate=8000, audio_seconds=0.25, vocab_size=80,
                   shard_rows=3, val_fraction=0.25)
@@ -357,3 +363,21 @@ def test_coco_and_audiocaps_paths_out_of_their_folder_are_quarantined(tmp_path):
                 tmp_path / "o2", DATA)
     assert s["rows_written"] == 1 and list(s["quarantine_reasons"]) == [
         "audio path outside the dataset folder (pass --allow-outside-root to read it)"]
+
+
+def test_audiocaps_line_that_is_not_utf8_is_one_quarantined_row(tmp_path):
+    (tmp_path / "audio").mkdir()
+    _wav(tmp_path / "audio" / "a.wav")
+    _wav(tmp_path / "audio" / "b.wav")
+    (tmp_path / "caps.csv").write_bytes(b"file_name,caption\na.wav,a tone\n"
+                                        b"b.wav,caf\xe9 noise\n"  # Latin-1, not UTF-8
+                                        b"b.wav,a beep\n")
+    s = convert(AudioCapsSource(str(tmp_path / "caps.csv"), str(tmp_path / "audio")),
+                tmp_path / "o", DATA)
+    assert (s["rows_in"], s["rows_written"], s["rows_quarantined"]) == (3, 2, 1)
+    q = _quarantine(tmp_path / "o")
+    assert q[0]["origin"].endswith("caps.csv:3 caption")
+    assert q[0]["reason"] == "line is not UTF-8 text (column caption: byte 0xe9)"
+    (tmp_path / "bad_header.csv").write_bytes(b"file_name,capti\xf3n\na.wav,x\n")
+    with pytest.raises(SourceError, match="header line is not UTF-8"):
+        list(AudioCapsSource(str(tmp_path / "bad_header.csv"), str(tmp_path / "audio")).records())
