@@ -1,6 +1,6 @@
 """Tensor-level synthetic multimodal batches per the batch contract (mmdist.data.schema),
-for model tests. The class of a sample sets the image colour, the audio pitch (a bright mel
-band) and a colour word in the text, so matching text against image/audio needs fusion while
+for model tests. The class of a sample sets the image colour (and the video's), the audio pitch
+(a bright mel band) and a colour word in the text, so matching text against image/audio needs fusion while
 text alone carries no match information."""
 
 from __future__ import annotations
@@ -36,9 +36,21 @@ def classes_without_equal_neighbours(n: int, n_classes: int, g: torch.Generator)
     return c
 
 
+def make_video(cls: torch.Tensor, k: int, s: int, g: torch.Generator) -> torch.Tensor:
+    """uint8 ``(B, k, 3, s, s)``: the class colour, with a bright bar that moves one way or the
+    other by class parity (the motion needs the frames in order)."""
+    b = len(cls)
+    video = (COLOURS[cls].view(b, 1, 3, 1, 1) + torch.randn(b, k, 3, s, s, generator=g) * 25)
+    for t in range(k):
+        col = torch.where(cls % 2 == 0, t, -t - 1) % s
+        video[torch.arange(b), t, :, :, col] = 255.0
+    return video.clamp(0, 255).to(torch.uint8)
+
+
 def make_batch(cfg: Config, batch_size: int = 8, n_classes: int = 4, seed: int = 0,
                has: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
-    """One batch per the contract. ``has`` sets presence of each modality (default all)."""
+    """One batch per the contract. ``has`` sets presence of each modality (default all);
+    ``video`` holds ``data.video_frames`` frames when the model lists video, else none."""
     g = torch.Generator().manual_seed(seed)
     d = cfg.data
     b, s, L = batch_size, d.image_size, d.max_text_len
@@ -73,11 +85,13 @@ def make_batch(cfg: Config, batch_size: int = 8, n_classes: int = 4, seed: int =
         "label": cls.clone(), "label_image": cls.clone(), "label_audio": cls.clone(),
         "image": image, "audio": audio,
     }
-    for m in ("text", "image", "audio"):
-        present = has.get(m, True)
+    batch["video"] = make_video(cls, d.video_frames if "video" in cfg.model.modalities else 0,
+                                s, g)
+    for m in ("text", "image", "audio", "video"):
+        present = has.get(m, True) and (m != "video" or batch["video"].shape[1] > 0)
         batch[f"has_{m}"] = torch.full((b,), present, dtype=torch.bool)
         if not present:
-            key = {"text": "input_ids", "image": "image", "audio": "audio"}[m]
+            key = {"text": "input_ids", "image": "image", "audio": "audio", "video": "video"}[m]
             batch[key] = torch.zeros_like(batch[key])
             if m == "text":
                 batch["attention_mask"] = torch.zeros_like(mask)

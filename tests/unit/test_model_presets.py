@@ -9,7 +9,8 @@ from tests.conftest import pretrained_overrides
 from tests.unit.synthetic_mm import VOCAB, make_batch
 
 REF_PRESETS = ["ref_transformer_fusion", "ref_crossmodal_lm", "ref_itm_resnet_bert",
-               "ref_cnn_lstm_weighted", "ref_multitask_mmlm", "ref_mmt"]
+               "ref_cnn_lstm_weighted", "ref_multitask_mmlm", "ref_mmt",
+               "ref_video_summary"]
 # tiny inputs for speed (32 px suits every image encoder: vit patch 16, resnet stride 32)
 TINY = ["model.size=tiny", "data.max_text_len=16", "data.n_mels=16", "data.audio_seconds=0.5",
         "data.image_size=32"]
