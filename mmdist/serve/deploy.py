@@ -4,8 +4,8 @@
     mmdist serve models:/mmdist-demo@champion --max-replicas 4 --use-gpu --port 9000
     mmdist serve models:/mmdist-demo@champion --address auto --detach --json
 
-``POST /predict`` takes ``{"text": ..., "image": <base64>, "audio": <base64>}`` (any subset; or a
-list of them) and answers what ``mmdist predict --json`` prints, with the model version;
+``POST /predict`` takes ``{"text": ..., "image": <base64>, "audio": <base64>, "video": <base64>}``
+(any subset; or a list of them) and answers what ``mmdist predict --json`` prints, with the model version;
 ``GET /health``; ``POST /reload`` follows the alias now (replicas also look it up every
 ``--poll-s``). The command serves until Ctrl-C; ``--detach`` returns once the model answers and
 leaves it running on the Ray cluster it joined.

@@ -175,7 +175,8 @@ class ModelServer:
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
-        """``{"text", "image", "audio"}`` or a list of them -> the answer(s) + model version."""
+        """``{"text", "image", "audio", "video"}`` or a list of them -> the answer(s) + model
+        version."""
         try:
             raw = await self._read_body(request)
             loaded = self.loaded

@@ -1,8 +1,9 @@
 """The HTTP JSON API of `mmdist serve`, without Ray: request bodies -> predictor rows, answers ->
 response bodies, and errors that name the field.
 
-``POST /predict`` takes ``{"text": str, "image": base64, "audio": base64}`` (any subset the model
-takes) or a list of such objects. One object answers with what ``mmdist predict --json`` prints
+``POST /predict`` takes ``{"text": str, "image": base64, "audio": base64, "video": base64}`` (any
+subset the model takes) or a list of such objects; a video is decoded by the predictor as
+`mmdist prepare` decodes it (an undecodable one answers 422 naming the field). One object answers with what ``mmdist predict --json`` prints
 (``ok``, ``task``, ``score`` / ``label`` + ``probability`` / ``text``); a list answers
 ``{"ok": true, "predictions": [...]}``. Every answer names the model version it came from.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from mmdist.data.rows import RowLimits, check_audio, check_image
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")
 
 
 class RequestError(ValueError):
@@ -89,7 +90,8 @@ def _where(row: int | None, name: str) -> str:
 
 
 def _media(value: Any, name: str, row: int | None, limits: RowLimits) -> bytes:
-    """base64 text -> the file's bytes, checked to decode the way training decodes."""
+    """base64 text -> the file's bytes, checked to decode the way training decodes (a video by
+    the predictor, which decodes it once)."""
     if not isinstance(value, str):
         raise RequestError(400, f"{_where(row, name)}: expected base64 text of the {name} "
                                 f"file, got {type(value).__name__}", name, row)
@@ -103,7 +105,7 @@ def _media(value: Any, name: str, row: int | None, limits: RowLimits) -> bytes:
     try:
         if name == "image":
             check_image(data, limits.max_image_pixels)
-        else:
+        elif name == "audio":
             check_audio(data, limits.max_audio_seconds)
     except ValueError as e:
         raise RequestError(422, f"{_where(row, name)}: {e}", name, row) from None
@@ -112,7 +114,8 @@ def _media(value: Any, name: str, row: int | None, limits: RowLimits) -> bytes:
 
 def parse_item(item: Any, row: int | None, modalities: Sequence[str],
                limits: RowLimits = RowLimits()) -> dict[str, Any]:
-    """One request object -> a predictor row (text str, image/audio bytes, None when absent).
+    """One request object -> a predictor row (text str, image/audio/video bytes, None when
+    absent).
 
     Raises:
         RequestError: 400 for a malformed value or an unknown field, 422 for a value the model
@@ -135,7 +138,7 @@ def parse_item(item: Any, row: int | None, modalities: Sequence[str],
         raise RequestError(400, f"{'row ' + str(row) if row is not None else 'body'}: no input; "
                                 f"give at least one of {sorted(modalities)}",
                            "body", row)
-    out: dict[str, Any] = {"text": None, "image": None, "audio": None}
+    out: dict[str, Any] = {"text": None, "image": None, "audio": None, "video": None}
     if "text" in given:
         text = given["text"]
         if not isinstance(text, str):
@@ -145,7 +148,7 @@ def parse_item(item: Any, row: int | None, modalities: Sequence[str],
             raise RequestError(413, f"{_where(row, 'text')}: {len(text):,} characters, over "
                                     f"the limit of {limits.max_text_chars:,}", "text", row)
         out["text"] = text
-    for name in ("image", "audio"):
+    for name in ("image", "audio", "video"):
         if name in given:
             out[name] = _media(given[name], name, row, limits)
     return out

@@ -2,6 +2,7 @@
 
     mmdist predict --model models:/mmdist-demo@champion --image cat.png --text "a red circle"
     mmdist predict --model ./my-model --audio tone.wav --text "a low tone" --json
+    mmdist predict --model models:/ref-video-summary@champion --video clip.mp4 --text "look"
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "models:/NAME/VERSION, runs:/RUN_ID/model")
     parser.add_argument("--image", default=None, metavar="PATH", help="image file (PNG, JPEG, ...)")
     parser.add_argument("--audio", default=None, metavar="PATH", help="audio file (WAV or FLAC)")
+    parser.add_argument("--video", default=None, metavar="PATH",
+                        help="video file (MP4, WebM, AVI, MKV, MOV), decoded as `mmdist "
+                             "prepare` does: its sound track is the audio and the subtitles "
+                             "beside it (clip.srt/.vtt) the text unless --audio/--text are given")
     parser.add_argument("--text", default=None, help="text input (caption, question, ...)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ and runs:/ (default: "
@@ -48,14 +53,14 @@ def resolve_model_dir(model: str, tracking_uri: str | None, cache: str | Path) -
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmdist.serve.predictor import Predictor  # loads torch: not for --help
 
-    if not (args.image or args.audio or args.text):
-        raise CommandError("give at least one of --image, --audio, --text")
+    if not (args.image or args.audio or args.text or args.video):
+        raise CommandError("give at least one of --image, --audio, --video, --text")
     try:
         predictor = Predictor.from_dir(resolve_model_dir(args.model, args.tracking_uri,
                                                          args.cache))
     except ValueError as e:  # e.g. pickled weights: refused, never loaded
         raise CommandError(str(e)) from None
-    row = {"text": args.text, "image": args.image, "audio": args.audio}
+    row = {"text": args.text, "image": args.image, "audio": args.audio, "video": args.video}
     try:
         answer = predictor.predict_rows([row])[0]
     except (ValueError, TypeError) as e:

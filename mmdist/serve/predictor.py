@@ -1,7 +1,9 @@
 """A loaded model directory that answers requests: the one inference path of mmdist.
 
 Used by `mmdist predict`, by the MLflow pyfunc, by `mmdist evaluate` and by batch inference.
-Rows go through the same preprocessing as training (``mmdist.data.preprocess``).
+Rows go through the same preprocessing as training (``mmdist.data.preprocess``); a video goes
+through the same decoder as `mmdist prepare` (``mmdist.data.video``): K frames, its sound track
+as the audio and the subtitles beside it as the text, when those are not given.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import torch
 
 from mmdist.config import Config
 from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
-from mmdist.data.rows import check_audio, check_image
+from mmdist.data.rows import RowError, RowLimits, check_audio, check_image
 from mmdist.data.schema import as_tensors
 from mmdist.data.shards import canonical_batches
 from mmdist.data.tokenizer import TextTokenizer
+from mmdist.data.video import VideoError, VideoSpec, video_fields
+from mmdist.data.video_sources import load_video
 from mmdist.models.model_files import AUDIO_PROCESSOR_DIR, load_model
 from mmdist.tasks import compute_metrics
 
-INPUT_COLUMNS = ("text", "image", "audio")
+INPUT_COLUMNS = ("text", "image", "audio", "video")
 
 
 def _absent(value: Any) -> bool:
@@ -59,6 +63,28 @@ def _read_input(value: Any, column: str, row: int) -> bytes | None:
     return data
 
 
+def _video_input(value: Any, row: int, spec: VideoSpec, limits: RowLimits) -> dict[str, Any]:
+    """A video file path or bytes -> ``video`` (frame strip), ``audio`` (its sound track or
+    None) and ``subtitles`` (beside a path, or None), decoded as `mmdist prepare` does.
+
+    Raises:
+        ValueError: naming the row, the column and the file (missing, undecodable, empty).
+    """
+    where = f"row {row}, column 'video'"
+    if isinstance(value, str):
+        if not Path(value).is_file():
+            raise ValueError(f"{where}: no such file {value!r}")
+        try:
+            return load_video(value, spec, limits)
+        except RowError as e:
+            raise ValueError(f"{where}: {value}: {e}") from None
+    data = _read_input(value, "video", row)
+    try:
+        return {**video_fields(data, spec), "subtitles": None}
+    except VideoError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _text_input(value: Any, row: int) -> str | None:
     if _absent(value):
         return None
@@ -78,7 +104,9 @@ class Predictor:
         self.cfg = cfg
         self.device = device
         self.spec = PreprocessSpec.from_config(cfg.data, augment=False,
-                                               audio_features=audio_features)
+                                               audio_features=audio_features,
+                                               video="video" in cfg.model.modalities)
+        self.video_spec = VideoSpec.from_config(cfg.data)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str = "cpu") -> Predictor:
@@ -96,7 +124,7 @@ class Predictor:
         """Raw rows (text, image/audio as path or bytes) -> a model batch on the device."""
         known = set(self.cfg.model.modalities)
         cols: dict[str, list] = {"sample_id": list(range(len(rows)))}
-        for c in ("text", "target", "label", "image", "audio"):
+        for c in ("text", "target", "label", "image", "audio", "video"):
             cols[c] = []
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
@@ -109,11 +137,20 @@ class Predictor:
                                  f"not take {sorted(extra)}")
             if not given:
                 raise ValueError(f"row {i}: no input; give at least one of {sorted(known)}")
-            cols["text"].append(_text_input(r.get("text"), i))
+            video = ({} if _absent(r.get("video")) else
+                     _video_input(r.get("video"), i, self.video_spec,
+                                  RowLimits.from_config(self.cfg.data)))
+            text = _text_input(r.get("text"), i)
+            # the video's subtitles and sound track, as prepare stores them, unless given
+            text = video.get("subtitles") if text is None and "text" in known else text
+            cols["text"].append(text)
             cols["target"].append(None)
             cols["label"].append(r.get("label") if isinstance(r.get("label"), int) else None)
             cols["image"].append(_read_input(r.get("image"), "image", i))
+            cols["video"].append(video.get("video"))
             audio = _read_input(r.get("audio"), "audio", i)
+            if audio is None and "audio" in known:
+                audio = video.get("audio")
             if audio is not None:
                 try:  # preprocessing would zero-pad an empty clip into silence
                     check_audio(audio)
@@ -132,6 +169,8 @@ class Predictor:
                 raise ValueError(f"row {i}, column 'image': {reason}")
             if cols["audio"][i] is not None and not batch["has_audio"][i]:
                 raise ValueError(f"row {i}, column 'audio': cannot decode the audio")
+            if cols["video"][i] is not None and not batch["has_video"][i]:
+                raise ValueError(f"row {i}, column 'video': cannot read the decoded frames")
         return {k: v.to(self.device) for k, v in as_tensors(batch).items()}
 
     @torch.no_grad()
@@ -162,7 +201,7 @@ class Predictor:
         return answers
 
     def predict_frame(self, df):
-        """pandas DataFrame in (columns text/image/audio) -> DataFrame of answers."""
+        """pandas DataFrame in (columns text/image/audio/video) -> DataFrame of answers."""
         if not isinstance(df, pd.DataFrame):
             try:
                 df = pd.DataFrame(df)
@@ -172,7 +211,7 @@ class Predictor:
         unknown = set(df.columns) - set(INPUT_COLUMNS)
         if unknown:
             raise ValueError(f"unknown input columns {sorted(unknown)}; "
-                             "use any of text, image, audio")
+                             f"use any of {', '.join(INPUT_COLUMNS)}")
         known = [c for c in INPUT_COLUMNS if c in self.cfg.model.modalities]
         if not any(c in df.columns for c in known):
             raise ValueError(f"the input has none of the columns {known} this model takes "

@@ -2,7 +2,7 @@
 
 MLflow stores this file's source, not a pickled object; loading runs it and calls
 ``load_context``, which reads safetensors weights. Input: a DataFrame with any of the columns
-``text`` (str), ``image`` and ``audio`` (a file path or the file's bytes). Output: a DataFrame
+``text`` (str), ``image``, ``audio`` and ``video`` (a file path or the file's bytes). Output: a DataFrame
 with the task's answer per row (see ``mmdist.serve.predictor.Predictor.predict_frame``).
 """
 

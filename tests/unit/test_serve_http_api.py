@@ -59,7 +59,7 @@ def test_one_object_with_every_modality_gives_the_file_bytes():
     rows, single = parse_predict_body(
         _body({"text": "a red square", "image": b64(png), "audio": b64(wav)}), ALL, SETTINGS)
     assert single is True
-    assert rows == [{"text": "a red square", "image": png, "audio": wav}]
+    assert rows == [{"text": "a red square", "image": png, "audio": wav, "video": None}]
 
 
 def test_a_list_with_missing_modalities_null_and_empty_mean_absent():
@@ -68,9 +68,10 @@ def test_a_list_with_missing_modalities_null_and_empty_mean_absent():
         _body([{"text": "a red square"}, {"image": b64(png), "audio": None},
                {"text": "", "image": b64(png)}]), ALL, SETTINGS)
     assert single is False
-    assert rows == [{"text": "a red square", "image": None, "audio": None},
-                    {"text": None, "image": png, "audio": None},
-                    {"text": None, "image": png, "audio": None}]
+    none = {"audio": None, "video": None}
+    assert rows == [{"text": "a red square", "image": None, **none},
+                    {"text": None, "image": png, **none},
+                    {"text": None, "image": png, **none}]
 
 
 def test_base64_that_is_not_base64_names_the_field_and_row():
