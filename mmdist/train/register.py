@@ -40,7 +40,8 @@ def model_signature():
 
     inputs = Schema([ColSpec("string", "text", required=False),
                      ColSpec("string", "image", required=False),
-                     ColSpec("string", "audio", required=False)])
+                     ColSpec("string", "audio", required=False),
+                     ColSpec("string", "video", required=False)])
     return ModelSignature(inputs=inputs)
 
 

@@ -104,6 +104,21 @@ def test_the_pyfunc_frame_and_the_http_body_take_video(clip_and_model):
                                    ["text", "audio", "video"])])
 
 
+def test_the_registered_pyfunc_takes_a_video_path(clip_and_model, tmp_path):
+    import mlflow
+
+    from mmdist.train.register import PYFUNC_CODE, model_signature
+
+    root, _, _ = clip_and_model
+    mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=str(PYFUNC_CODE),
+                             artifacts={"model_dir": str(root / "model")},
+                             signature=model_signature())
+    out = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(
+        pd.DataFrame({"video": [str(root / "clip.mp4")]}))
+    direct = Predictor.from_dir(root / "model").predict_rows([{"video": str(root / "clip.mp4")}])
+    assert out.to_dict(orient="records") == direct
+
+
 def test_a_model_without_video_refuses_it(clip_and_model, tmp_path):
     root, shards, _ = clip_and_model
     cfg = tiny_config("model.task=classify", "model.modalities=[text,image]")
