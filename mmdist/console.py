@@ -31,7 +31,16 @@ _STEP = re.compile(r"^\[mmdist\] step (\d+)/(\d+)  epoch (\d+)  loss (\S+)  lr (
 # Ray's driver-side dispatcher of forwarded worker output (a private API: used only where it
 # is known to exist, else Ray prints the workers' lines itself, as with --verbose)
 _RAY_DISPATCH = "ray._private.ray_logging"
+_URL_SECRET = re.compile(r"(://[^/\s:@]+:)[^@\s]+@")
+_SECRET_KEY = re.compile(r"password|secret|token|api_key", re.I)
 _RAY_HANDLER = "ray_print_logs"
+
+
+def redact(arg: str) -> str:
+    """A command-line word fit for a log: no password in a URL, no value of a secret key."""
+    arg = _URL_SECRET.sub(r"\1***@", arg)
+    key, eq, _ = arg.partition("=")
+    return f"{key}=***" if eq and _SECRET_KEY.search(key) else arg
 
 
 def step_line(step: int, total: int, epoch: int, loss: float, lr: float, rate: float) -> str:
@@ -76,7 +85,8 @@ class Console:
     def __enter__(self) -> Console:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self._file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+        self._file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                         f"{' '.join(map(redact, sys.argv))}\n")
         self._handler = logging.StreamHandler(self._file)
         self._handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))

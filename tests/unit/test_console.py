@@ -52,3 +52,12 @@ def test_without_a_terminal_one_step_line_per_tenth_of_the_run(tmp_path):
             c.say("[mmdist] " + step_line(step, 100, 0, 0.5, 1e-3, 2.0))
     shown = [int(line.split()[2].split("/")[0]) for line in out.getvalue().splitlines()]
     assert shown == [5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+
+
+def test_the_logged_command_line_holds_no_secret():
+    from mmdist.console import redact
+
+    assert redact("tracking.tracking_uri=https://ann:s3cret@mlflow:5000") == (
+        "tracking.tracking_uri=https://ann:***@mlflow:5000")
+    assert redact("MLFLOW_TRACKING_PASSWORD=s3cret") == "MLFLOW_TRACKING_PASSWORD=***"
+    assert redact("train.lr=0.003") == "train.lr=0.003"
