@@ -347,7 +347,7 @@ def _capture(module, args, capsys) -> tuple[int, str, str]:
 def _train_args(tmp_path, *overrides):
     return argparse.Namespace(
         config="tiny", address=None, num_cpus=None, data_cache=str(tmp_path / "cache"),
-        json=False, overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        json=False, verbose=False, overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
                                f"train.storage_path={tmp_path / 'runs'}", *overrides])
 
 
