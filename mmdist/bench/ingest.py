@@ -55,7 +55,7 @@ from threadpoolctl import threadpool_limits
 
 from mmdist.bench.cpu_meter import CpuMeter
 from mmdist.bench.ray_breakdown import ray_breakdown
-from mmdist.bench.realistic_shards import realistic_shards
+from mmdist.bench.realistic_shards import realistic_shards, video_shards
 from mmdist.config import load_config
 from mmdist.data.preprocess import PreprocessSpec, preprocess_batch, reuse_freed_memory
 from mmdist.data.shards import shard_paths, verify_manifest
@@ -96,6 +96,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate DataLoader and Ray Data rounds this often and report "
                              "the median of each (default: 1)")
+    parser.add_argument("--video", action="store_true",
+                        help="video rows: data.video_frames frames each, decoded from the "
+                             "shards' frame strips as training does (without --data: the "
+                             "synthetic video source); rates also in frames/s")
     parser.add_argument("--skip-dataloader", action="store_true",
                         help="measure only the Ray Data side (for tuning)")
 
@@ -104,12 +108,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config)
     if args.batch_size < 1 or args.cpus < 1:
         raise CommandError(f"--batch-size={args.batch_size} and --cpus={args.cpus} must be >= 1")
-    data_dir = Path(args.data) if args.data else realistic_shards(args.rows, args.shard_rows, cfg)
+    video = bool(getattr(args, "video", False))
+    make = video_shards if video else realistic_shards
+    data_dir = Path(args.data) if args.data else make(args.rows, args.shard_rows, cfg)
     manifest = verify_manifest(data_dir)
     paths = shard_paths(data_dir, manifest, args.split)
     if not paths:
         raise CommandError(f"{data_dir}: no {args.split} shards")
-    spec = PreprocessSpec.from_config(cfg.data, augment=False)
+    spec = PreprocessSpec.from_config(cfg.data, augment=False, video=video)
+    k = spec.video_frames
     rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == args.split)
     limit = args.num_batches or None
     workers = args.workers or args.cpus
@@ -117,7 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"--workers={workers} must be >= 1")
     print(f"bench ingest: {rows} rows in {len(paths)} shard(s) of {data_dir}, batch "
           f"{args.batch_size}, {args.cpus} CPU(s), {workers} worker process(es) a side; images -> "
-          f"{spec.image_size}px uint8, audio -> {spec.n_mels}x{spec.frames} log-mel")
+          f"{spec.image_size}px uint8, audio -> {spec.n_mels}x{spec.frames} log-mel"
+          + (f", video -> {k} frames" if video else ""))
 
     load_before = os.getloadavg()[0]
     fn_cost = preprocess_cost(paths[0], spec, data_dir, args.batch_size)
@@ -170,6 +178,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataloader_cpu_ms_per_sample": _cpu_ms_per_sample(dl) if dl else None,
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(load_after, 2),
+        "video_frames": k,  # frames per sample; frames/s = samples/s x video_frames
+        "ray_data_frames_per_s": round(ray_epoch * k, 1) if k else None,
+        "dataloader_frames_per_s": round(dl_epoch * k, 1) if k and dl else None,
     }
     print(f"  preprocess_batch alone: {fn_cost * 1e3:.2f} ms/sample in one process -> ideal "
           f"{ideal:.0f} samples/s on {args.cpus} CPU(s)")
@@ -180,6 +191,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{ray_res['samples_per_s']:.0f} samples/s from the first batch (after "
           f"{ray_res['startup_s']:.1f} s), {ray_epoch:.0f} over the epoch; "
           f"{ray_res['warmup_s']:.1f} s warm-up before")
+    if k:
+        print(f"  video frames/s over the epoch ({k} a sample): DataLoader "
+              f"{summary['dataloader_frames_per_s']}, Ray Data {summary['ray_data_frames_per_s']}")
     print(f"  CPU ms per sample (all processes, iter() to the last batch): DataLoader "
           f"{summary['dataloader_cpu_ms_per_sample']}, Ray Data "
           f"{summary['ray_data_cpu_ms_per_sample']}; load average before/after: "

@@ -1,5 +1,6 @@
 """Realistic shards for `mmdist bench ingest`: 224-pixel JPEGs, 2-5 s of 22.05 kHz audio and
-sentence captions, written once into ``.cache/bench_ingest/``."""
+sentence captions, written once into ``.cache/bench_ingest/``; with ``--video``, the synthetic
+video source's clips (frame strips + sound) instead."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from mmdist.data.generated import generated_source
 from mmdist.data.prepare import convert
 from mmdist.data.shards import MANIFEST, ManifestError, verify_manifest
 
@@ -70,4 +72,24 @@ def realistic_shards(rows: int, shard_rows: int, cfg: Any, seed: int = 0) -> Pat
     print(f"writing realistic shards to {out} ...", flush=True)
     convert(RealisticSource(rows, seed), out, data, seed=seed, params={"bench": rows},
             parallel="local")
+    return out
+
+
+def video_shards(rows: int, shard_rows: int, cfg: Any, seed: int = 0) -> Path:
+    """Write (once) and return the synthetic video source's shards at ``cfg.data``'s sizes
+    (``data.video_frames`` frames of ``data.image_size`` a row, as `mmdist prepare` stores
+    them) in ``.cache/bench_ingest/``."""
+    data = cfg.override({"data.val_fraction": 0.0, "data.shard_rows": shard_rows,
+                         "data.synthetic_samples": rows}).data
+    out = (Path(".cache") / "bench_ingest" / f"video-rows{rows}-shard{shard_rows}"
+           f"-k{data.video_frames}-px{data.image_size}-seed{seed}")
+    if (out / MANIFEST).exists():
+        try:
+            verify_manifest(out)
+            return out
+        except ManifestError:
+            pass
+    print(f"writing video shards to {out} ...", flush=True)
+    convert(generated_source("synthetic_video", data, seed), out, data, seed=seed,
+            params={"bench": rows}, parallel="local")
     return out
