@@ -29,9 +29,11 @@ import pyarrow as pa
 
 from mmdist.arguments import add_config_arguments
 from mmdist.config import SYNTHETIC_SOURCES, load_config
+from mmdist.console import Console
 from mmdist.data import video_prepare
 from mmdist.data.digits import CAPTIONS, LABELS
 from mmdist.data.generated import generated_source, synthetic_source_for
+from mmdist.data.prepare_summary import print_summary
 from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
 from mmdist.data.shards import (
     MANIFEST,
@@ -106,10 +108,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"{RAY_THRESHOLD} rows on (auto, the default)")
     video_prepare.add_video_arguments(parser)
     add_config_arguments(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and the libraries' output (default: in <out>.prepare.log)")
 
 
 # a full disk, a quota, a file-size limit, a read-only filesystem: the write failed, not the data
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,12 +124,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flags = {k: v for k, v in flags.items() if v is not None}
     if flags:  # flags win over the config file; validated like any override
         cfg = cfg.override(flags)
+    log_file = Path(args.out).parent / f"{Path(args.out).name}.prepare.log"
     try:
-        source = video_prepare.build_video_source(args, cfg.data) or build_source(args, cfg.data)
-        data = prepared_data(cfg)
-        summary = convert(source, args.out, data, seed=args.seed,
-                          params=source_params(source, data, args.seed),
-                          parallel=args.parallel)
+        with Console(log_file, verbose=getattr(args, "verbose", False)):
+            source = (video_prepare.build_video_source(args, cfg.data)
+                      or build_source(args, cfg.data))
+            data = prepared_data(cfg)
+            summary = convert(source, args.out, data, seed=args.seed,
+                              params=source_params(source, data, args.seed),
+                              parallel=args.parallel)
     except SourceError as e:
         raise CommandError(str(e)) from None
     except OSError as e:
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             + (f": {e.filename}" if e.filename else "") + ")"
             f"; nothing was kept (the half-written folder is removed, and {args.out} is as it "
             "was before). Free space or choose another --out") from None
+    summary["log_file"] = str(log_file)
     print_summary(summary)
     if summary["rows_written"] == 0:
         raise CommandError(f"every row of the source was bad ({summary['rows_in']} rows "
@@ -213,7 +221,8 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
         train_text: list[str] = []
         labels: list[int] = []
         modality_labels: dict[str, list[int]] = {m: [] for m in MODALITY_LABELS.values()}
-        results = _load_with_ray(source, records) if use_ray else _load_local(source, records)
+        results = _rows_bar(_load_with_ray(source, records) if use_ray
+                            else _load_local(source, records), len(records), source.name)
         for rec, row, reason in results:
             if row is None:
                 quarantine.add(rec["sample_id"], rec["origin"], reason)
@@ -282,11 +291,17 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _load_local(source: Any, records: list[dict[str, Any]]):
+def _rows_bar(results, n: int, name: str):
+    """A bar of the rows converted, on the terminal (its stderr, whatever the console routes)."""
     from tqdm import tqdm  # heavy: not loaded for --help
 
-    show = len(records) >= 500 and sys.stderr.isatty()
-    for rec in tqdm(records, desc=f"prepare {source.name}", unit="row", disable=not show):
+    screen = sys.__stderr__ or sys.stderr
+    return tqdm(results, total=n, desc=f"prepare {name}", unit="row", file=screen,
+                disable=not (n >= 500 and screen.isatty()))
+
+
+def _load_local(source: Any, records: list[dict[str, Any]]):
+    for rec in records:
         row, reason = load_record(source, rec)
         yield rec, row, reason
 
@@ -338,23 +353,6 @@ def _load_with_ray(source: Any, records: list[dict[str, Any]]):
     finally:
         if started:
             ray.shutdown()
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    if s.get("reused"):
-        print(f"reusing {s['out']} (same parameters, checksums verified)")
-    else:
-        print(f"prepared {s['out']} in {s.get('seconds', 0)} s ({s.get('parallel')})")
-    print(f"  rows_in = rows_written + rows_quarantined: {s['rows_in']} = {s['rows_written']} "
-          f"+ {s['rows_quarantined']}")
-    print(f"  train: {s['train_rows']} rows in {s['train_shards']} shard(s); "
-          f"val: {s['val_rows']} rows in {s['val_shards']} shard(s)")
-    if s["rows_quarantined"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["quarantine_reasons"].items()))
-        print(f"  quarantined: {reasons} (details in {Path(s['out']) / 'quarantine.jsonl'})")
-    print(f"  tokenizer: {s['tokenizer']} (vocab {s['vocab_size']})")
-    for w in s.get("warnings", ()):
-        print(f"  warning: {w}")
 
 
 # ---- the synthetic default of `mmdist train` ----------------------------------------------------
