@@ -15,14 +15,25 @@ class TrialLines(Callback):
     """Tune callback (on the driver): ``trial 3/8 model.fusion=add ...: val_accuracy 0.81``."""
 
     def __init__(self, console: Console, total: int, metric: str):
-        self.console, self.total, self.metric, self.done = console, total, metric, 0
+        self.console: Console | None = console
+        self.total, self.metric, self.done = total, metric, 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What Tune pickles into its experiment state: not the console (a lock, open files)."""
+        return {k: v for k, v in self.__dict__.items() if k != "console"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, console=None)
 
     def _line(self, trial: Any, outcome: str) -> None:
         self.done += 1
         overrides = {k: v for k, v in (trial.config or {}).items() if not k.startswith("_")}
+        line = f"{PREFIX}trial {self.done}/{self.total} {format_overrides(overrides)}: {outcome}"
+        if self.console is None:  # restored from Tune's saved state
+            print(line, flush=True)
+            return
         self.console.count("trials", self.done, self.total)
-        self.console.say(f"{PREFIX}trial {self.done}/{self.total} "
-                         f"{format_overrides(overrides)}: {outcome}")
+        self.console.say(line)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
         value = (trial.last_result or {}).get(self.metric)

@@ -61,3 +61,17 @@ def test_the_logged_command_line_holds_no_secret():
         "tracking.tracking_uri=https://ann:***@mlflow:5000")
     assert redact("MLFLOW_TRACKING_PASSWORD=s3cret") == "MLFLOW_TRACKING_PASSWORD=***"
     assert redact("train.lr=0.003") == "train.lr=0.003"
+
+
+def test_the_sweep_callback_pickles_without_its_console(tmp_path):
+    """Tune pickles its callbacks into the experiment state; the console (a lock, open files)
+    stays behind."""
+    import pickle
+
+    from mmdist.tune.progress import TrialLines
+
+    with Console(tmp_path / "x.log") as c:
+        lines = TrialLines(c, total=4, metric="val_accuracy")
+        lines.done = 2
+        again = pickle.loads(pickle.dumps(lines))
+    assert (again.console, again.done, again.total, again.metric) == (None, 2, 4, "val_accuracy")
