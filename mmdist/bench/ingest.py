@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"--batch-size={args.batch_size} and --cpus={args.cpus} must be >= 1")
     video = bool(getattr(args, "video", False))
     make = video_shards if video else realistic_shards
-    data_dir = Path(args.data) if args.data else make(args.rows, args.shard_rows, cfg)
+    # absolute: Ray's tasks do not run in this process's working folder
+    data_dir = (Path(args.data) if args.data else make(args.rows, args.shard_rows, cfg)).resolve()
     manifest = verify_manifest(data_dir)
     paths = shard_paths(data_dir, manifest, args.split)
     if not paths:
