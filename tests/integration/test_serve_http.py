@@ -143,7 +143,7 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_next_one_succeeds(s
     png = base64.b64decode(example["b64"]["image"])
     bad = [({"text": "x", "image": "not base64!!"}, None, 400, "image"),
            ({"image": base64.b64encode(png[: len(png) // 3]).decode()}, None, 422, "image"),
-           ({"text": "x", "video": "AAAA"}, None, 400, "video"),
+           ({"text": "x", "video": "AAAA"}, None, 422, "video"),  # a modality it does not take
            ({"text": 12}, None, 400, "text"),
            ([{"text": "ok"}, {"audio": base64.b64encode(b"RIFF nonsense").decode()}], None, 422,
             "audio"),
