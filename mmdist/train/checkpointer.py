@@ -95,8 +95,6 @@ class Checkpointer:
             try:
                 self.engine.save_checkpoint(tmp, tag=ckpt_lib.DS_TAG)
                 ckpt_lib.write_ledger(tmp, self.rank, state.epoch, ledger, state.order_hash)
-                if final:
-                    self.consolidate(Path(tmp) / ckpt_lib.MODEL_DIR)
             except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write so
                 free = shutil.disk_usage(tmp).free
                 raise OSError(
@@ -105,6 +103,8 @@ class Checkpointer:
                     f"{free / 2**20:.0f} MiB free there. The previous complete checkpoint "
                     "stays the newest; a full disk or a file-size limit looks like this"
                 ) from e
+            if final:  # a collective: its errors are not write errors
+                self.consolidate(Path(tmp) / ckpt_lib.MODEL_DIR)
             if self.rank == 0:
                 self.reporter.hand_over(state)
                 t = self.cfg.train
