@@ -95,6 +95,7 @@ class DataConfig(Section):
     # model.decoder_pretrained: the LM's own (Config.tokenizer_path)
     tokenizer: str | None = None
     augment: bool = False  # random crop/flip of images in training
+    feature_cache: Literal["off", "auto", "require"] = "off"  # frozen encoders: feature_cache.py
     shard_rows: int = Field(1000, ge=1)  # target rows per Parquet shard
     # `mmdist prepare` quarantines rows past these (decompression bombs, endless audio, a
     # caption that is a whole book)
@@ -216,7 +217,6 @@ class ModelConfig(Section):
             *((not tuned[c], f"model.lora.components: {c!r} has no pretrained weights to adapt;"
                f" set model.{c.replace('_encoder', '')}_pretrained")
               for c in (self.lora.components if self.lora else []))]
-
 
 
 class TrainConfig(Section):
