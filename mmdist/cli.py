@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mmdist.bench", "benchmarks: ingest, train, zero, mfu, sweep"),
     "preflight": ("mmdist.preflight", "check a cluster can run a config before submitting"),
     "config": ("mmdist.config_cli", "show the resolved config of a preset or YAML file"),
+    "cache": ("mmdist.train.cache_cmd", "frozen-encoder feature cache: build, ls, rm"),
 }
 
 

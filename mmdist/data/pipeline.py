@@ -86,7 +86,8 @@ def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
 def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokenizer,
                   map_batch_size: int = MAP_BATCH_SIZE,
                   override_num_blocks: int | None = None,
-                  cpus_per_task: float = 1.0) -> ray.data.Dataset:
+                  cpus_per_task: float = 1.0,
+                  cached: dict[str, list[int]] | None = None) -> ray.data.Dataset:
     """``read_parquet(paths) -> map_batches(preprocess_batch)``, lazily.
 
     Args:
@@ -98,6 +99,8 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
         cpus_per_task: CPUs each read+preprocess task reserves (``data.cpus_per_task``). Train
             workers hold whole or half CPUs; a data task asking for a full CPU can then never be
             scheduled and training waits forever (seen with 2 sweep trials on 2 CPUs).
+        cached: feature shards of the feature cache: modality -> feature shape
+            (``mmdist.data.feature_read.CachedBatchPreprocessor``).
     """
     # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
     # files into 2 blocks and was many times slower than the V1 reader, which makes one block
@@ -107,7 +110,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     use_v2 = getattr(ctx, "use_datasource_v2", False)
     ctx.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet(paths, columns=shard_columns(paths),
+        ds = ray.data.read_parquet(paths, columns=None if cached else shard_columns(paths),
                                    override_num_blocks=override_num_blocks or len(paths),
                                    num_cpus=cpus_per_task)
     finally:
@@ -118,8 +121,14 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # the block as Arrow so each chunk is converted to numpy on its own (see BatchPreprocessor).
     # One early first chunk from each task of the first wave: as many tasks as fit at once.
     first_wave = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus_per_task, 1e-4)))
-    fn = BatchPreprocessor(spec, tokenizer, chunk_rows=map_batch_size,
-                           block_bytes=BLOCK_MAX_BYTES, first_wave=first_wave)
+    kwargs = {"chunk_rows": map_batch_size, "block_bytes": BLOCK_MAX_BYTES,
+              "first_wave": first_wave}
+    if cached:
+        from mmdist.data.feature_read import CachedBatchPreprocessor
+
+        fn = CachedBatchPreprocessor(spec, tokenizer, cached, **kwargs)
+    else:
+        fn = BatchPreprocessor(spec, tokenizer, **kwargs)
     ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
     # Every CPU busy from the first task on, no idle worker between tasks, and the blocks are
@@ -127,12 +136,15 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     return ray_scheduling.add_to(ds, udf=fn)
 
 
-def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Dataset]:
+def build_datasets(data_dir: str | Path, cfg: Config,
+                   cache: dict[str, Any] | None = None) -> dict[str, ray.data.Dataset]:
     """The Ray Datasets ``{"train", "val"}`` that ``TorchTrainer(datasets=...)`` receives.
 
     Args:
         data_dir: a shard directory written by `mmdist prepare`.
         cfg: ``cfg.data`` gives the preprocessing sizes; ``data.augment`` applies to train only.
+        cache: a feature-cache entry's manifest (``mmdist.models.feature_build``): its feature
+            shards are read instead of the raw ones, with the same sample ids.
 
     Raises:
         ManifestError: a shard or tokenizer file is missing or changed (the message names it).
@@ -141,15 +153,17 @@ def build_datasets(data_dir: str | Path, cfg: Config) -> dict[str, ray.data.Data
     tokenizer = load_tokenizer(data_dir)
     out = {}
     for split in ("train", "val"):
-        paths = shard_paths(data_dir, manifest, split)
+        paths = (shard_paths(data_dir, manifest, split) if cache is None else
+                 [str(Path(cache["entry"]) / f["path"]) for f in cache["files"]
+                  if f["split"] == split])
         if not paths:
             raise ValueError(f"{data_dir}: no {split} shards in the manifest "
                              f"(prepare with --val-fraction > 0 for a val split)")
         spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train",
                                           audio_features=audio_dir(cfg),
                                           video="video" in cfg.model.modalities)
-        out[split] = build_dataset(paths, spec, tokenizer,
-                                   cpus_per_task=cfg.data.cpus_per_task)
+        out[split] = build_dataset(paths, spec, tokenizer, cpus_per_task=cfg.data.cpus_per_task,
+                                   cached=cache and cache["shapes"])
         # Ray Data's bars, drawn in every worker for every eval pass and forwarded line by line
         # to the driver, would be most of what `make demo` prints; rank 0's step lines already
         # show progress. The setting travels with the dataset, not the global context.

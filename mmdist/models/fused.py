@@ -124,7 +124,10 @@ class FusedModel(nn.Module):
             if m not in self.encoders:
                 continue
             enc = self.encoders[m]
-            if m == "text":
+            if f"{m}_features" in batch:  # the frozen backbone's output, from the feature cache
+                tokens, mask = enc.from_features(batch[f"{m}_features"],
+                                                 batch[f"{m}_feature_mask"])
+            elif m == "text":
                 tokens, mask = enc(batch["input_ids"], batch["attention_mask"])
             else:
                 tokens, mask = enc(batch[m])

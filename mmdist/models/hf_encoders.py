@@ -218,8 +218,8 @@ class HFImageEncoder(nn.Module):
         self.can_interpolate = "interpolate_pos_encoding" in inspect.signature(
             backbone.forward).parameters
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 ``(B, 3, S, S)`` -> tokens ``(B, T, D)`` and an all-true mask."""
+    def features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """The frozen part: uint8 ``(B, 3, S, S)`` -> backbone output ``(B, T, W)``, mask."""
         dtype = self.proj[0].weight.dtype
         mean = torch.tensor(self.mean, device=image.device, dtype=dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=image.device, dtype=dtype).view(1, 3, 1, 1)
@@ -229,8 +229,16 @@ class HFImageEncoder(nn.Module):
                 self.image_size, self.image_size):
             kwargs["interpolate_pos_encoding"] = True
         h = self.backbone(pixel_values=x, **kwargs).last_hidden_state
-        tokens = self.proj(h)
-        return tokens, _all_true(tokens)
+        return h, _all_true(h)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 ``(B, 3, S, S)`` -> tokens ``(B, T, D)`` and an all-true mask."""
+        return self.from_features(*self.features(image))
+
+    def from_features(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The trained part: backbone output ``(B, T, W)`` (live or from the feature cache,
+        ``mmdist.data.feature_cache``) -> projected tokens and the mask."""
+        return self.proj(h.to(self.proj[0].weight.dtype)), mask.bool()
 
 
 def audio_kind(path_or_config: Any) -> str:
@@ -292,6 +300,14 @@ class HFAudioEncoder(nn.Module):
 
     def forward(self, audio: Tensor) -> tuple[Tensor, Tensor]:
         """Features -> tokens ``(B, T, D)`` and mask ``(B, T)`` (bool)."""
+        return self.from_features(*self.features(audio))
+
+    def from_features(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The trained part: backbone output ``(B, T, W)`` -> projected tokens, mask."""
+        return self.proj(h.to(self.proj[0].weight.dtype)), mask.bool()
+
+    def features(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """The frozen part: extractor features -> backbone output ``(B, T, W)``, mask."""
         dtype = self.proj[0].weight.dtype
         x = audio.to(dtype)
         cfg = self.backbone.config
@@ -309,8 +325,7 @@ class HFAudioEncoder(nn.Module):
                                  f"{tuple(x.shape)}: make them with the feature extractor "
                                  "saved with the model")
             h = self.backbone(input_values=x).last_hidden_state
-        tokens = self.proj(h)
-        return tokens, _all_true(tokens)
+        return h, _all_true(h)
 
     def _log_mel(self, x: Tensor) -> tuple[Tensor, Tensor]:
         n_mels = self.backbone.config.num_mel_bins
@@ -325,11 +340,9 @@ class HFAudioEncoder(nn.Module):
         elif frames > expected:
             x = x[..., :expected]
         h = self.backbone(input_features=x).last_hidden_state
-        tokens = self.proj(h)
         real = math.ceil(min(frames, expected) / 2)
-        mask = (torch.arange(tokens.shape[1], device=tokens.device) < real).expand(
-            tokens.shape[0], -1)
-        return tokens, mask.contiguous()
+        mask = (torch.arange(h.shape[1], device=h.device) < real).expand(h.shape[0], -1)
+        return h, mask.contiguous()
 
 
 class HFTextEncoder(nn.Module):
@@ -352,8 +365,16 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, L)`` ids and mask -> tokens ``(B, L, D)`` and mask ``(B, L)`` (bool)."""
+        return self.from_features(*self.features(input_ids, attention_mask))
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The frozen part: ids and mask -> backbone output ``(B, L, W)``, mask."""
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.proj(h), attention_mask.bool()
+        return h, attention_mask.bool()
+
+    def from_features(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The trained part: backbone output -> projected tokens, mask."""
+        return self.proj(h.to(self.proj[0].weight.dtype)), mask.bool()
 
 
 __all__ = ["FAMILIES", "HFAudioEncoder", "HFImageEncoder", "HFTextEncoder", "audio_kind",

@@ -163,6 +163,9 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     init_ray(address, num_cpus, dashboard=True)
     quiet = console is not None and console.attach_ray()
     check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none
+    from mmdist.models.feature_build import feature_cache_for  # torch: not for --help
+
+    feature_cache_for(cfg, data_dir)  # frozen encoders' outputs: built once, before the trials
     uri = tracking.tracking_uri(cfg)
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
                                         tags={"mmdist.sweep": "true"})
