@@ -206,6 +206,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
                 run_id: str | None) -> tuple[Job, dict]:
     """What every worker needs beyond the config, and the Ray Datasets."""
     from mmdist.data.pipeline import build_datasets, load_tokenizer  # loads Ray: not --help
+    from mmdist.models.feature_build import feature_cache_for
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
@@ -216,7 +217,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
               labels=manifest.get("labels"))
     # model.init_from, downloaded once per run (each sweep trial is a run of its own)
     job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
-    return job, build_datasets(data_dir, cfg)
+    # frozen encoders' outputs, computed once per key (data.feature_cache), else raw media
+    return job, build_datasets(data_dir, cfg, feature_cache_for(cfg, data_dir))
 
 
 def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | None:
