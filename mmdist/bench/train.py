@@ -10,9 +10,10 @@ Same model (same seed), same batches (materialised once, identical content), sam
     ``torch.autocast`` in bf16/fp16, PyTorch's own mixed precision).
 
 Every side is built and warmed up once; then ``--repeat`` rounds each run ``--steps`` steps of
-(a), (b) and (c) one after the other, never two at once (the Ray worker waits, idle, while this
-process runs its sides). A round's sides run seconds apart, so the machine's slow swings hit them
-alike: each ratio is taken per round, and the median and spread over rounds are reported.
+(a), (b) and (c), never two at once (the Ray worker waits, idle, while this process runs its
+sides). Within a round the sides take turns in chunks of ``--chunk`` steps, in the order a b c,
+then c b a, and so on, so that the machine's swings (seconds long on a shared host) hit every
+side alike: each ratio is taken per round, and the median and spread over rounds are reported.
 
 b / c is what DeepSpeed's engine costs, a / b what running it inside a Ray Train worker costs.
 Where the time goes: every side times its forward, backward and optimizer step, and a short
@@ -55,6 +56,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds of the three sides; ratios are per round, then median and "
                              "spread (default 5)")
+    parser.add_argument("--chunk", type=int, default=5,
+                        help="steps a side takes before the next side's turn; the order "
+                             "alternates a-b-c / c-b-a (default 5)")
     parser.add_argument("--profile-steps", type=int, default=10,
                         help="steps of (b) and (c) under torch.profiler for the operator table "
                              "(default 10; 0: no table)")
@@ -154,8 +158,8 @@ def _write(path: Path, value: Any) -> None:
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    """In the Ray Train worker: build and warm up side (a), then run a chunk of steps for every
-    ``go<k>`` file the driver writes, answering with ``done<k>``, until ``stop``."""
+    """In the Ray Train worker: build and warm up side (a), then run the number of steps each
+    ``go<k>`` file the driver writes says, answering with ``done<k>``, until ``stop``."""
     import torch  # heavy: not for --help
 
     started = time.time()
@@ -171,13 +175,15 @@ def ray_worker(config: dict[str, Any]) -> None:
             time.sleep(POLL_S)
         if not go.exists():
             return
-        _write(ctrl / f"done{k}", side.run(config["batches"], config["steps"]))
+        n = json.loads(go.read_text())
+        _write(ctrl / f"done{k}", side.run(config["batches"], n))
         k += 1
 
 
 @contextlib.contextmanager
 def ray_side(cfg: Config, config: dict[str, Any]):
-    """Start (a) in a TorchTrainer on a thread; yields ``(setup, run_round)``."""
+    """Start (a) in a TorchTrainer on a thread; yields ``(setup, run_chunk)``:
+    ``run_chunk(n)`` has the worker take ``n`` steps and returns their timings."""
     from ray.train import RunConfig, ScalingConfig  # heavy: not for --help
     from ray.train.torch import TorchTrainer
 
@@ -206,14 +212,14 @@ def ray_side(cfg: Config, config: dict[str, Any]):
             setup = {"until_ready_s": time.perf_counter() - t0, **ready}
             rounds = [0]
 
-            def run_round() -> dict[str, float]:
+            def run_chunk(n: int) -> dict[str, float]:
                 k = rounds[0]
-                _write(ctrl / f"go{k}", k)
+                _write(ctrl / f"go{k}", n)
                 _wait_for(ctrl / f"done{k}", thread.is_alive)
                 rounds[0] += 1
                 return json.loads((ctrl / f"done{k}").read_text())
 
-            yield setup, run_round
+            yield setup, run_chunk
         finally:
             (ctrl / "stop").write_text("")
             thread.join(timeout=600)
@@ -227,6 +233,21 @@ def ray_side(cfg: Config, config: dict[str, Any]):
 def _spread(values: list[float]) -> dict[str, Any]:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "rounds": [round(v, 4) for v in values]}
+
+
+def interleaved(run: dict[str, Any], steps: int, chunk: int) -> dict[str, dict[str, float]]:
+    """One round: every side in ``run`` (name -> ``f(n) -> timings``) takes ``steps`` steps,
+    ``chunk`` at a time, the order of sides reversed after every pass; timings summed by side."""
+    names, done = list(run), 0
+    out: dict[str, dict[str, float]] = {}
+    while done < steps:
+        n = min(max(1, chunk), steps - done)
+        for name in names:
+            r = run[name](n)
+            out[name] = {k: out.get(name, {}).get(k, 0.0) + v for k, v in r.items()}
+        names.reverse()
+        done += n
+    return out
 
 
 def phase_table(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -275,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench train] model size={cfg.model.size} fusion={cfg.model.fusion} "
           f"batch={cfg.train.micro_batch_size} zero={cfg.train.zero_stage_at()} "
           f"precision={cfg.train.precision} threads={args.threads}; {args.warmup} warm-up "
-          f"steps, then {rounds} rounds of {args.steps} steps per side", flush=True)
+          f"steps, then {rounds} rounds of {args.steps} steps per side, {args.chunk} at a turn",
+          flush=True)
     torch.set_num_threads(args.threads)
     config = {"cfg": cfg.to_dict(), "vocab": args.vocab_size, "batches": batches,
               "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
@@ -283,15 +305,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {s: [] for s in SIDES}
     # (b)'s 1-rank group lives through every round; the Ray worker has a group of its own
     with single_process_group(torch.device("cpu")), ray_side(cfg, config) as (ray_setup,
-                                                                             ray_round):
+                                                                             ray_chunk):
         local = {"deepspeed": engine_side(cfg, args.vocab_size, total),
                  "plain": plain_side(cfg, args.vocab_size, total)}
         for side in local.values():
             side.run(batches, args.warmup)
+        take = {"ray": ray_chunk, **{n: (lambda k, s=s: s.run(batches, k))
+                                    for n, s in local.items()}}
         for k in range(rounds):
-            results["ray"].append(ray_round())
-            for name, side in local.items():
-                results[name].append(side.run(batches, args.steps))
+            for s, r in interleaved(take, args.steps, args.chunk).items():
+                results[s].append(r)
             print(f"  round {k + 1}/{rounds}: " + "  ".join(
                 f"{s} {results[s][-1]['steps'] / results[s][-1]['seconds']:.2f}"
                 for s in SIDES) + " steps/s", flush=True)

@@ -22,7 +22,7 @@ def test_bench_zero_two_ranks_hold_less_than_one(ray_local):
 
 def test_bench_train_reports_the_three_sides(ray_local):
     args = argparse.Namespace(config="tiny", overrides=[], steps=4, warmup=2, threads=1,
-                              vocab_size=200, repeat=2, profile_steps=2, json=True)
+                              vocab_size=200, repeat=2, chunk=3, profile_steps=2, json=True)
     env_before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     out = bench_train.run(args)
     assert out["ray_steps_per_s"] > 0 and out["plain_steps_per_s"] > 0
