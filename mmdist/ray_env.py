@@ -16,6 +16,13 @@ FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "MLFLOW_DISABLE_TELEMETRY", "TOKENIZERS
 # it kills and restarts them all the time, each paying its imports again (figures:
 # docs/performance.md). The raylet reads this when it starts.
 WORKERS_SOFT_LIMIT = "RAY_num_workers_soft_limit"
+# Ray starts its worker processes at niceness 15, so that they yield to its own services. On a
+# machine whose cores the training workers need, any other process (the driver, the dashboard,
+# Ray's services) then takes the core away from them at once: the demo's steps in a Ray Train
+# worker ran 5-8% slower than the same engine in the driver (`mmdist bench train`, 2 cores).
+# Each worker reads this from its environment; the local Ray mmdist starts runs its workers at
+# the driver's priority (a user's own value wins; Ray's job supervisor does the same for itself).
+WORKER_NICENESS = "RAY_worker_niceness"
 # Ray Train settings for the one-node Ray mmdist starts itself (a user's own value wins). Ray
 # Train passes them from the driver's environment to its controller and workers.
 LOCAL_TRAIN_ENV = {
@@ -61,6 +68,7 @@ def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = Fal
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, "0"))
     env.update(env_vars or {})
     return {"num_cpus": num_cpus, "include_dashboard": dashboard,
             "dashboard_host": "127.0.0.1", "_node_ip_address": "127.0.0.1",

@@ -22,3 +22,14 @@ def test_ray_train_forwards_the_settings_from_the_driver(monkeypatch):
     for key, value in LOCAL_TRAIN_ENV.items():
         monkeypatch.setenv(key, value)
     assert get_env_vars_to_propagate().items() >= LOCAL_TRAIN_ENV.items()
+
+
+def test_local_ray_workers_run_at_the_drivers_priority(monkeypatch):
+    """Ray starts workers at niceness 15: on a machine whose cores the training workers need,
+    every other process would preempt them. The local Ray runs them at 0, a user's value kept."""
+    from mmdist.ray_env import WORKER_NICENESS
+
+    monkeypatch.delenv(WORKER_NICENESS, raising=False)
+    assert local_init_kwargs(num_cpus=2)["runtime_env"]["env_vars"][WORKER_NICENESS] == "0"
+    monkeypatch.setenv(WORKER_NICENESS, "5")
+    assert local_init_kwargs(num_cpus=2)["runtime_env"]["env_vars"][WORKER_NICENESS] == "5"
