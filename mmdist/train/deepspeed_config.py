@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmdist.config import Config
+from mmdist.config import Config, TrainConfig
 
 
 def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
@@ -34,22 +34,38 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
                     stage3_param_persistence_threshold=1e4)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    # bf16 without ZeRO: torch.autocast over fp32 weights, as a plain PyTorch loop does it.
+    # DeepSpeed's BF16 optimizer (its bf16 path) would keep bf16 weights plus an fp32 master
+    # copy and copy every gradient and weight between them at each step: 8% of the demo's
+    # step on 2 cores (`mmdist bench train train.precision=bf16`, docs/performance.md).
+    autocast = t.precision == "bf16" and stage == 0 and not t.offload_optimizer
     ds: dict[str, Any] = {
         "train_batch_size": t.train_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
-        "gradient_clipping": t.grad_clip,
+        # where the client optimizer takes the step, it clips (mmdist.train.optim.FiniteAdamW)
+        "gradient_clipping": 0.0 if client_optimizer_steps(t) else t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == "bf16" and not autocast},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,  # mmdist logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if autocast:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if t.offload_optimizer:
         # Offload needs DeepSpeed's own (CPU) Adam; it is configured here, not built in Python.
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999]}}
     return ds
+
+
+def client_optimizer_steps(t: TrainConfig, world_size: int | None = None) -> bool:
+    """Whether DeepSpeed hands each step straight to mmdist's optimizer at ``world_size``
+    (default: train.num_workers): ZeRO-0 in fp32, or in bf16 (autocast, above), without
+    offload. Its ZeRO and fp16/bf16 optimizers clip and skip non-finite steps themselves."""
+    return (t.zero_stage_at(world_size) == 0 and t.precision in ("fp32", "bf16")
+            and not t.offload_optimizer)
 
 
 def cpu_fp16_supported() -> bool:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from mmdist.config import Config
+from mmdist.train.deepspeed_config import client_optimizer_steps
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -30,32 +31,46 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not all finite and says so in ``overflow``,
-    the flag DeepSpeed's engine reads to count ``skipped_steps``.
+    """AdamW that clips the gradients to ``max_norm`` and skips a step whose gradients are not
+    all finite, saying so in ``overflow``, the flag DeepSpeed's engine reads to count
+    ``skipped_steps``.
 
-    DeepSpeed's own optimizers (ZeRO 1-3, its fp16 and bf16 wrappers) already skip such a step;
-    only ZeRO-0 in fp32 hands the step straight to the client optimizer, so only there is this
-    class used (:func:`build_optimizer`). The check reads one flag from the device per step,
-    inside the optimizer step as DeepSpeed's own check does.
+    DeepSpeed's own optimizers (ZeRO 1-3, its fp16 and bf16 wrappers) already clip and skip;
+    only ZeRO-0 in fp32 or bf16 (autocast) hands the step straight to the client optimizer
+    (:func:`mmdist.train.deepspeed_config.client_optimizer_steps`), so only there is this class
+    used. One norm serves both (as in a plain loop): DeepSpeed's own clipping there would take a
+    norm per parameter in a Python loop and an all-reduce per step, and the finite check a
+    second norm. The check reads one flag from the device per step, inside the optimizer step as
+    DeepSpeed's own check does. Every rank holds the same averaged gradients (the engine
+    all-reduces them before the step), so every rank clips and skips alike.
     """
 
     overflow = False
 
+    def __init__(self, params, max_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            self.overflow = False
+            return super().step(closure)
         # a NaN or Inf anywhere makes the total norm non-finite (DeepSpeed's test too)
-        self.overflow = bool(grads) and not bool(
-            torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.overflow = not bool(torch.isfinite(norm))
         if self.overflow:
             return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         return super().step(closure)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int,
                     world_size: int | None = None):
-    """AdamW (:class:`FiniteAdamW` where DeepSpeed runs ZeRO-0 in fp32 at ``world_size``) and a
-    factory for the warm-up/cosine LambdaLR.
+    """AdamW (:class:`FiniteAdamW`, clipping itself, where DeepSpeed runs ZeRO-0 in fp32/bf16 at
+    ``world_size``) and a factory for the warm-up/cosine LambdaLR.
 
     The schedule is returned as a factory that ``deepspeed.initialize`` calls with the optimizer
     it ends up with: ZeRO-3 regroups the parameters, so a scheduler built on the client
@@ -71,8 +86,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int,
 
     if t.offload_optimizer:
         return None, schedule
-    # ZeRO-0 in fp32 is the one configuration where DeepSpeed does not skip non-finite steps
-    plain = t.zero_stage_at(world_size) == 0 and t.precision == "fp32"
-    cls = FiniteAdamW if plain else torch.optim.AdamW
-    opt = cls(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
+    groups = param_groups(model, t.weight_decay)
+    if client_optimizer_steps(t, world_size):  # DeepSpeed neither clips nor skips there
+        opt = FiniteAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=(0.9, 0.999),
+                          fused=t.use_gpu)
+    else:
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
     return opt, schedule

@@ -52,7 +52,7 @@ class NonFiniteSteps:
     stops training after ``max_bad`` such steps in a row.
 
     The skip itself is DeepSpeed's: its ZeRO, fp16 and bf16 optimizers (and
-    :class:`mmdist.train.optim.FiniteAdamW` at ZeRO-0 in fp32) leave the weights, the optimizer
+    :class:`mmdist.train.optim.FiniteAdamW` at ZeRO-0 in fp32/bf16) leave the weights, the optimizer
     state and the LR schedule untouched when the global gradient norm is not finite, and count
     the step in ``engine.skipped_steps``; every rank sees the same reduced norm, so all agree.
     The step still counts as a global step. Reading that host-side counter costs no device sync.

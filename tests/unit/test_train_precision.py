@@ -96,7 +96,11 @@ def train_steps(cfg: Config, steps: int = STEPS) -> list[float]:
     """Build the engine training builds, take ``steps`` optimizer steps, evaluate once."""
     engine = build_engine(cfg, VOCAB_IDS, world_size=1, total_steps=steps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    assert engine.module.dtype == dtype[cfg.train.precision]  # the engine did cast the model
+    # bf16 without ZeRO is torch.autocast over fp32 weights (deepspeed_config); otherwise the
+    # engine casts the model
+    autocast = cfg.train.precision == "bf16" and cfg.train.zero_stage == 0
+    assert engine.torch_autocast_enabled() == autocast
+    assert engine.module.dtype == (torch.float32 if autocast else dtype[cfg.train.precision])
     assert engine.zero_optimization_stage() == cfg.train.zero_stage  # the stage asked for
     losses = []
     engine.train()
