@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from mmdist import registry
 from mmdist.config_io import build, flatten, read_text, read_yaml, report, space_problems
+from mmdist.config_parts import COMPONENTS, LORA_COMPONENTS, part_problems
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -35,9 +36,6 @@ SEARCH_ALGS = ("random", "grid")
 # what `mmdist train` generates without data.path (`mmdist prepare --source` names; data.generated)
 SYNTHETIC_SOURCES = ("synthetic", "digits", "mmt", "synthetic_video")
 LOWER_IS_BETTER = ("_loss", "_perplexity")  # metric name endings where lower is better
-# Parts of the fused model that `model.freeze` names (mmdist.models.adapt says which is which).
-COMPONENTS = ("text_encoder", "image_encoder", "audio_encoder", "projectors", "decoder")
-LORA_COMPONENTS = ("decoder", "text_encoder", "image_encoder", "audio_encoder")
 
 
 def fusion_class(name: str) -> Any:
@@ -198,11 +196,6 @@ class ModelConfig(Section):
     def _pretrained_problems(self) -> list[tuple[bool, str]]:
         mods, task = self.modalities, task_class(self.task)
         decodes = task.uses_decoder(self)
-        present = {"decoder": decodes, "projectors": True,
-                   **{f"{m}_encoder": m in mods for m in MODALITIES}}
-        tuned = {"decoder": self.decoder_pretrained,
-                 **{f"{m}_encoder": getattr(self, f"{m}_pretrained")
-                    for m in ("text", "image", "audio")}}
         return [
             (self.decoder_pretrained and not decodes, f"model.decoder_pretrained="
              f"{self.decoder_pretrained!r}: task {self.task!r} has no decoder LM (use lm, "
@@ -212,11 +205,7 @@ class ModelConfig(Section):
              "pretrained causal LM reads the fused tokens as a prefix; use prefix"),
             *((m not in mods or n < 1, f"model.modality_tokens.{m}={n}: needs a modality of "
                f"model.modalities={mods} and >= 1 token") for m, n in self.modality_tokens.items()),
-            *((not present[c], f"model.freeze: {c!r} is not part of this model "
-               f"(model.modalities={mods}, task {self.task!r})") for c in self.freeze),
-            *((not tuned[c], f"model.lora.components: {c!r} has no pretrained weights to adapt;"
-               f" set model.{c.replace('_encoder', '')}_pretrained")
-              for c in (self.lora.components if self.lora else []))]
+            *part_problems(self, decodes)]
 
 
 class TrainConfig(Section):

@@ -146,6 +146,20 @@ def _audio_encoder(kind: str, s: SizeSpec, n_mels: int, frames: int) -> Cost:
     return linear_cost(n_mels, d, t) + Cost(t * d) + _stack(d, t, s.enc_layers) + Cost(tokens=t)
 
 
+def _video_encoder(cfg: Config, s: SizeSpec, vocab: int, audio_frames_: int) -> Cost:
+    """The frame encoder (the stage's image encoder) on K frames, then the temporal part."""
+    m, k, d = cfg.model, cfg.data.video_frames, s.hidden
+    frame = (_early("image", s, cfg, vocab, audio_frames_) if m.fusion_stage == "early"
+             else _image_encoder(m.image_encoder, s, cfg.data.image_size))
+    c = Cost(frame.params, k * frame.flops)  # one set of weights, run on every frame
+    if m.video_temporal == "mean":
+        return c + Cost(tokens=frame.tokens)
+    c = c + Cost(k * d)  # the time embedding
+    if m.video_temporal == "tokens":
+        return c + Cost(tokens=k * frame.tokens)
+    return c + _stack(d, k, max(1, s.enc_layers)) + Cost(tokens=k)
+
+
 def _early(mod: str, s: SizeSpec, cfg: Config, vocab: int, frames: int) -> Cost:
     d, data = s.hidden, cfg.data
     if mod == "text":
@@ -237,12 +251,14 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
     s = size_spec(m.size, m.hidden_size)
     d = s.hidden
     frames = audio_frames(data.sample_rate, data.audio_seconds, data.hop_length)
-    mods = [x for x in ("text", "image", "audio") if x in m.modalities]
+    mods = [x for x in ("text", "image", "audio", "video") if x in m.modalities]
     total = Cost(len(mods) * d)  # missing-modality embeddings
     tasks = list(task_class(m.task).components(m))
     enc_tokens: dict[str, int] = {}
     for mod in encoded_modalities(mods, tasks):
-        if m.fusion_stage == "early":
+        if mod == "video":
+            c = _video_encoder(cfg, s, vocab_size, frames)
+        elif m.fusion_stage == "early":
             c = _early(mod, s, cfg, vocab_size, frames)
         elif mod == "text":
             c = _text_encoder(m.text_encoder, s, vocab_size, data.max_text_len)
@@ -250,7 +266,8 @@ def _costs(cfg: Config, vocab_size: int) -> Cost:
             c = _image_encoder(m.image_encoder, s, data.image_size)
         else:
             c = _audio_encoder(m.audio_encoder, s, data.n_mels, frames)
-        enc_tokens[mod] = c.tokens
+        # model.modality_tokens average-pools (no FLOPs counted) down to at most that many
+        enc_tokens[mod] = min(c.tokens, m.modality_tokens.get(mod, c.tokens))
         total = total + Cost(c.params, c.flops)
 
     trunk_layers = s.trunk_layers + (s.enc_layers if m.fusion_stage == "early" else 0)

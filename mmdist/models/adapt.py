@@ -4,10 +4,17 @@ merging the adapters into plain weights when the model is consolidated.
 Every parameter belongs to exactly one component (``model.freeze`` names them):
 
     text_encoder / image_encoder / audio_encoder   encoders.<m>.*, less the encoder's projector
+    video_frame_encoder                            encoders.video.frame.*: the image encoder run
+                                                   on every frame (its own weights, not the image
+                                                   modality's), less its projector
+    video_temporal                                 encoders.video.{time,mixer}: across the frames
+                                                   (none for model.video_temporal=mean)
     decoder                                        the LM inside a task's decoder
     projectors                                     the rest: each encoder's projector (``proj``,
                                                    ``norm``), fusion, trunk, the LM's memory
                                                    projector, task heads, missing-modality tokens
+
+``video_encoder`` in ``model.freeze`` is both video parts (``config_parts.FREEZE_GROUPS``).
 
     freeze(model, ["image_encoder", "decoder"])      # requires_grad False: not in the optimizer
     add_lora(model, cfg.model.lora)                   # LoRA on the LM: only adapters train
@@ -23,6 +30,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mmdist.config_parts import FREEZE_GROUPS
+
 ENCODER_PROJECTOR = ("proj", "norm")  # children of an encoder that are its projector
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
@@ -35,6 +44,11 @@ def is_adapter(name: str) -> bool:
 def component_of(name: str) -> str:
     """The component (``model.freeze`` name) a parameter of the fused model belongs to."""
     parts = name.split(".")
+    if parts[:2] == ["encoders", "video"] and len(parts) > 2:
+        if parts[2] != "frame":
+            return "video_temporal"
+        return ("projectors" if len(parts) > 3 and parts[3] in ENCODER_PROJECTOR
+                else "video_frame_encoder")
     if parts[0] == "encoders" and len(parts) > 2:
         return "projectors" if parts[2] in ENCODER_PROJECTOR else f"{parts[1]}_encoder"
     if parts[0] == "tasks" and len(parts) > 3 and parts[2] == "decoder":
@@ -42,9 +56,15 @@ def component_of(name: str) -> str:
     return "projectors"
 
 
+def expand(components: list[str]) -> list[str]:
+    """``model.freeze`` names -> components (``video_encoder``: both video parts)."""
+    return [c for name in components for c in FREEZE_GROUPS.get(name, (name,))]
+
+
 def freeze(model: nn.Module, components: list[str]) -> dict[str, int]:
     """Stop the parameters of ``components`` from training (``requires_grad=False``: they take
     no gradient and no optimizer state). Returns frozen parameter counts per component."""
+    components = expand(components)
     frozen: Counter[str] = Counter()
     for name, p in model.named_parameters():
         c = component_of(name)

@@ -114,8 +114,11 @@ def test_config_io_is_private_to_config():
     assert graph.find_modules_that_directly_import("mmdist.config_io") == {"mmdist.config"}
     assert not {m for m in graph.find_modules_directly_imported_by("mmdist.config_io")
                 if m.startswith("mmdist")}
-    # the config reads the registry's names (its choices); the registry imports nothing of ours
+    # the config reads the registry's names (its choices) and the model parts model.freeze
+    # names (config_parts); neither imports anything of ours
     assert {m for m in graph.find_modules_directly_imported_by("mmdist.config")
-            if m.startswith("mmdist")} == {"mmdist.config_io", "mmdist.registry"}
-    assert not {m for m in graph.find_modules_directly_imported_by("mmdist.registry")
-                if m.startswith("mmdist")}
+            if m.startswith("mmdist")} == {"mmdist.config_io", "mmdist.config_parts",
+                                           "mmdist.registry"}
+    for leaf in ("mmdist.registry", "mmdist.config_parts"):
+        assert not {m for m in graph.find_modules_directly_imported_by(leaf)
+                    if m.startswith("mmdist")}, leaf
