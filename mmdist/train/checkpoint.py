@@ -14,8 +14,9 @@ Layout of one checkpoint directory (Ray merges every rank's files into it):
                            size in mmdist_state.json is there and every listed file has its size.
 
 Resuming (:func:`choose_checkpoint`) takes the newest complete checkpoint of the run folder and
-says which newer ones it skipped and why (a node lost mid-upload, a truncated file); a
-checkpoint written at another world size is refused with a clear error (:func:`check_resume`).
+says which newer ones it skipped and why (a node lost mid-upload, a truncated file). A ZeRO-1/2
+checkpoint written at another world size resumes through a DeepSpeed universal checkpoint
+(:mod:`mmdist.train.elastic`); what cannot is refused with the reason (:func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class TrainState:
     # Metric values rank 0 could not deliver to MLflow by the checkpoint (server down), as
     # ``(key, value, timestamp_ms, step)``: a resumed run sends them, so a crash loses none.
     mlflow_pending: list[list[Any]] = field(default_factory=list)
+    # The world size the run's step plan (the LR schedule's length) was made at: the first
+    # attempt's, kept by a resume at another world size (mmdist.train.elastic). 0: not recorded.
+    schedule_world: int = 0
 
 
 def ledger_path(ckpt_dir: str | Path, rank: int) -> Path:
@@ -67,7 +71,8 @@ def write_ledger(ckpt_dir: str | Path, rank: int, epoch: int, consumed: list[int
 def write_state(ckpt_dir: str | Path, state: TrainState, extra: dict) -> None:
     body = {"global_step": state.global_step, "epoch": state.epoch,
             "bad_steps_total": state.bad_steps_total, "resumes": state.resumes,
-            "mlflow_pending": state.mlflow_pending, **extra}
+            "mlflow_pending": state.mlflow_pending, "schedule_world": state.schedule_world,
+            **extra}
     (Path(ckpt_dir) / STATE_FILE).write_text(json.dumps(body, indent=1, default=str))
 
 
@@ -131,9 +136,13 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
                  model_cfg: dict[str, Any]) -> None:
     """Refuse a resume DeepSpeed would load wrongly or fail on deep inside.
 
-    ZeRO partitions optimizer state (stage 1, 2) and parameters (stage 3) per rank; DeepSpeed
-    cannot load such a checkpoint at another world size, and a model of another shape does not
-    load at all. Raises ValueError naming the checkpoint, what differs and what to do instead.
+    At the world size that wrote it a checkpoint loads as it is, at the ZeRO stage it was
+    written at (DeepSpeed keeps optimizer state in another layout per stage). At another world
+    size ZeRO-1/2 optimizer shards are re-partitioned through a DeepSpeed universal checkpoint
+    (:mod:`mmdist.train.elastic`) and ZeRO-0 state loads as it is; what cannot
+    (:func:`conversion_problem`: ZeRO-3, a ZeRO-0 checkpoint into ZeRO-1/2 or back) is refused,
+    as is a model of another shape. Raises ValueError naming the checkpoint, what differs and
+    what to do instead.
     """
     d = Path(ckpt_dir)
     body = json.loads((d / STATE_FILE).read_text())
@@ -144,13 +153,9 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
             f"it was written at ZeRO-{saved_stage} and this run is ZeRO-{zero_stage}: DeepSpeed "
             f"keeps optimizer state in another layout per stage. Resume with "
             f"train.zero_stage={saved_stage}, or start a new train.run_name")
-    if saved_world != world_size:
-        problems.append(
-            f"it was written by {saved_world} worker(s) and this run has {world_size} "
-            f"(train.num_workers): ZeRO-{body.get('zero_stage', zero_stage)} optimizer and "
-            "parameter shards are partitioned per worker and cannot be re-partitioned on load. "
-            f"Resume with train.num_workers={saved_world}, or start a new train.run_name "
-            "from the consolidated model of a finished run")
+    moved = conversion_problem(saved_world, saved_stage, world_size, zero_stage)
+    if moved:
+        problems.append(moved)
     saved_model = (body.get("config") or {}).get("model") or {}
     diff = sorted(k for k in set(saved_model) | set(model_cfg)
                   if k not in RUNTIME_MODEL_KEYS and saved_model.get(k) != model_cfg.get(k))
@@ -161,6 +166,32 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
     if problems:
         raise ValueError(f"cannot resume from {d} (step {body.get('global_step')}): "
                          + "; ".join(problems))
+
+
+def conversion_problem(saved_world: int, saved_stage: int, world: int, stage: int) -> str | None:
+    """Why a checkpoint written by ``saved_world`` ranks at ZeRO-``saved_stage`` cannot resume on
+    ``world`` ranks at ZeRO-``stage``; None when it can (as it is at the same world size, through
+    a universal checkpoint at another; ZeRO-0 state, whole on every rank, as it is)."""
+    if saved_world == world:
+        return None
+    moved = f"it was written by {saved_world} worker(s) and this run has {world}"
+    if 3 in (saved_stage, stage):
+        return (f"{moved} at ZeRO-{saved_stage} -> ZeRO-{stage}: a ZeRO-3 checkpoint resumes at "
+                "the world size that wrote it only (mmdist re-partitions ZeRO-1/2 optimizer "
+                "shards; DeepSpeed's ZeRO-3 universal loading is not verified with mmdist). "
+                f"Resume with train.num_workers={saved_world}, or start a new train.run_name "
+                "with model.init_from set to the consolidated model of a finished run")
+    if saved_stage == 0 and stage != 0:
+        return (f"{moved}: it was written at ZeRO-0, where the optimizer state is one "
+                "unpartitioned copy that DeepSpeed's universal converter does not read, and this "
+                f"run is ZeRO-{stage}. Resume with train.zero_stage=0 (every worker then loads "
+                f"the whole state), or with train.num_workers={saved_world}")
+    if saved_stage != 0 and stage == 0:
+        return (f"{moved}: its ZeRO-{saved_stage} optimizer shards are re-partitioned through a "
+                "DeepSpeed universal checkpoint, which loads into a ZeRO-1/2 engine only, and "
+                f"this run is ZeRO-0. Set train.zero_stage={saved_stage}"
+                + (" and train.zero_on_one_worker=true" if world == 1 else ""))
+    return None
 
 
 def stage_written(ckpt_dir: str | Path) -> int | None:
@@ -176,7 +207,8 @@ def read_state(ckpt_dir: str | Path, rank: int) -> TrainState:
     state = TrainState(global_step=int(body["global_step"]), epoch=int(body["epoch"]),
                        bad_steps_total=int(body.get("bad_steps_total", 0)),
                        resumes=list(body.get("resumes", [])),
-                       mlflow_pending=[list(r) for r in body.get("mlflow_pending", [])])
+                       mlflow_pending=[list(r) for r in body.get("mlflow_pending", [])],
+                       schedule_world=int(body.get("schedule_world") or 0))
     for p in sorted(d.glob("ledger_rank*.json")):
         ledger = json.loads(p.read_text())
         if int(ledger["epoch"]) == state.epoch:

@@ -17,7 +17,9 @@ from mmdist.config import Config
 from mmdist.models.adapt import lora_layers, merge_lora, save_adapters
 from mmdist.models.model_files import copy_processors, save_state_dict
 from mmdist.train import checkpoint as ckpt_lib
+from mmdist.train import elastic
 from mmdist.train.checkpoint import TrainState
+from mmdist.train.elastic import ResumePlan
 from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
 
@@ -42,42 +44,60 @@ class Checkpointer:
         self.engine, self.cfg, self.job = engine, cfg, job
         self.rank, self.world, self.reporter = rank, world, reporter
 
-    def restore(self) -> TrainState:
-        """Load the newest complete checkpoint of the run folder, if any, into the engine; the
-        MLflow values it kept back are queued for MLflow again.
+    def restore(self, plan: ResumePlan) -> TrainState:
+        """Load the checkpoint ``plan`` chose (:func:`mmdist.train.elastic.plan_resume`: the newest
+        complete one of the run folder), if any, into the engine; the MLflow values it kept back
+        are queued for MLflow again.
 
         Ray's ``get_checkpoint()`` names the newest checkpoint Ray registered; a checkpoint can
         still be incomplete on storage (a node died while uploading, a file was truncated), so
         the run folder is searched for the newest complete one instead and every newer one
         skipped is named with its reason. All ranks read the same folder and so pick the same
-        checkpoint.
+        checkpoint. One written at another world size is loaded through a universal checkpoint.
         """
         say = self.reporter.say
-        chosen, skipped = ckpt_lib.choose_checkpoint(self.job.storage)
-        for note in skipped:
+        for note in plan.skipped:
             say(f"WARNING: skipping incomplete checkpoint {note}")
-        if chosen is None:
-            if skipped:
+        if plan.checkpoint is None:
+            if plan.skipped:
                 say("WARNING: no complete checkpoint to resume from; starting from step 0")
             state = TrainState()
         else:
-            state = self._load(chosen, skipped)
+            state = self._load(plan)
         self.reporter.resend(state.mlflow_pending)  # what the crashed attempt did not deliver
         return state
 
-    def _load(self, chosen: Path, skipped: list[str]) -> TrainState:
-        ckpt_lib.check_resume(chosen, self.world, self.cfg.train.zero_stage_at(self.world),
-                              self.cfg.to_dict()["model"])
-        self.engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG, load_module_strict=True)
+    def _load(self, plan: ResumePlan) -> TrainState:
+        chosen, stage = plan.checkpoint, self.cfg.train.zero_stage_at(self.world)
+        assert chosen is not None
+        ckpt_lib.check_resume(chosen, self.world, stage, self.cfg.to_dict()["model"])
+        how = ""
+        if plan.universal:  # another world size: DeepSpeed re-partitions a universal checkpoint
+            if self.rank == 0:
+                elastic.convert(chosen, self.job.storage, log=self.reporter.note)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # the others wait for rank 0's conversion
+            self.engine.load_checkpoint(str(elastic.universal_dir(self.job.storage)),
+                                        tag=chosen.name, load_module_strict=True)
+            elastic.restore_buffers(self.engine.module, chosen)  # the universal load skips them
+            how = (f"; written by {plan.saved_world} worker(s), its ZeRO-{plan.saved_stage} "
+                   f"optimizer state re-partitioned for {self.world} at ZeRO-{stage} through a "
+                   "DeepSpeed universal checkpoint")
+        else:
+            self.engine.load_checkpoint(str(chosen), tag=ckpt_lib.DS_TAG,
+                                        load_module_strict=True)
+            if plan.saved_world != self.world:
+                how = f"; written by {plan.saved_world} worker(s), ZeRO-0 state loaded as it is"
         state = ckpt_lib.read_state(chosen, self.rank)
         if self.engine.global_steps != state.global_step:
             raise RuntimeError(f"checkpoint mismatch in {chosen}: DeepSpeed is at step "
                                f"{self.engine.global_steps}, mmdist state at {state.global_step}")
         state.resumes.append({"from_step": state.global_step, "checkpoint": chosen.name,
-                              "skipped": skipped})
+                              "skipped": plan.skipped, "from_world": plan.saved_world,
+                              "world": self.world})
         self.reporter.say(
             f"resumed from {chosen.name} at step {state.global_step} (epoch {state.epoch}, "
-            f"{len(state.consumed)} samples of this epoch already consumed)")
+            f"{len(state.consumed)} samples of this epoch already consumed{how})")
         return state
 
     def save(self, state: TrainState, ledger: list[int], metrics: dict[str, float],

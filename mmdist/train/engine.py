@@ -36,14 +36,15 @@ def import_deepspeed():
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
-                 log=None, init_dir: str | None = None) -> Any:
+                 log=None, init_dir: str | None = None, load_universal: bool = False) -> Any:
     """Model + optimizer + LR schedule -> ``deepspeed.initialize``, as every rank does it.
 
     Expects a torch process group (Ray Train's, or one the caller made); DeepSpeed's comm layer
     wraps it. Under ZeRO-3 parameters are partitioned as they are created (``zero.Init``) so a
     model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
     skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``;
-    ``init_dir`` (an mmdist model directory, ``model.init_from``) gives the starting weights.
+    ``init_dir`` (an mmdist model directory, ``model.init_from``) gives the starting weights;
+    ``load_universal``: the checkpoint to resume is a universal one (:mod:`mmdist.train.elastic`).
 
     Raises:
         ValueError: ``train.precision`` this machine cannot run (fp16 on a CPU without it).
@@ -56,6 +57,8 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ds_config = deepspeed_config(cfg, world_size)
+    if load_universal:  # a ZeRO checkpoint of another world size, converted
+        ds_config["checkpoint"] = {"load_universal": True}
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
                                auto_mpi_discovery=False)
     if t.zero_stage == 3:

@@ -47,6 +47,7 @@ from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.collapse import ConstantWatch, constant_losses
+from mmdist.train.elastic import plan_resume, schedule_steps, steps_to_run
 from mmdist.train.engine import build_engine
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
@@ -86,9 +87,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     reporter = Reporter(rank, job.tracking_uri, job.mlflow_run_id)
 
     t_setup = time.perf_counter()
-    n_total = total_steps(cfg, job.train_rows, world)
+    plan = plan_resume(job.storage, world)  # which checkpoint, written at which world size
+    # the LR schedule's length, planned at the world size the run first started at
+    n_total = schedule_steps(t, job.train_rows, plan.schedule_world)
     engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say,
-                          init_dir=job.init_dir)
+                          init_dir=job.init_dir, load_universal=plan.universal)
     stage = t.zero_stage_at(world)
     why = (f" (train.zero_stage={t.zero_stage}: one worker has nothing to partition; "
            "train.zero_on_one_worker=true runs it anyway)" if stage != t.zero_stage else "")
@@ -96,7 +99,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                  f"{time.perf_counter() - t_setup:.1f} s{why}; {n_total} optimizer steps to run")
     engine_ready = time.time()
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
-    state = checkpointer.restore()
+    state = checkpointer.restore(plan)
+    state.schedule_world = plan.schedule_world
     startup = Startup(job, (_IMPORT_STARTED, _IMPORTED), entered, engine_ready, time.time())
 
     faults = Faults.parse(job.faults, job.storage, rank)
@@ -105,6 +109,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
     per_rank = micro_batches_per_rank(cfg, job.train_rows, world)
+    n_total = steps_to_run(n_total, total_steps(cfg, job.train_rows, world), t,
+                           state.global_step, state.epoch, per_epoch)
     eval_every, ckpt_every = t.eval_every or per_epoch, t.checkpoint_every or per_epoch
     bad_steps = NonFiniteSteps(t.max_bad_steps, reporter.say, engine.skipped_steps)
     train_log = _TrainLossLog(t.log_every, n_total, device, reporter, state.global_step)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mmdist.arguments import add_config_arguments
+from mmdist.arguments import add_config_arguments, add_ray_arguments
 from mmdist.config import Config, load_config
 from mmdist.console import Console
 from mmdist.data.generated import synthetic_source_name
@@ -25,6 +25,7 @@ from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.deepspeed_config import deepspeed_config
+from mmdist.train.elastic import plan_resume
 from mmdist.train.faults import from_environ
 from mmdist.train.job import Job
 from mmdist.train.retry import fit_with_retries
@@ -39,11 +40,7 @@ from mmdist.train.startable import (
 def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     add_config_arguments(parser)
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs for a local Ray started by this command "
-                             "(default: all cores)")
+    add_ray_arguments(parser)
     parser.add_argument("--data-cache", default=None,
                         help="where synthetic shards are written when data.path is not set "
                              "(default: <train.storage_path>/data when a storage path is set, "
@@ -135,7 +132,8 @@ def tokenizer_problems(cfg: Config, data_dir: Path) -> list[str]:
 def check_resumable(cfg: Config, run_dir: Path) -> Config:
     """Before anything starts: a run name with checkpoints resumes the newest complete one;
     refuse it now, with the reason, if the workers could not load it. Returns ``cfg``, set to
-    run ZeRO on one worker as the checkpoint was written (an older mmdist ran ZeRO-1/2 there)."""
+    run ZeRO on one worker as the checkpoint was written (an older mmdist ran ZeRO-1/2 there;
+    a checkpoint of more workers re-partitions into a ZeRO-1/2 engine only)."""
 
     chosen, skipped = ckpt_lib.choose_checkpoint(run_dir)
     for note in skipped:
@@ -143,17 +141,28 @@ def check_resumable(cfg: Config, run_dir: Path) -> Config:
     if chosen is None:
         return cfg
     t, written = cfg.train, ckpt_lib.stage_written(chosen)
-    if t.zero_stage in (1, 2) and written in (0, t.zero_stage) and written != t.zero_stage_at():
+    saved_world = plan_resume(run_dir, t.num_workers).saved_world
+    if (t.num_workers == 1 and t.zero_stage in (1, 2) and written in (0, t.zero_stage)
+            and written != t.zero_stage_at()):
         cfg = cfg.override({"train.zero_on_one_worker": written != 0})
+        why = (f": a checkpoint of {saved_world} workers is re-partitioned through a DeepSpeed "
+               "universal checkpoint, which loads into a ZeRO-1/2 engine only"
+               if saved_world != 1 and written else "")
         print(f"[mmdist] run {run_dir.name}: its checkpoint was written at ZeRO-{written}; "
               f"resuming at ZeRO-{written} (train.zero_on_one_worker="
-              f"{str(written != 0).lower()})", flush=True)
+              f"{str(written != 0).lower()}){why}", flush=True)
     try:
         ckpt_lib.check_resume(chosen, cfg.train.num_workers, cfg.train.zero_stage_at(),
                               cfg.to_dict()["model"])
     except ValueError as e:
         raise CommandError(f"run {run_dir.name}: {e}") from None
-    print(f"[mmdist] run {run_dir.name} resumes from {chosen.name}", flush=True)
+    moved = ""
+    if saved_world != cfg.train.num_workers:
+        moved = (f", written by {saved_world} worker(s), on {cfg.train.num_workers} at "
+                 f"ZeRO-{cfg.train.zero_stage_at()}" + (
+                     ": its optimizer state is re-partitioned through a DeepSpeed universal "
+                     "checkpoint; steps and the LR schedule continue" if written else ""))
+    print(f"[mmdist] run {run_dir.name} resumes from {chosen.name}{moved}", flush=True)
     return cfg
 
 

@@ -201,15 +201,18 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(twin):
     assert "bytes" in resumed["skipped"][0]
 
 
-def test_resume_at_another_world_size_is_refused_before_start(trained):
+def test_resume_at_another_world_size_that_cannot_convert_is_refused_before_start(trained):
+    """A ZeRO-2 checkpoint of 2 workers re-partitions for any number of ZeRO-1/2 workers
+    (test_elastic_resume.py); into ZeRO-0 it cannot, and that is refused before Ray starts."""
     run = trained["summary"]["run_name"]
     cfg = load_config("tiny", [*trained["overrides"], "train.num_workers=1",
-                               f"train.run_name={run}"])
+                               "train.zero_stage=0", f"train.run_name={run}"])
     with pytest.raises(CommandError) as e:
         train(cfg)
     msg = str(e.value)
-    assert "written by 2 worker(s) and this run has 1" in msg
-    assert "train.num_workers=2" in msg and run in msg
+    assert "written by 2 worker(s) and this run has 1" in msg and run in msg
+    assert "loads into a ZeRO-1/2 engine only" in msg
+    assert "train.zero_stage=2 and train.zero_on_one_worker=true" in msg
     cfg = load_config("tiny", [*trained["overrides"], "model.fusion=attention",
                                f"train.run_name={run}"])
     with pytest.raises(CommandError, match=r"model\.fusion \('concat' there, 'attention' here\)"):

@@ -12,6 +12,7 @@ import torch
 from mmdist.config import load_config
 from mmdist.train import checkpoint as ck
 from mmdist.train.checkpointer import Checkpointer
+from mmdist.train.elastic import plan_resume
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
 from mmdist.train.loop import _TrainLossLog
@@ -87,16 +88,19 @@ def test_checkpointer_save_then_restore_round_trip(job, tmp_path):
     assert "ledger_rank0.json" in listed and "files_rank0.json" not in listed
 
     engine = _Engine()
-    got = Checkpointer(engine, cfg, job, 0, 1, _Reporter(run_dir)).restore()
+    got = Checkpointer(engine, cfg, job, 0, 1, _Reporter(run_dir)).restore(
+        plan_resume(run_dir, 1))
     assert engine.loaded == str(chosen) and engine.global_steps == 6
     assert (got.global_step, got.epoch, got.consumed, got.order_hash) == (6, 1, {2, 4, 9}, "h")
     assert got.mlflow_pending == [["lr", 0.1, 1, 6]]
-    assert got.resumes == [{"from_step": 6, "checkpoint": chosen.name, "skipped": []}]
+    assert got.resumes == [{"from_step": 6, "checkpoint": chosen.name, "skipped": [],
+                            "from_world": 1, "world": 1}]
 
 
 def test_restore_without_a_checkpoint_starts_at_step_zero(job, tmp_path):
     cfg = load_config("demo", ["train.num_workers=1"])
-    state = Checkpointer(_Engine(), cfg, job, 0, 1, _Reporter(tmp_path)).restore()
+    state = Checkpointer(_Engine(), cfg, job, 0, 1, _Reporter(tmp_path)).restore(
+        plan_resume(tmp_path, 1))
     assert state == ck.TrainState()
 
 
