@@ -60,6 +60,19 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
                         help="print a one-line JSON summary as the last line of stdout")
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser, address: bool = True,
+                      num_cpus: bool = True) -> None:
+    """``--address`` (the Ray cluster to join) and ``--num-cpus`` (the local Ray's CPUs), as
+    every command that starts or joins Ray takes them (:func:`mmdist.ray_env.init_ray`)."""
+    if address:
+        parser.add_argument("--address", default=None,
+                            help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    if num_cpus:
+        parser.add_argument("--num-cpus", type=int, default=None,
+                            help="logical CPUs of the local Ray this command starts when it "
+                                 "joins none (default: all cores)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "demo") -> None:
     """The shared `--config PRESET_OR_YAML key=value ...` arguments."""
     parser.add_argument("--config", "-c", default=default, metavar="PRESET_OR_YAML",

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from mmdist import tracking
+from mmdist.arguments import add_ray_arguments
 from mmdist.ray_env import init_ray
 from mmdist.serve.predict import resolve_model_dir
 from mmdist.serve.pull import source_run
@@ -26,8 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1,
                         help="model replicas in the Ray Data actor pool (default: 1)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_ray_arguments(parser, num_cpus=False)
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--no-log", action="store_true",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist import tracking
+from mmdist.arguments import add_ray_arguments
 from mmdist.errors import CommandError
 
 SIDES = ("batched", "unbatched")
@@ -42,8 +43,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="how long a batch waits for more requests, ms (default: 5)")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0,
                         help="Ray CPUs per replica, each side one replica (default: 1)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray (default: all)")
+    add_ray_arguments(parser, address=False)
     parser.add_argument("--port", type=int, default=0,
                         help="HTTP port on 127.0.0.1 (default: 0, a free one)")
     parser.add_argument("--tracking-uri", default=None,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist import tracking
+from mmdist.arguments import add_ray_arguments
 from mmdist.errors import CommandError
 
 APP_NAME = "mmdist"
@@ -62,10 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="most objects in one request (default: 256)")
     parser.add_argument("--app-name", default=APP_NAME,
                         help=f"Serve application name (default: {APP_NAME})")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray this command starts (default: all)")
+    add_ray_arguments(parser)
     parser.add_argument("--detach", action="store_true",
                         help="return once the model answers and leave it serving on the Ray "
                              "cluster joined with --address (default: serve until Ctrl-C)")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist import tracking
-from mmdist.arguments import add_config_arguments
+from mmdist.arguments import add_config_arguments, add_ray_arguments
 from mmdist.config import Config, load_config
 from mmdist.console import Console
 from mmdist.data.shards import read_manifest
@@ -73,10 +73,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "default: sweep-<task>-<random>")
     parser.add_argument("--resume", default=None, metavar="NAME",
                         help="resume the interrupted sweep NAME (same config and space)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs for a local Ray started by this command")
+    add_ray_arguments(parser)
     parser.add_argument("--data-cache", default=None,
                         help="where synthetic shards go when data.path is not set (default: "
                              "<train.storage_path>/data, else .cache/data)")
