@@ -70,9 +70,11 @@ class PairRecall(Metric):
 
     full_state_update = False
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10)):
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10),
+                 directions: tuple[str, str] = ("t2i", "i2t")):
         super().__init__()
         self.ks = ks
+        self.directions = directions
         # flat, so a rank without samples contributes an empty tensor of the same rank (1-D)
         self.add_state("text", default=[], dist_reduce_fx="cat")
         self.add_state("other", default=[], dist_reduce_fx="cat")
@@ -86,21 +88,25 @@ class PairRecall(Metric):
     def compute(self) -> dict[str, float]:
         dim = int(self.dim)
         return retrieval_metrics(dim_zero_cat(self.text).reshape(-1, dim),
-                                 dim_zero_cat(self.other).reshape(-1, dim), self.ks)
+                                 dim_zero_cat(self.other).reshape(-1, dim), self.ks,
+                                 self.directions)
 
 
-def retrieval_metrics(text: Tensor, other: Tensor, ks: tuple[int, ...] = (1, 5, 10)
-                      ) -> dict[str, float]:
-    """Recall@K both ways for paired unit-norm embeddings (row i of each is a pair)."""
+def retrieval_metrics(text: Tensor, other: Tensor, ks: tuple[int, ...] = (1, 5, 10),
+                      directions: tuple[str, str] = ("t2i", "i2t")) -> dict[str, float]:
+    """Recall@K both ways for paired unit-norm embeddings (row i of each is a pair):
+    ``val_r{K}_{directions[0]}`` ranks the ``other`` rows for each ``text`` row (text ->
+    other), ``directions[1]`` the reverse; ``val_r1_mean`` is the mean of the two R@1."""
     sim = text @ other.t()
     target = torch.arange(sim.shape[0], device=sim.device)
     out = {}
-    for name, s in (("t2i", sim), ("i2t", sim.t())):
+    forward, backward = directions
+    for name, s in ((forward, sim), (backward, sim.t())):
         # rank of the true pair = number of candidates scoring strictly higher
         rank = (s > s[target, target].unsqueeze(1)).sum(1)
         for k in ks:
             out[f"val_r{k}_{name}"] = float((rank < k).float().mean())
-    out["val_r1_mean"] = (out["val_r1_t2i"] + out["val_r1_i2t"]) / 2
+    out["val_r1_mean"] = (out[f"val_r1_{forward}"] + out[f"val_r1_{backward}"]) / 2
     return out
 
 
@@ -227,11 +233,11 @@ class ClassAccuracy(TaskMetrics):
 
 
 class Retrieval(TaskMetrics):
-    """Recall@K both ways of paired text / other embeddings."""
+    """Recall@K both ways of paired text / other embeddings (``directions``: their names)."""
 
-    def __init__(self):
+    def __init__(self, directions: tuple[str, str] = ("t2i", "i2t")):
         super().__init__()
-        self.recall = PairRecall()
+        self.recall = PairRecall(directions=directions)
 
     def update(self, o: dict[str, Tensor]) -> None:
         self.recall.update(o["text_emb"], o["other_emb"])

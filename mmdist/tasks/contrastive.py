@@ -1,5 +1,9 @@
 """Contrastive matching (CLIP-style): the text and the fused non-text modalities projected into
-one embedding space, a symmetric InfoNCE loss over the batch, recall@K both ways."""
+one embedding space, a symmetric InfoNCE loss over the batch, recall@K both ways.
+
+The two directions are named ``t2i`` (text -> the other side) and ``i2t`` (back), whatever the
+other side holds (image, audio or both), except where a side holds video: then by the sides'
+initials, ``t2v`` / ``v2t`` for text and video (:func:`directions`)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,18 @@ from mmdist.tasks.base import BuildContext, Task, TaskOutput
 if TYPE_CHECKING:  # torchmetrics takes 5 s to import; a model is built without it
     from mmdist.models.metrics import TaskMetrics
 from mmdist.tasks.itm import pair_problems
+
+
+def directions(m: ModelConfig) -> tuple[str, str]:
+    """Names of the two retrieval directions, side a -> side b and back: ``("t2i", "i2t")``
+    unless video is on a side; then by initials (a side of several modalities with video is
+    ``v``): text vs video ``("t2v", "v2t")``, ``model.match=[video, audio]`` ``("v2a", "a2v")``."""
+    a, b = (m.match if m.match else ("text", [x for x in m.modalities if x != "text"]))
+    sides = [[x] if isinstance(x, str) else x for x in (a, b)]
+    if not any("video" in side for side in sides):
+        return ("t2i", "i2t")
+    a, b = ("v" if "video" in side else side[0][0] for side in sides)
+    return (f"{a}2{b}", f"{b}2{a}")
 
 
 class Contrastive(Task):
@@ -59,7 +75,7 @@ class Contrastive(Task):
         from mmdist.models import (
             metrics,  # torchmetrics (5 s): at evaluation only
         )
-        return metrics.Retrieval()
+        return metrics.Retrieval(directions(m))
 
     def embed(self, model: FusedModel, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
         if self.match:

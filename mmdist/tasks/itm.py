@@ -45,7 +45,7 @@ def pair_problems(m: ModelConfig, role: str) -> list[str]:
         return [f"model.modalities={m.modalities}: {role} needs 'text'"]
     if len(m.modalities) < 2:
         return [f"model.modalities={m.modalities}: {role} matches text against another "
-                "modality; add 'image' or 'audio'"]
+                "modality; add 'image', 'audio' or 'video'"]
     return []
 
 
