@@ -1,6 +1,7 @@
 """`mmdist bench sweep`: ASHA early stopping against running every trial to its full budget,
 over the same space, in one run. Prints the optimizer steps (summed over trials) each used and
-whether both found the same best configuration."""
+whether both found the same best configuration. ``--feature-cache``: frozen-encoder features
+cached vs computed in every trial instead (``mmdist.bench.sweep_cache``)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
                         help="search dimensions as in `mmdist sweep --space` (default: "
                              "model.fusion=concat,add, model.fusion_stage=mid and "
-                             "train.lr=0.003,0.00001: 4 trials)")
+                             "train.lr=0.003,0.00001: 4 trials; with --feature-cache: the 8 "
+                             "fusion methods x mid x lr 0.003)")
+    parser.add_argument("--feature-cache", action="store_true",
+                        help="instead: the space with a frozen pretrained ViT-S/16 image encoder, "
+                             "reading cached encoder features vs decoding and encoding in every "
+                             "trial, side by side (mmdist.bench.sweep_cache)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.feature_cache:
+        from mmdist.bench.sweep_cache import run_cache_row
+
+        return run_cache_row(args.config, args.overrides, args.space)
     space = args.space or ["model.fusion=concat,add", "model.fusion_stage=mid",
                            "train.lr=0.003,0.00001"]
     cfg = load_config(args.config, args.overrides)
