@@ -30,20 +30,22 @@ class EvalActor:
 
 
 class PredictActor:
-    """Holds one model; answers a batch of shard rows (sample ids kept)."""
+    """Holds one model; answers a batch of shard rows (sample ids kept). The rows are read as
+    training reads them: a video is the frame strip `mmdist prepare` stored, its sound track the
+    row's audio, its subtitles the row's text."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
         self.predictor = Predictor.from_dir(model_dir, device=device)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(rows["sample_id"])
-        records = [{c: rows[c][i] for c in ("text", "image", "audio") if c in rows}
-                   for i in range(n)]
-        for r in records:  # modalities the model was not trained on are ignored here
-            for c in list(r):
-                if c not in self.predictor.cfg.model.modalities:
-                    r[c] = None
-        answers = pd.DataFrame(self.predictor.predict_rows(records))
+        known = self.predictor.cfg.model.modalities
+        absent = np.full(n, None, dtype=object)
+        # modalities the model was not trained on are ignored here (not decoded)
+        shard = {"sample_id": rows["sample_id"],
+                 **{c: rows[c] if c in rows and c in known else absent
+                    for c in ("text", "image", "audio", "video")}}
+        answers = pd.DataFrame(self.predictor.predict_shard_rows(shard))
         answers.insert(0, "sample_id", np.asarray(rows["sample_id"], dtype=np.int64))
         return {c: answers[c].to_numpy() for c in answers.columns}
 

@@ -179,8 +179,23 @@ class Predictor:
         (classify), ``text`` (lm/vqa generation)."""
         if not rows:
             return []
-        out = self.model.predict(self.batch_from_rows(rows))
-        answers: list[dict[str, Any]] = [{"task": self.task} for _ in rows]
+        return self._answers(self.model.predict(self.batch_from_rows(rows)), len(rows))
+
+    @torch.no_grad()
+    def predict_shard_rows(self, rows: dict[str, Any]) -> list[dict[str, Any]]:
+        """One answer per shard row (columns as `mmdist prepare` writes them: a video is its
+        frame strip, its sound track the ``audio``), the rows preprocessed as evaluation does;
+        batch inference (``mmdist.serve.batch``) answers a dataset with it."""
+        n = len(rows["sample_id"])
+        if not n:
+            return []
+        batch = preprocess_batch({**rows, "target": np.full(n, None, dtype=object)}, self.spec,
+                                 self.tokenizer)
+        batch = {k: v.to(self.device) for k, v in as_tensors(batch).items()}
+        return self._answers(self.model.predict(batch), n)
+
+    def _answers(self, out: dict[str, torch.Tensor], n: int) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = [{"task": self.task} for _ in range(n)]
         if "score" in out:
             for a, s in zip(answers, out["score"].float().cpu().tolist()):
                 a["score"] = float(s)

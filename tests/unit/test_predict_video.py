@@ -126,3 +126,20 @@ def test_a_model_without_video_refuses_it(clip_and_model, tmp_path):
                tokenizer_dir=shards / "tokenizer")
     with pytest.raises(ValueError, match=r"does not take \['video'\]"):
         Predictor.from_dir(tmp_path / "m").predict_rows([{"video": str(root / "clip.mp4")}])
+
+
+def test_batch_inference_reads_the_shards_video_column(clip_and_model):
+    """The Ray Data actor of batch inference, called in this process on the shard rows: the
+    frame strip, sound track and subtitles `mmdist prepare` stored give `mmdist predict
+    --video`'s answer; without the video column the answer differs (the video is read)."""
+    from mmdist.serve.batch import PredictActor
+
+    root, shards, _ = clip_and_model
+    rows = arrow_to_numpy(pq.read_table(next((shards / "train").glob("*.parquet"))))
+    actor = PredictActor(str(root / "model"))
+    got = actor(rows)
+    direct = Predictor.from_dir(root / "model").predict_rows([{"video": str(root / "clip.mp4")}])
+    assert list(got["sample_id"]) == [0] and got["label"][0] == direct[0]["label"]
+    assert got["probability"][0] == pytest.approx(direct[0]["probability"], abs=1e-5)
+    blind = actor({**rows, "video": np.array([None], dtype=object)})
+    assert blind["probability"][0] != pytest.approx(got["probability"][0], abs=1e-5)
