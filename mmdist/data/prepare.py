@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from mmdist.config import Config, DataConfig
 
 RAY_THRESHOLD = 5000  # rows; below this the conversion runs in-process (no Ray start-up)
+VIDEO_RAY_THRESHOLD = 200  # rows that decode a video file: each takes far longer than an image
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +106,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: data.vocab_size)")
     parser.add_argument("--parallel", choices=("auto", "ray", "local"), default="auto",
                         help=f"convert with Ray Data (ray), in this process (local) or ray from "
-                             f"{RAY_THRESHOLD} rows on (auto, the default)")
+                             f"{RAY_THRESHOLD} rows on, {VIDEO_RAY_THRESHOLD} with video files "
+                             "(auto, the default)")
     video_prepare.add_video_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
@@ -210,7 +212,9 @@ def convert(source: Any, out: str | Path, data: DataConfig, seed: int = 0,
     if not records:
         raise SourceError(f"source {source.name}: no rows")
     splits = split_of_groups((r["group"] for r in records), data.val_fraction, seed)
-    use_ray = parallel == "ray" or (parallel == "auto" and len(records) >= RAY_THRESHOLD)
+    videos = sum("video_path" in r for r in records)
+    use_ray = parallel == "ray" or (parallel == "auto" and (
+        len(records) >= RAY_THRESHOLD or videos >= VIDEO_RAY_THRESHOLD))
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -341,9 +345,11 @@ def _load_with_ray(source: Any, records: list[dict[str, Any]]):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         items = [{"idx": i, "record": json.dumps(r)} for i, r in enumerate(records)]
-        blocks = max(2, min(len(items) // 250, 400))
+        per_block = 16 if any("video_path" in r for r in records) else 250  # videos: slow rows
+        blocks = max(2, min(len(items) // per_block, 400))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _LoadRecords(source), batch_size=64, batch_format="numpy", zero_copy_batch=True)
+            _LoadRecords(source), batch_size=min(64, per_block), batch_format="numpy",
+            zero_copy_batch=True)
         for table in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
             for r in table.to_pylist():
                 rec = records[r["idx"]]
