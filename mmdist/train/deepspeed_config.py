@@ -38,7 +38,7 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
     # DeepSpeed's BF16 optimizer (its bf16 path) would keep bf16 weights plus an fp32 master
     # copy and copy every gradient and weight between them at each step: 8% of the demo's
     # step on 2 cores (`mmdist bench train train.precision=bf16`, docs/performance.md).
-    autocast = t.precision == "bf16" and stage == 0 and not t.offload_optimizer
+    autocast = t.precision == "bf16" and client_optimizer_steps(t)
     ds: dict[str, Any] = {
         "train_batch_size": t.train_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
