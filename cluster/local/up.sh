@@ -88,8 +88,10 @@ else
   # process of the machine. --temp-dir keeps this head's address out of /tmp/ray, so a plain
   # ray.init() elsewhere on the machine does not silently join it.
   # PATH: the `python` of a job's entrypoint is the project's environment.
+  # RAY_worker_niceness=0: workers at the driver's priority, as on the local Ray mmdist starts
+  # (mmdist.ray_env.WORKER_NICENESS); a job cannot set it (Ray's job supervisor drops it).
   PATH="$BIN:$PATH" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
-  RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true \
+  RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true RAY_worker_niceness=0 \
     setsid "$RAY" start --head --block \
       --node-ip-address "$HOST" --port "$RAY_GCS_PORT" \
       --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \

@@ -180,7 +180,9 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
     work = tmp_path / "job"
     work.mkdir()
     (work / "hello.py").write_text(
-        "import ray\nray.init()\nprint('CPUS', ray.cluster_resources()['CPU'])\n")
+        "import os, ray\nray.init()\nprint('CPUS', ray.cluster_resources()['CPU'])\n"
+        # a job's workers run at the driver's priority (up.sh starts Ray with niceness 0)
+        "print('NICE', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n")
     # No token anywhere: not in the environment, and a home folder without ~/.ray/auth_token.
     no_token = _submit(cluster, work, "python", "hello.py", HOME=str(tmp_path))
     assert no_token.returncode != 0
@@ -196,6 +198,7 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
     print(f"token job submitted and finished in {time.perf_counter() - t0:.0f} s")
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "CPUS 2.0" in ok.stdout
+    assert "NICE 0" in ok.stdout, ok.stdout[-3000:]
     assert "succeeded" in ok.stdout + ok.stderr
 
 
