@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from mmdist.errors import CommandError
+
 # what the row's sweeps run on top of --config and its overrides
 BASE = {"model.modalities": ["text", "image"], "model.freeze": ["image_encoder"],
         "model.modality_tokens": {"image": 16}, "data.image_size": 224,
@@ -66,6 +68,11 @@ def run_cache_row(config: str, overrides: list[str], space: list[str] | None
         out[mode] = sweep(base.override({"data.feature_cache": mode}), space,
                           name=f"bench-cache-{mode}-{tag}", register=False)
         out[mode]["wall"] = time.perf_counter() - t0
+        if out[mode]["failed_trials"]:  # a failed trial ends early: the times would not compare
+            raise CommandError(
+                f"bench sweep --feature-cache: {out[mode]['failed_trials']} of "
+                f"{out[mode]['trials']} trials of the data.feature_cache={mode} sweep failed "
+                "(their errors are above); no speed-up is reported")
     cached, uncached = out["require"], out["off"]
     same = cached["best_config"] == uncached["best_config"]
     speedup = uncached["wall"] / max(cached["wall"], 1e-9)
