@@ -137,7 +137,8 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
 
 
 def build_datasets(data_dir: str | Path, cfg: Config,
-                   cache: dict[str, Any] | None = None) -> dict[str, ray.data.Dataset]:
+                   cache: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
+                   ) -> dict[str, ray.data.Dataset]:
     """The Ray Datasets ``{"train", "val"}`` that ``TorchTrainer(datasets=...)`` receives.
 
     Args:
@@ -145,11 +146,13 @@ def build_datasets(data_dir: str | Path, cfg: Config,
         cfg: ``cfg.data`` gives the preprocessing sizes; ``data.augment`` applies to train only.
         cache: a feature-cache entry's manifest (``mmdist.models.feature_build``): its feature
             shards are read instead of the raw ones, with the same sample ids.
+        manifest: the shard manifest as the caller verified it (``verify_manifest``) moments
+            before; None verifies it here (every shard's checksum is read again).
 
     Raises:
         ManifestError: a shard or tokenizer file is missing or changed (the message names it).
     """
-    manifest = verify_manifest(data_dir)
+    manifest = manifest or verify_manifest(data_dir)
     tokenizer = load_tokenizer(data_dir)
     out = {}
     for split in ("train", "val"):

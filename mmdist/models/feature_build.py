@@ -194,9 +194,16 @@ def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
     return {**manifest, "entry": str(plan.entry)}
 
 
-def feature_cache_for(cfg: Config, data_dir: str | Path, log=print) -> dict[str, Any] | None:
+def feature_cache_for(cfg: Config, data_dir: str | Path, log=print,
+                      verified: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """What a run reads instead of raw media: None (``data.feature_cache=off``, or nothing
     frozen to cache), else the entry's verified manifest (built on first use) with its
-    ``entry`` directory. Raises what ``cache_plan`` and :func:`ensure_cache` raise."""
+    ``entry`` directory. ``verified``: what this function returned to the sweep's driver,
+    taken as it is when it is this config's entry (each trial would hash every feature shard
+    again). Raises what ``cache_plan`` and :func:`ensure_cache` raise."""
     plan = cache_plan(cfg, data_dir, log=lambda s: log(s, flush=True))
-    return ensure_cache(plan, cfg, log) if plan else None
+    if plan is None:
+        return None
+    if verified is not None and verified.get("entry") == str(plan.entry):
+        return verified
+    return ensure_cache(plan, cfg, log)

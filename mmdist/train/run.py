@@ -20,7 +20,7 @@ from mmdist.config import Config, load_config
 from mmdist.console import Console
 from mmdist.data.generated import synthetic_source_name
 from mmdist.data.prepare import prepare_synthetic
-from mmdist.data.shards import ManifestError, read_manifest, shard_labels, verify_manifest
+from mmdist.data.shards import ManifestError, shard_labels, verify_manifest
 from mmdist.errors import CommandError
 from mmdist.ray_env import init_ray, release_ray
 from mmdist.train import checkpoint as ckpt_lib
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(problem)
     with Console(log_file, verbose=args.verbose) as console:
         summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
-                        data_cache=args.data_cache, console=console)
+                        data_cache=args.data_cache, console=console,
+                        started_at=getattr(args, "started_at", None))
         release_ray()
     _print_summary({**summary, "log_file": str(log_file)})
     return {**summary, "log_file": str(log_file)}
@@ -94,22 +95,24 @@ def ensure_data(cfg: Config, data_cache: str | Path | None = None) -> Path:
     return out
 
 
-def check_data(data_dir: Path, cfg: Config | None = None) -> None:
+def check_data(data_dir: Path, cfg: Config | None = None) -> dict[str, Any]:
     """Before Ray starts: refuse shards whose checksums do not match the manifest and, given
-    ``cfg``, class labels beyond ``model.num_classes``. (Size and resource problems are
-    reported together once Ray is up: :func:`mmdist.train.startable.require_startable`.)"""
+    ``cfg``, class labels beyond ``model.num_classes``; return the verified manifest, which the
+    run's datasets then use without reading every shard again. (Size and resource problems
+    are reported together once Ray is up: :func:`mmdist.train.startable.require_startable`.)"""
 
     try:
         manifest = verify_manifest(data_dir)
     except ManifestError as e:
         raise CommandError(str(e)) from None
     if cfg is None:
-        return
+        return manifest
     problems = label_problems(cfg, shard_labels(data_dir, manifest), f"data {data_dir}")
     problems += tokenizer_problems(cfg, data_dir)
     if problems:
         raise CommandError(f"this run cannot start: {len(problems)} problem(s):\n"
                            + "\n".join(f"  - {p}" for p in problems))
+    return manifest
 
 
 def tokenizer_problems(cfg: Config, data_dir: Path) -> list[str]:
@@ -212,12 +215,15 @@ def _ordered():
 
 
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
-                run_id: str | None) -> tuple[Job, dict]:
-    """What every worker needs beyond the config, and the Ray Datasets."""
+                run_id: str | None, manifest: dict[str, Any],
+                feature_cache: dict[str, Any] | None = None) -> tuple[Job, dict]:
+    """What every worker needs beyond the config, and the Ray Datasets.
+
+    ``manifest``: the shard manifest :func:`check_data` verified; ``feature_cache``: a feature
+    cache manifest verified by the sweep's driver (taken when it is this config's entry)."""
     from mmdist.data.pipeline import build_datasets, load_tokenizer  # loads Ray: not --help
     from mmdist.models.feature_build import feature_cache_for
 
-    manifest = json.loads((data_dir / "manifest.json").read_text())
     tok = load_tokenizer(data_dir)
     job = Job(data_dir=str(data_dir), train_rows=int(manifest["counts"]["train_rows"]),
               vocab=tok.model_vocab(), run_name=run_name,
@@ -227,7 +233,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     # model.init_from, downloaded once per run (each sweep trial is a run of its own)
     job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     # frozen encoders' outputs, computed once per key (data.feature_cache), else raw media
-    return job, build_datasets(data_dir, cfg, feature_cache_for(cfg, data_dir))
+    cache = feature_cache_for(cfg, data_dir, verified=feature_cache)
+    return job, build_datasets(data_dir, cfg, cache, manifest=manifest)
 
 
 def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | None:
@@ -260,19 +267,21 @@ def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | No
 
 
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
-          data_cache: str | Path | None = None, console: Console | None = None
-          ) -> dict[str, Any]:
+          data_cache: str | Path | None = None, console: Console | None = None,
+          started_at: float | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints);
-    ``console`` (the CLI's) sorts what Ray forwards from the workers once Ray is up."""
+    ``console`` (the CLI's) sorts what Ray forwards from the workers once Ray is up.
+    ``started_at``: when the command started (``time.time()``); its start-up counts from
+    there, the seconds before this call being the ``command`` phase (interpreter, imports)."""
     # heavy (MLflow): not for --help
     from mmdist import tracking
     from mmdist.train.register import register_model
 
     t0 = time.perf_counter()
-    phases, mark = _phase_clock()
+    phases, mark = _phase_clock(started_at)
     data_dir = ensure_data(cfg, data_cache)
-    check_data(data_dir, cfg)
-    cfg = with_data_defaults(cfg, read_manifest(data_dir))
+    manifest = check_data(data_dir, cfg)
+    cfg = with_data_defaults(cfg, manifest)
     run_name = cfg.train.run_name or default_run_name(cfg)
     storage = str(Path(cfg.train.storage_path or "runs").resolve())
     cfg = check_resumable(cfg, Path(storage) / run_name)
@@ -291,7 +300,7 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     mark("mlflow_run")
-    job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id)
+    job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id, manifest)
     mark("datasets")
     job = dataclasses.replace(job, started_at=phases.pop("_start"), driver_phases=phases)
     try:
@@ -337,12 +346,16 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     }
 
 
-def _phase_clock() -> tuple[dict[str, float], Any]:
+def _phase_clock(started_at: float | None = None) -> tuple[dict[str, float], Any]:
     """``(phases, mark)``: ``mark(name)`` records the seconds since the previous mark under
-    ``name``; ``phases["_start"]`` is the wall-clock start."""
-    start = time.time()
+    ``name``; ``phases["_start"]`` is the wall-clock start: ``started_at`` (then the seconds
+    from it to now are the ``command`` phase), else now."""
+    now = time.time()
+    start = min(started_at or now, now)
     phases: dict[str, float] = {"_start": start}
-    last = [start]
+    if start < now:
+        phases["command"] = round(now - start, 2)
+    last = [now]
 
     def mark(name: str) -> None:
         now = time.time()

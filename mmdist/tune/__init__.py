@@ -154,15 +154,16 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     if resume and not tune.Tuner.can_restore(str(Path(storage) / name / "tune")):
         raise CommandError(f"--resume {name}: no sweep of that name under {storage}")
     data_dir = ensure_data(cfg, data_cache)
-    check_data(data_dir)
-    cfg = with_data_defaults(cfg, read_manifest(data_dir))
+    manifest = check_data(data_dir)  # verified once here: the trials take it as it is
+    cfg = with_data_defaults(cfg, manifest)
     metric, mode = cfg.primary_metric, cfg.metric_mode
     init_ray(address, num_cpus, dashboard=True)
     quiet = console is not None and console.attach_ray()
     check_fits(cfg, data_dir)  # before any MLflow run exists: a refused sweep leaves none
     from mmdist.models.feature_build import feature_cache_for  # torch: not for --help
 
-    feature_cache_for(cfg, data_dir)  # frozen encoders' outputs: built once, before the trials
+    # frozen encoders' outputs: built (or verified) once, before the trials
+    feature_cache = feature_cache_for(cfg, data_dir)
     uri = tracking.tracking_uri(cfg)
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
                                         tags={"mmdist.sweep": "true"})
@@ -180,6 +181,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     tune_space = to_tune_space(space, cfg.tune.search, points)
     tune_space["_sweep"] = {"cfg": cfg.to_dict(), "name": name, "tracking_uri": uri,
                             "parent_run_id": parent, "data_dir": str(data_dir),
+                            "manifest": manifest, "feature_cache": feature_cache,
                             "storage": storage, "report_dir": str(report_dir)}
     scheduler = (ASHAScheduler(grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor, max_t=10**6)

@@ -83,7 +83,8 @@ def trial_fn(config: dict[str, Any]) -> None:
                                         parent_run_id=sweep["parent_run_id"])
     tracking.log_params(uri, run_id, {**cfg.flat(), **{f"trial.{k}": v
                                                        for k, v in overrides.items()}})
-    job, datasets = prepare_job(cfg, Path(sweep["data_dir"]), trial_name, uri, run_id)
+    job, datasets = prepare_job(cfg, Path(sweep["data_dir"]), trial_name, uri, run_id,
+                                sweep["manifest"], sweep["feature_cache"])
     result = fit_with_retries(  # the retry rule of `mmdist train`, per trial
         lambda: build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
                               callbacks=[_val_report_callback()]),

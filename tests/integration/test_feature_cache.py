@@ -67,6 +67,9 @@ def test_built_once_then_reused_by_a_run_and_every_sweep_trial(ray_local, setup,
     shard.write_bytes(bytes(data_bytes))
     with pytest.raises(ManifestError, match=f"feature shard {shard}: sha256"):
         feature_cache_for(cfg, data)
+    with pytest.raises(ManifestError, match=f"feature shard {shard}: sha256"):
+        # what a sweep's driver verified is taken only for its own entry
+        feature_cache_for(cfg, data, verified={**manifest, "entry": str(root / "other")})
 
     # `mmdist cache ls` shows it with its size; `rm` removes it
     assert main(["cache", "ls", "--root", str(root)]) == 0  # no --json: it stops Ray
