@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from mmdist.arguments import ArgumentParser, add_command_parsers, add_json_flag
@@ -61,6 +64,16 @@ def emit_json(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, default=str, sort_keys=True), flush=True)
 
 
+def process_started_at() -> float | None:
+    """Wall-clock time this process started (Linux ``/proc``, 10 ms resolution), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_command(module: Any, args: argparse.Namespace) -> int:
     """Run one command module with user-facing error handling; used by cli and jobs/.
 
@@ -92,8 +105,11 @@ def _stop_ray_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # when the command started: the process's start for the `mmdist` executable, else now
+    started_at = (process_started_at() if argv is None else None) or time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started_at = started_at
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2

@@ -51,3 +51,41 @@ def iter_torch(ds: Any, **kwargs: Any):
     ``prefetch_batches`` themselves."""
     kwargs.setdefault("prefetch_batches", prefetch_batches())
     return ds.iter_torch_batches(collate_fn=NumpyToTorch(), **kwargs)
+
+
+class FirstBatchAhead:
+    """An iterator whose first item is pulled at once in a background thread.
+
+    A fresh run's first epoch starts streaming while the DeepSpeed engine is built: Ray Data
+    starts the split's coordinator, its read tasks and their workers on the first request, and
+    those seconds then overlap the engine's instead of following them (the ``first_step`` phase
+    of ``mmdist train``'s start-up). Iterating waits for that first item and re-raises what the
+    thread raised, then continues the same iterator: the items and their order are the
+    iterator's own.
+    """
+
+    def __init__(self, it: Any):
+        import threading
+
+        self._it = iter(it)
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="mmdist-first-batch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as e:  # handed to the consumer, in its own thread
+            self._error = e
+
+    def __iter__(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        self._first = []
+        yield from self._it

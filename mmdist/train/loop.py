@@ -41,7 +41,7 @@ import torch.distributed as torch_dist
 from mmdist.config import Config
 from mmdist.console import step_line
 from mmdist.data.pipeline import iter_train_batches, load_tokenizer
-from mmdist.data.torch_batches import iter_torch
+from mmdist.data.torch_batches import FirstBatchAhead, iter_torch
 from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
@@ -88,6 +88,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     t_setup = time.perf_counter()
     plan = plan_resume(job.storage, world)  # which checkpoint, written at which world size
+    train_shard = ray.train.get_dataset_shard("train")
+    # a fresh run's first epoch starts streaming now, while the engine is built
+    early = (FirstBatchAhead(iter_train_batches(train_shard, t.micro_batch_size, t.seed, 0))
+             if plan.checkpoint is None else None)
     # the LR schedule's length, planned at the world size the run first started at
     n_total = schedule_steps(t, job.train_rows, plan.schedule_world)
     engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say,
@@ -105,7 +109,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     faults = Faults.parse(job.faults, job.storage, rank)
     tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
     per_rank = micro_batches_per_rank(cfg, job.train_rows, world)
@@ -125,7 +128,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         ledger = sorted(skip)  # consumed before a restart still count for this epoch
         steps_before = state.global_step
         engine.train()
-        batches = iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch)
+        batches = (early if early is not None and state.epoch == 0 and not skip else
+                   iter_train_batches(train_shard, t.micro_batch_size, t.seed, state.epoch))
+        early = None
         if skip:  # resumed mid-epoch: what is left differs by rank, so ranks agree per batch
             cpu_batches = _all_have(_skip_consumed(batches, skip, t.micro_batch_size), device)
         else:

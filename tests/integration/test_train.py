@@ -36,6 +36,11 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     losses = _loss_history(uri, s["run_id"])
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert s["alias"] == "champion" and s["model_uri"] == "models:/zero2-model/1"
+    # seconds to the first optimizer step, by phase: the phases make up the total
+    phases = s["startup_phases"]
+    assert {"data_checks", "ray_init", "mlflow_run", "datasets", "ray_train_start",
+            "worker_imports", "engine", "restore", "first_step"} <= set(phases), phases
+    assert s["startup_seconds"] == pytest.approx(sum(phases.values()), abs=0.5), phases
     # one local node: Ray Train started no preemption watcher (ray_env.LOCAL_TRAIN_ENV)
     import ray
     from ray.util.state import list_actors
