@@ -8,6 +8,7 @@ Only the driver and rank 0 of a training run talk to MLflow. Without a tracking 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -90,17 +91,39 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+# run tag: {param: [value at each resume that changed it]} (MLflow params cannot change)
+CHANGED_ON_RESUME_TAG = "mmdist.params_changed_on_resume"
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
-    """Log params; a value already logged with the same content is fine on a resumed run."""
+    """Log params. On a resumed run a value already logged stays (MLflow params never change);
+    one the resume changed (``train.num_workers`` of an elastic resume) is appended to the run
+    tag :data:`CHANGED_ON_RESUME_TAG`, so the run says what it really ran with."""
     from mlflow.entities import Param  # heavy: not loaded for --help
     from mlflow.tracking import MlflowClient  # heavy: not loaded for --help
 
     client = MlflowClient(uri)
-    existing = client.get_run(run_id).data.params
-    new = {k: v for k, v in safe_params(params).items() if k not in existing}
+    run = client.get_run(run_id)
+    existing = run.data.params
+    safe = safe_params(params)
+    new = {k: v for k, v in safe.items() if k not in existing}
     items = [Param(k, v) for k, v in new.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+    try:
+        history = json.loads(run.data.tags.get(CHANGED_ON_RESUME_TAG) or "{}")
+    except ValueError:
+        history = {}
+    changed = False
+    for k, v in safe.items():  # against the value the run last ran with
+        if k in existing and v != (history.get(k) or [existing[k]])[-1]:
+            history.setdefault(k, []).append(v)
+            changed = True
+    if changed:
+        text = json.dumps(history, sort_keys=True)
+        if len(text) > 8000:  # MLflow's limit for a tag: the latest value of each
+            text = json.dumps({k: v[-1:] for k, v in history.items()}, sort_keys=True)
+        client.set_tag(run_id, CHANGED_ON_RESUME_TAG, text[:8000])
 
 
 class MetricsLogger:

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmdist.config import load_config
+from mmdist.tracking import CHANGED_ON_RESUME_TAG
 from mmdist.train.elastic import UNIVERSAL_DIR
 from mmdist.train.optim import warmup_cosine
 from mmdist.train.run import train
@@ -95,7 +96,14 @@ def test_killed_2_worker_run_resumes_on_another_number_of_workers(killed, tmp_pa
 
     # steps continue from the checkpoint: MLflow has steps 1-4 of the 2-worker attempt, then
     # 5.. of the resumed one, each once, and the LR at every step is the planned schedule's
-    hist = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_metric_history(s["run_id"], "lr")
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(s["run_id"]).data
+    # the first attempt's params stay (MLflow params never change); the resume's world size
+    # is on the run's tag
+    assert run.params["train.num_workers"] == "2"
+    changed = json.loads(run.tags[CHANGED_ON_RESUME_TAG])
+    assert changed["train.num_workers"] == [str(workers)], changed
+    hist = client.get_metric_history(s["run_id"], "lr")
     logged = sorted(m.step for m in hist)
     assert logged == list(range(1, total + 1))
     for m in hist:
