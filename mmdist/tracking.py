@@ -160,6 +160,8 @@ class MetricsLogger:
     def add(self, rows: list[tuple[str, float, int, int]]) -> None:
         """Buffer ``(key, value, timestamp_ms, step)`` rows (e.g. another logger's
         :meth:`pending`) for the next flush."""
+        if not rows:  # a fresh run's restore: MLflow's import waits for the first metric
+            return
         from mlflow.entities import Metric  # heavy: not loaded for --help
 
         self._buffer.extend(Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows)

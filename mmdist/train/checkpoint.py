@@ -132,8 +132,24 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+# who takes the optimizer step, as checkpoints record it (``optimizer_steps``)
+OPTIMIZER_STEPS = {"mmdist": "mmdist's AdamW (ZeRO-0 in fp32 or bf16 autocast, no offload)",
+                   "deepspeed": "DeepSpeed's ZeRO / fp16 / bf16 optimizer"}
+
+
+def saved_optimizer_steps(body: dict[str, Any]) -> str | None:
+    """Who took the optimizer steps of a checkpoint (its state file's ``body``): its own record,
+    else, for one written before the record existed, DeepSpeed's BF16 optimizer where it ran
+    bf16 without ZeRO (that became torch.autocast with mmdist's optimizer on 2026-12-03), else
+    unknown (None)."""
+    if body.get("optimizer_steps"):
+        return str(body["optimizer_steps"])
+    precision = ((body.get("config") or {}).get("train") or {}).get("precision")
+    return "deepspeed" if int(body.get("zero_stage", -1)) == 0 and precision == "bf16" else None
+
+
 def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
-                 model_cfg: dict[str, Any]) -> None:
+                 model_cfg: dict[str, Any], optimizer_steps: str | None = None) -> None:
     """Refuse a resume DeepSpeed would load wrongly or fail on deep inside.
 
     At the world size that wrote it a checkpoint loads as it is, at the ZeRO stage it was
@@ -141,8 +157,9 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
     size ZeRO-1/2 optimizer shards are re-partitioned through a DeepSpeed universal checkpoint
     (:mod:`mmdist.train.elastic`) and ZeRO-0 state loads as it is; what cannot
     (:func:`conversion_problem`: ZeRO-3, a ZeRO-0 checkpoint into ZeRO-1/2 or back) is refused,
-    as is a model of another shape. Raises ValueError naming the checkpoint, what differs and
-    what to do instead.
+    as is a model of another shape, and optimizer state written by another optimizer
+    (``optimizer_steps``: a key of :data:`OPTIMIZER_STEPS`, this run's). Raises ValueError
+    naming the checkpoint, what differs and what to do instead.
     """
     d = Path(ckpt_dir)
     body = json.loads((d / STATE_FILE).read_text())
@@ -156,6 +173,15 @@ def check_resume(ckpt_dir: str | Path, world_size: int, zero_stage: int,
     moved = conversion_problem(saved_world, saved_stage, world_size, zero_stage)
     if moved:
         problems.append(moved)
+    saved_steps = saved_optimizer_steps(body)
+    if (saved_stage == zero_stage and optimizer_steps and saved_steps
+            and saved_steps != optimizer_steps):
+        problems.append(
+            f"its optimizer state was written by {OPTIMIZER_STEPS[saved_steps]} and this run "
+            f"steps with {OPTIMIZER_STEPS[optimizer_steps]}, whose state has another layout "
+            "(train.precision or train.offload_optimizer differ, or the checkpoint predates "
+            "bf16 autocast without ZeRO); resume with the settings that wrote it, or start a "
+            "new train.run_name")
     saved_model = (body.get("config") or {}).get("model") or {}
     diff = sorted(k for k in set(saved_model) | set(model_cfg)
                   if k not in RUNTIME_MODEL_KEYS and saved_model.get(k) != model_cfg.get(k))

@@ -19,6 +19,7 @@ from mmdist.models.model_files import copy_processors, save_state_dict
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train import elastic
 from mmdist.train.checkpoint import TrainState
+from mmdist.train.deepspeed_config import client_optimizer_steps
 from mmdist.train.elastic import ResumePlan
 from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
@@ -70,7 +71,8 @@ class Checkpointer:
     def _load(self, plan: ResumePlan) -> TrainState:
         chosen, stage = plan.checkpoint, self.cfg.train.zero_stage_at(self.world)
         assert chosen is not None
-        ckpt_lib.check_resume(chosen, self.world, stage, self.cfg.to_dict()["model"])
+        ckpt_lib.check_resume(chosen, self.world, stage, self.cfg.to_dict()["model"],
+                              self.optimizer_steps())
         how = ""
         if plan.universal:  # another world size: DeepSpeed re-partitions a universal checkpoint
             if self.rank == 0:
@@ -131,10 +133,16 @@ class Checkpointer:
                 ckpt_lib.write_state(tmp, state, {
                     "run_name": self.job.run_name, "world_size": self.world,
                     "zero_stage": t.zero_stage_at(self.world), "config": self.cfg.to_dict(),
+                    "optimizer_steps": self.optimizer_steps(),
                     "metrics": metrics})
                 shutil.copytree(Path(self.job.data_dir) / "tokenizer", Path(tmp) / "tokenizer")
             ckpt_lib.write_file_list(tmp, self.rank)  # last: marks this rank complete
             self.reporter.report(metrics, tmp)
+
+    def optimizer_steps(self) -> str:
+        """Who takes this run's optimizer steps (a key of ``checkpoint.OPTIMIZER_STEPS``)."""
+        return ("mmdist" if client_optimizer_steps(self.cfg.train, self.world)
+                else "deepspeed")
 
     def consolidate(self, out_dir: Path) -> None:
         """Consolidate the ZeRO-partitioned fp32 master weights into one safetensors model in

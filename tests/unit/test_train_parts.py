@@ -128,7 +128,7 @@ def test_state_and_ledgers_round_trip(tmp_path):
 # ---- checkpoint completeness -----------------------------------------------------------------
 
 
-def _fake_checkpoint(root, name, step, world=2, stage=2, model=None):
+def _fake_checkpoint(root, name, step, world=2, stage=2, model=None, train=None, **body):
     d = root / name
     root.mkdir(parents=True, exist_ok=True)
     for rank in range(world):  # what each rank writes into its own folder; Ray merges them
@@ -137,8 +137,8 @@ def _fake_checkpoint(root, name, step, world=2, stage=2, model=None):
         (part / "ds" / f"shard_{rank}.pt").write_bytes(b"x" * (100 + rank))
         if rank == 0:
             ck.write_state(part, ck.TrainState(global_step=step), {
-                "world_size": world, "zero_stage": stage,
-                "config": {"model": model or {"fusion": "concat"}}})
+                "world_size": world, "zero_stage": stage, **body,
+                "config": {"model": model or {"fusion": "concat"}, "train": train or {}}})
         ck.write_file_list(part, rank)
         shutil.copytree(part, d, dirs_exist_ok=True)
     return d
@@ -172,6 +172,24 @@ def test_check_resume_refuses_another_world_size_at_zero_0_or_model(tmp_path):
     with pytest.raises(ValueError, match=r"written at ZeRO-2 and this run is ZeRO-3: .* "
                                          r"train\.zero_stage=2"):
         ck.check_resume(d, 2, 3, {"fusion": "concat"})
+
+
+def test_check_resume_refuses_optimizer_state_of_another_optimizer(tmp_path):
+    model = {"fusion": "concat"}
+    # bf16 without ZeRO, written before it became autocast: DeepSpeed's BF16 optimizer state
+    old = _fake_checkpoint(tmp_path / "a", "checkpoint_a", 4, world=1, stage=0,
+                           train={"precision": "bf16"})
+    ck.check_resume(old, 1, 0, model)  # nothing known about this run: no refusal
+    with pytest.raises(ValueError, match=r"written by DeepSpeed's ZeRO / fp16 / bf16 optimizer "
+                                         r"and this run steps with mmdist's AdamW.*predates"):
+        ck.check_resume(old, 1, 0, model, "mmdist")
+    new = _fake_checkpoint(tmp_path / "b", "checkpoint_b", 4, world=1, stage=0,
+                           train={"precision": "bf16"}, optimizer_steps="mmdist")
+    ck.check_resume(new, 1, 0, model, "mmdist")
+    with pytest.raises(ValueError, match="train.precision or train.offload_optimizer differ"):
+        ck.check_resume(new, 1, 0, model, "deepspeed")  # e.g. fp16 now
+    z2 = _fake_checkpoint(tmp_path / "c", "checkpoint_c", 4, train={"precision": "bf16"})
+    ck.check_resume(z2, 2, 2, model, "deepspeed")  # ZeRO-2 bf16 was and is DeepSpeed's
 
 
 def test_one_worker_runs_zero_1_and_2_as_zero_0():
