@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
     """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
-    from mmdist.data.pipeline import load_tokenizer, shard_tables  # loads Ray: not for --help
+    from mmdist.data.shard_batches import load_tokenizer, shard_tables  # torch: not --help
 
     reuse_freed_memory()  # as in the workers of both sides
     tok = load_tokenizer(data_dir)
@@ -288,7 +288,7 @@ def _consume(it, limit: int | None) -> dict[str, float]:
 
 def time_dataloader(data_dir: Path, split: str, spec: Any, batch_size: int, cpus: int,
                     limit: int | None) -> dict[str, float]:
-    from mmdist.data.pipeline import shard_dataloader  # loads Ray: not for --help
+    from mmdist.data.shard_batches import shard_dataloader  # torch: not --help
 
     with warnings.catch_warnings():
         # --workers above the core count is the point of that layout, not a mistake to warn of
@@ -308,7 +308,8 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
     import ray
 
     from mmdist.data import ray_scheduling
-    from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset, load_tokenizer
+    from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset
+    from mmdist.data.shard_batches import load_tokenizer
     from mmdist.data.torch_batches import iter_torch
 
     started = not ray.is_initialized()

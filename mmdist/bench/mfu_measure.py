@@ -52,8 +52,8 @@ def real_batches(data_dir: Path, cfg: Config, workers: int,
     training loop does); starts a new epoch when the shards run out."""
     from torch.utils.data import DataLoader  # heavy: not loaded for --help
 
-    from mmdist.data.pipeline import ShardBatches  # loads torch: not for --help
-    from mmdist.train.loop import to_device  # loads torch, ray: not for --help
+    from mmdist.data.schema import to_device
+    from mmdist.data.shard_batches import ShardBatches  # loads torch: not for --help
 
     b = cfg.train.micro_batch_size
     spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment)

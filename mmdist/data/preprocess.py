@@ -117,7 +117,7 @@ def reuse_freed_memory() -> bool:
     preprocessing faster and cut most of those page faults (figures: ``docs/performance.md``).
     The price: a worker keeps up to 128 MiB of freed memory.
     Called where preprocessing runs in a loop: Ray Data tasks (:class:`BatchPreprocessor`) and
-    DataLoader workers (``pipeline.ShardBatches``), so both paths run the same way.
+    DataLoader workers (``shard_batches.ShardBatches``), so both paths run the same way.
     """
     global _allocator_tuned
     if _allocator_tuned:

@@ -113,6 +113,14 @@ def random_batch(batch_size: int, vocab_size: int, max_text_len: int, image_size
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (asynchronous copies); other values as they are."""
+    import torch  # heavy: not loaded for --help
+
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
 def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """A numpy batch of the contract -> CPU tensors sharing its memory (no copy).
 

@@ -40,7 +40,9 @@ import torch.distributed as torch_dist
 
 from mmdist.config import Config
 from mmdist.console import step_line
-from mmdist.data.pipeline import iter_train_batches, load_tokenizer
+from mmdist.data.pipeline import iter_train_batches
+from mmdist.data.schema import to_device
+from mmdist.data.shard_batches import load_tokenizer
 from mmdist.data.torch_batches import FirstBatchAhead, iter_torch
 from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
@@ -244,11 +246,6 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _only_val(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith("val_")}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def _dist():

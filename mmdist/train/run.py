@@ -221,7 +221,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
 
     ``manifest``: the shard manifest :func:`check_data` verified; ``feature_cache``: a feature
     cache manifest verified by the sweep's driver (taken when it is this config's entry)."""
-    from mmdist.data.pipeline import build_datasets, load_tokenizer  # loads Ray: not --help
+    from mmdist.data.pipeline import build_datasets  # loads Ray: not --help
+    from mmdist.data.shard_batches import load_tokenizer
     from mmdist.models.feature_build import feature_cache_for
 
     tok = load_tokenizer(data_dir)

@@ -12,15 +12,10 @@ import ray
 import torch
 
 from mmdist.config import load_config
-from mmdist.data.pipeline import (
-    ShardBatches,
-    build_datasets,
-    iter_train_batches,
-    load_tokenizer,
-    shard_dataloader,
-)
+from mmdist.data.pipeline import build_datasets, iter_train_batches
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.schema import BATCH_KEYS
+from mmdist.data.shard_batches import ShardBatches, load_tokenizer, shard_dataloader
 from mmdist.data.shards import ManifestError
 from mmdist.data.torch_batches import iter_torch
 

@@ -14,8 +14,8 @@ import torch
 
 from mmdist.config import load_config
 from mmdist.data import prepare
-from mmdist.data.pipeline import load_tokenizer
 from mmdist.data.prepare import convert
+from mmdist.data.shard_batches import load_tokenizer
 from mmdist.data.synthetic_video import generate_clip
 from mmdist.data.video import VideoSpec, write_video
 from mmdist.data.video_sources import VideoCsvSource

@@ -7,8 +7,8 @@ import json
 from mmdist.bench.ingest import time_dataloader
 from mmdist.bench.realistic_shards import video_shards
 from mmdist.config import load_config
-from mmdist.data.pipeline import shard_dataloader
 from mmdist.data.preprocess import PreprocessSpec
+from mmdist.data.shard_batches import shard_dataloader
 
 
 def test_video_shards_are_written_once_and_read_as_frames(tmp_path, monkeypatch):
