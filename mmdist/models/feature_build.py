@@ -2,8 +2,10 @@
 
 A Ray Data stage, ``read_parquet(source shards) -> map_batches(FeatureEncoder)`` on an actor
 pool (each actor loads the frozen backbones once; one GPU per actor when the cluster has GPUs,
-fractions of the CPUs otherwise), whose output the driver writes as Parquet feature shards of
-``data.shard_rows`` rows with their sha256 in ``cache_manifest.json``.
+fractions of the CPUs otherwise), whose output the driver writes as Parquet feature shards with their sha256 in
+``cache_manifest.json``: one feature shard per source shard, the same rows in the same order
+(Ray Data keeps the order here), so a run reading the cache sees the blocks, and so the
+batches, that it would see reading the source shards.
 
     cache = feature_cache_for(cfg, data_dir)   # None, or the entry's verified manifest
     datasets = build_datasets(data_dir, cfg, cache)
@@ -120,6 +122,7 @@ def build_entry(plan: CachePlan, cfg: Config) -> dict[str, Any]:
         paths = shard_paths(plan.data_dir, source, split)
         if not paths:
             continue
+        rows_per_file = [s["rows"] for s in source["shards"] if s["split"] == split]
         ds = ray.data.read_parquet(paths, override_num_blocks=len(paths),
                                    num_cpus=cfg.data.cpus_per_task)
         ds = ds.map_batches(
@@ -130,7 +133,8 @@ def build_entry(plan: CachePlan, cfg: Config) -> dict[str, Any]:
                                    "tokenizer_dir": str(Path(plan.data_dir) / source.get(
                                        "tokenizer", "tokenizer"))}, **res)
         ds.context.enable_progress_bars = False
-        files += _write_split(ds, plan, split, cfg.data.shard_rows, shapes)
+        ds.context.execution_options.preserve_order = True
+        files += _write_split(ds, plan, split, paths, rows_per_file, shapes)
     rows = sum(f["rows"] for f in files)
     manifest = {"format": FORMAT, "key": plan.key, "parts": plan.parts,
                 "modalities": list(plan.modalities), "source": str(plan.data_dir),
@@ -143,34 +147,36 @@ def build_entry(plan: CachePlan, cfg: Config) -> dict[str, Any]:
     return manifest
 
 
-def _write_split(ds: Any, plan: CachePlan, split: str, shard_rows: int,
-                 shapes: dict[str, list[int]]) -> list[dict[str, Any]]:
+def _write_split(ds: Any, plan: CachePlan, split: str, paths: list[str],
+                 rows_per_file: list[int], shapes: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Write the encoded rows of ``split`` (in source order) as one feature shard per source
+    shard: ``rows_per_file[i]`` rows under ``paths[i]``'s file name (empty shards have none)."""
     out_dir = plan.entry / split
     out_dir.mkdir(parents=True, exist_ok=True)
-    files, held, n = [], [], 0
-
-    def flush() -> None:
-        nonlocal held, n
-        table = pa.concat_tables(held)
-        for m in plan.modalities:
-            shapes[m] = [int(x) for x in table.column(f"{m}_shape")[0].as_py().split(",")]
-        table = table.drop_columns([f"{m}_shape" for m in plan.modalities])
-        path = out_dir / f"part-{len(files):05d}.parquet"
-        pq.write_table(table, path)
-        files.append({"path": f"{split}/{path.name}", "split": split, "rows": table.num_rows,
-                      "sha256": sha256_file(path)})
-        held, n = [], 0
-
+    todo = [(Path(p).name, r) for p, r in zip(paths, rows_per_file, strict=True) if r > 0]
+    files: list[dict[str, Any]] = []
+    held: list[pa.Table] = []
+    n = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         held.append(batch)
         n += batch.num_rows
-        if n >= shard_rows:
-            flush()
-    if held:
-        flush()
+        while len(files) < len(todo) and n >= todo[len(files)][1]:
+            name, want = todo[len(files)]
+            table = pa.concat_tables(held)
+            rest = table.slice(want)
+            held, n = ([rest] if rest.num_rows else []), rest.num_rows
+            table = table.slice(0, want)
+            for m in plan.modalities:
+                shapes[m] = [int(x) for x in table.column(f"{m}_shape")[0].as_py().split(",")]
+            path = out_dir / name
+            pq.write_table(table.drop_columns([f"{m}_shape" for m in plan.modalities]), path)
+            files.append({"path": f"{split}/{name}", "split": split, "rows": want,
+                          "sha256": sha256_file(path)})
+    if n or len(files) != len(todo):
+        raise RuntimeError(f"feature cache {plan.key}: the encoders returned "
+                           f"{sum(f['rows'] for f in files) + n} {split} rows for the "
+                           f"{sum(rows_per_file)} rows of {len(paths)} source shards")
     return files
-
-
 
 
 def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
@@ -195,15 +201,17 @@ def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
 
 
 def feature_cache_for(cfg: Config, data_dir: str | Path, log=print,
-                      verified: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                      verified_entry: str | None = None) -> dict[str, Any] | None:
     """What a run reads instead of raw media: None (``data.feature_cache=off``, or nothing
     frozen to cache), else the entry's verified manifest (built on first use) with its
-    ``entry`` directory. ``verified``: what this function returned to the sweep's driver,
-    taken as it is when it is this config's entry (each trial would hash every feature shard
-    again). Raises what ``cache_plan`` and :func:`ensure_cache` raise."""
+    ``entry`` directory. ``verified_entry``: the entry the sweep's driver verified moments
+    before; when it is this config's entry its manifest is read, not every shard hashed again
+    (each trial would). Raises what ``cache_plan`` and :func:`ensure_cache` raise."""
     plan = cache_plan(cfg, data_dir, log=lambda s: log(s, flush=True))
     if plan is None:
         return None
-    if verified is not None and verified.get("entry") == str(plan.entry):
-        return verified
+    if verified_entry == str(plan.entry):
+        manifest = read_cache_manifest(plan.entry)
+        if manifest is not None:
+            return {**manifest, "entry": str(plan.entry)}
     return ensure_cache(plan, cfg, log)

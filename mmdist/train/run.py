@@ -215,16 +215,18 @@ def _ordered():
 
 
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
-                run_id: str | None, manifest: dict[str, Any],
-                feature_cache: dict[str, Any] | None = None) -> tuple[Job, dict]:
+                run_id: str | None, manifest: dict[str, Any] | None,
+                feature_cache_entry: str | None = None) -> tuple[Job, dict]:
     """What every worker needs beyond the config, and the Ray Datasets.
 
-    ``manifest``: the shard manifest :func:`check_data` verified; ``feature_cache``: a feature
-    cache manifest verified by the sweep's driver (taken when it is this config's entry)."""
+    ``manifest``: the shard manifest :func:`check_data` verified (None: verify it here);
+    ``feature_cache_entry``: a feature-cache entry the sweep's driver verified (taken without
+    hashing its shards again when it is this config's entry)."""
     from mmdist.data.pipeline import build_datasets  # loads Ray: not --help
     from mmdist.data.shard_batches import load_tokenizer
     from mmdist.models.feature_build import feature_cache_for
 
+    manifest = manifest or verify_manifest(data_dir)
     tok = load_tokenizer(data_dir)
     job = Job(data_dir=str(data_dir), train_rows=int(manifest["counts"]["train_rows"]),
               vocab=tok.model_vocab(), run_name=run_name,
@@ -234,7 +236,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     # model.init_from, downloaded once per run (each sweep trial is a run of its own)
     job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     # frozen encoders' outputs, computed once per key (data.feature_cache), else raw media
-    cache = feature_cache_for(cfg, data_dir, verified=feature_cache)
+    cache = feature_cache_for(cfg, data_dir, verified_entry=feature_cache_entry)
     return job, build_datasets(data_dir, cfg, cache, manifest=manifest)
 
 

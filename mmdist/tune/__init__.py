@@ -154,7 +154,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     if resume and not tune.Tuner.can_restore(str(Path(storage) / name / "tune")):
         raise CommandError(f"--resume {name}: no sweep of that name under {storage}")
     data_dir = ensure_data(cfg, data_cache)
-    manifest = check_data(data_dir)  # verified once here: the trials take it as it is
+    manifest = check_data(data_dir)  # verified once here: the trials read it, unhashed
     cfg = with_data_defaults(cfg, manifest)
     metric, mode = cfg.primary_metric, cfg.metric_mode
     init_ray(address, num_cpus, dashboard=True)
@@ -181,7 +181,10 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     tune_space = to_tune_space(space, cfg.tune.search, points)
     tune_space["_sweep"] = {"cfg": cfg.to_dict(), "name": name, "tracking_uri": uri,
                             "parent_run_id": parent, "data_dir": str(data_dir),
-                            "manifest": manifest, "feature_cache": feature_cache,
+                            # verified above; the trials read these files without hashing
+                            # them again (the files, not their contents, go in Tune's state)
+                            "data_verified": True,
+                            "feature_cache_entry": feature_cache and feature_cache["entry"],
                             "storage": storage, "report_dir": str(report_dir)}
     scheduler = (ASHAScheduler(grace_period=cfg.tune.grace_period,
                                reduction_factor=cfg.tune.reduction_factor, max_t=10**6)

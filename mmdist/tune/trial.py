@@ -9,6 +9,7 @@ from typing import Any
 
 from mmdist import tracking
 from mmdist.config import Config
+from mmdist.data.shards import read_manifest
 from mmdist.train.retry import fit_with_retries
 from mmdist.train.run import build_trainer, prepare_job
 from mmdist.tune.space import refusal, trial_overrides
@@ -83,8 +84,12 @@ def trial_fn(config: dict[str, Any]) -> None:
                                         parent_run_id=sweep["parent_run_id"])
     tracking.log_params(uri, run_id, {**cfg.flat(), **{f"trial.{k}": v
                                                        for k, v in overrides.items()}})
-    job, datasets = prepare_job(cfg, Path(sweep["data_dir"]), trial_name, uri, run_id,
-                                sweep["manifest"], sweep["feature_cache"])
+    data_dir = Path(sweep["data_dir"])
+    # the driver verified the shards and the feature cache entry before the trials; a sweep
+    # started before it passed that on (resumed with --resume) verifies them here
+    job, datasets = prepare_job(cfg, data_dir, trial_name, uri, run_id,
+                                read_manifest(data_dir) if sweep.get("data_verified") else None,
+                                sweep.get("feature_cache_entry"))
     result = fit_with_retries(  # the retry rule of `mmdist train`, per trial
         lambda: build_trainer(cfg, job, datasets, trial_name, sweep["storage"],
                               callbacks=[_val_report_callback()]),

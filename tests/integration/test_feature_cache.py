@@ -10,14 +10,15 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from mlflow import MlflowClient
 
 from mmdist.cli import main
 from mmdist.config import load_config
 from mmdist.data.feature_cache import cache_root, list_entries, verify_cache
-from mmdist.data.shards import ManifestError
+from mmdist.data.shards import ManifestError, read_manifest
 from mmdist.models.feature_build import BUILDS_LOG, feature_cache_for
 from mmdist.train.cache_cmd import build
-from mmdist.train.run import ensure_data
+from mmdist.train.run import ensure_data, train
 from mmdist.tune import sweep
 
 
@@ -69,7 +70,7 @@ def test_built_once_then_reused_by_a_run_and_every_sweep_trial(ray_local, setup,
         feature_cache_for(cfg, data)
     with pytest.raises(ManifestError, match=f"feature shard {shard}: sha256"):
         # what a sweep's driver verified is taken only for its own entry
-        feature_cache_for(cfg, data, verified={**manifest, "entry": str(root / "other")})
+        feature_cache_for(cfg, data, verified_entry=str(root / "other"))
 
     # `mmdist cache ls` shows it with its size; `rm` removes it
     assert main(["cache", "ls", "--root", str(root)]) == 0  # no --json: it stops Ray
@@ -80,3 +81,26 @@ def test_built_once_then_reused_by_a_run_and_every_sweep_trial(ray_local, setup,
     assert main(["cache", "rm", built["key"], "--root", str(root)]) == 0
     assert list_entries(root) == []
     assert main(["cache", "rm", "nope", "--root", str(root)]) == 1
+
+
+def test_a_cached_run_trains_exactly_as_the_live_run(ray_local, setup, tmp_path):
+    """The feature cache mirrors the source shards (one feature shard per source shard, its rows
+    in the same order), so a run reading it gets the batches of a run reading the raw media, in
+    the same order: the same train loss at every step, through Ray Data and Ray Train."""
+    cfg, data = setup
+    cfg = cfg.override({"train.storage_path": str(tmp_path / "runs"), "train.num_workers": 1,
+                        "train.max_steps": 8, "train.log_every": 1, "train.eval_every": 8,
+                        "train.checkpoint_every": 8})
+    cached = train(cfg)
+    live = train(cfg.override({"data.feature_cache": "off"}))
+    (entry,) = list_entries(cache_root(cfg))
+    manifest = verify_cache(cache_root(cfg) / entry["key"])
+    source = read_manifest(data)
+    assert ([(f["path"], f["rows"]) for f in manifest["files"]]
+            == [(s["path"], s["rows"]) for s in source["shards"]])
+    uri = cfg.tracking.tracking_uri
+    losses = {name: [m.value for m in sorted(
+        MlflowClient(uri).get_metric_history(s["run_id"], "train_loss"), key=lambda m: m.step)]
+        for name, s in (("cached", cached), ("live", live))}
+    assert len(losses["live"]) == 8
+    assert losses["cached"] == pytest.approx(losses["live"], rel=1e-4, abs=1e-5)
