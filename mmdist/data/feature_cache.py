@@ -41,7 +41,8 @@ from mmdist.data.shards import ManifestError, read_manifest, sha256_file
 if TYPE_CHECKING:
     from mmdist.config import Config
 
-FORMAT = 1  # bump when what is stored changes: every old key becomes a miss
+FORMAT = 2  # bump when what is stored changes: every old key becomes a miss (2: shards
+# mirror the source shards)
 MANIFEST = "cache_manifest.json"
 CACHE_DIR = "feature_cache"
 CACHEABLE = ("text", "image", "audio")

@@ -2,10 +2,10 @@
 
 A Ray Data stage, ``read_parquet(source shards) -> map_batches(FeatureEncoder)`` on an actor
 pool (each actor loads the frozen backbones once; one GPU per actor when the cluster has GPUs,
-fractions of the CPUs otherwise), whose output the driver writes as Parquet feature shards with their sha256 in
-``cache_manifest.json``: one feature shard per source shard, the same rows in the same order
-(Ray Data keeps the order here), so a run reading the cache sees the blocks, and so the
-batches, that it would see reading the source shards.
+fractions of the CPUs otherwise), whose output the driver writes as Parquet feature shards with
+their sha256 in ``cache_manifest.json``: one feature shard per source shard, the same rows in
+the same order (Ray Data keeps the order here), so a run reading the cache sees the blocks, and
+so the batches, that it would see reading the source shards.
 
     cache = feature_cache_for(cfg, data_dir)   # None, or the entry's verified manifest
     datasets = build_datasets(data_dir, cfg, cache)
