@@ -165,7 +165,7 @@ class ModelConfig(Section):
     lora: LoraConfig | None = None  # LoRA on the pretrained LM (and optionally encoders)
     init_from: str | None = None  # start from a registered model: models:/NAME@ALIAS, runs:/...
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each repeated block (models/regional_compile.py)
 
     @model_validator(mode="after")
     def _rules(self, info: ValidationInfo) -> ModelConfig:

@@ -12,6 +12,7 @@ from mmdist.models.activation_checkpointing import enable_activation_checkpointi
 from mmdist.models.adapt import trainable_summary
 from mmdist.models.builder import preload_pretrained
 from mmdist.models.model_files import init_weights
+from mmdist.models.regional_compile import compile_blocks
 from mmdist.models.transformers_init import preload
 from mmdist.train.deepspeed_config import deepspeed_config, precision_problem
 from mmdist.train.optim import build_optimizer
@@ -42,7 +43,8 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     Expects a torch process group (Ray Train's, or one the caller made); DeepSpeed's comm layer
     wraps it. Under ZeRO-3 parameters are partitioned as they are created (``zero.Init``) so a
     model larger than one device fits; ``HfDeepSpeedConfig`` must exist first or transformers
-    skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``;
+    skips its weight init. Applies ``model.activation_checkpointing`` and ``model.compile``
+    (:func:`mmdist.models.regional_compile.compile_blocks`);
     ``init_dir`` (an mmdist model directory, ``model.init_from``) gives the starting weights;
     ``load_universal``: the checkpoint to resume is a universal one (:mod:`mmdist.train.elastic`).
 
@@ -92,6 +94,8 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     optimizer, schedule = build_optimizer(model, cfg, total_steps, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config, dist_init_required=False)
-    if cfg.model.compile:
-        engine.compile()
+    if cfg.model.compile:  # block by block: whole, the LM task loses its gradient
+        blocks = compile_blocks(engine.module)
+        if log:
+            log(f"torch.compile: {len(blocks)} blocks, one by one (regional compilation)")
     return engine
