@@ -10,6 +10,7 @@ screen (mmdist's lines; step lines become the bar on a terminal) and to the log 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -120,6 +122,24 @@ class Console:
         if self._file:
             self._file.close()
             self._file = None
+
+    @contextlib.contextmanager
+    def native_stderr(self) -> Iterator[None]:
+        """Inside: what native code writes to file descriptor 2 (Ray's C++ core worker logs its
+        errors there, e.g. its note on every Ray Data actor pool, Ray issue 53727) goes to the
+        log file too; verbose: left on the screen. Python's own stderr is the log already."""
+        if self.verbose or self._file is None:
+            yield
+            return
+        sys.__stderr__.flush()
+        saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        try:
+            yield
+        finally:
+            self._file.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
     def route_loggers(self) -> None:
         """Library loggers -> the log file only (call again after ``ray.init``, which sets up

@@ -33,7 +33,7 @@ from mmdist.data.feature_cache import (
 )
 from mmdist.data.feature_read import PLACEHOLDER
 from mmdist.data.preprocess import PreprocessSpec, preprocess_batch
-from mmdist.data.shards import sha256_file, shard_paths, verify_manifest
+from mmdist.data.shards import sha256_file, verify_manifest
 
 if TYPE_CHECKING:
     from mmdist.config import Config
@@ -95,34 +95,40 @@ class FeatureEncoder:
 def _resources() -> tuple[dict[str, Any], str, int]:
     """``map_batches`` resources, the device and torch threads of each encoder actor."""
     import ray
+    import ray.data
 
     total = ray.cluster_resources()
     gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 1))
     if gpus:
-        return {"num_gpus": 1, "num_cpus": 1, "concurrency": (1, gpus)}, "cuda", 4
+        return ({"num_gpus": 1, "num_cpus": 1,
+                 "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=gpus)}, "cuda", 4)
     n = max(1, round(cpus - 0.5))  # beside the read tasks (0.5 CPU each)
     per = max(0.25, (cpus - 0.5) / n)
-    return {"num_cpus": per, "concurrency": (1, n)}, "cpu", max(1, int(per))
+    return ({"num_cpus": per, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=n)},
+            "cpu", max(1, int(per)))
 
 
-def build_entry(plan: CachePlan, cfg: Config) -> dict[str, Any]:
-    """Run the frozen encoders over every split of ``plan.data_dir`` into ``plan.entry``."""
+def build_entry(plan: CachePlan, cfg: Config, source: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Run the frozen encoders over every split of ``plan.data_dir`` into ``plan.entry``.
+    ``source``: the shard manifest the caller verified (None: verify it here)."""
     import ray.data
 
     from mmdist.data.pipeline import audio_dir
 
     t0 = time.time()
-    source = verify_manifest(plan.data_dir)
+    source = source or verify_manifest(plan.data_dir)
     spec = PreprocessSpec.from_config(cfg.data, augment=False, audio_features=audio_dir(cfg))
     res, device, threads = _resources()
     plan.entry.mkdir(parents=True, exist_ok=True)
     files: list[dict[str, Any]] = []
     shapes: dict[str, list[int]] = {}
     for split in ("train", "val"):
-        paths = shard_paths(plan.data_dir, source, split)
-        if not paths:
+        shards = [s for s in source["shards"] if s["split"] == split]
+        if not shards:
             continue
-        rows_per_file = [s["rows"] for s in source["shards"] if s["split"] == split]
+        paths = [str(Path(plan.data_dir) / s["path"]) for s in shards]
+        rows_per_file = [s["rows"] for s in shards]
         ds = ray.data.read_parquet(paths, override_num_blocks=len(paths),
                                    num_cpus=cfg.data.cpus_per_task)
         ds = ds.map_batches(
@@ -179,8 +185,10 @@ def _write_split(ds: Any, plan: CachePlan, split: str, paths: list[str],
     return files
 
 
-def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
-    """The verified manifest of the plan's entry, built first when there is none.
+def ensure_cache(plan: CachePlan, cfg: Config, log=print,
+                 source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The verified manifest of the plan's entry, built first when there is none (from the
+    shards of ``source``, the shard manifest the caller verified; None: verified here).
 
     Raises:
         ManifestError: the entry exists but a shard changed (see ``verify_cache``).
@@ -189,7 +197,7 @@ def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
         if read_cache_manifest(plan.entry) is None:
             shutil.rmtree(plan.entry, ignore_errors=True)  # an unfinished build's files
             t0 = time.perf_counter()
-            manifest = build_entry(plan, cfg)
+            manifest = build_entry(plan, cfg, source)
             log(f"[mmdist] feature cache {plan.key}: built {manifest['rows']} rows of "
                 f"{', '.join(plan.modalities)} in {time.perf_counter() - t0:.1f} s "
                 f"({plan.entry})", flush=True)
@@ -201,12 +209,15 @@ def ensure_cache(plan: CachePlan, cfg: Config, log=print) -> dict[str, Any]:
 
 
 def feature_cache_for(cfg: Config, data_dir: str | Path, log=print,
-                      verified_entry: str | None = None) -> dict[str, Any] | None:
+                      verified_entry: str | None = None,
+                      source: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """What a run reads instead of raw media: None (``data.feature_cache=off``, or nothing
     frozen to cache), else the entry's verified manifest (built on first use) with its
     ``entry`` directory. ``verified_entry``: the entry the sweep's driver verified moments
     before; when it is this config's entry its manifest is read, not every shard hashed again
-    (each trial would). Raises what ``cache_plan`` and :func:`ensure_cache` raise."""
+    (each trial would). ``source``: the shard manifest the caller verified (a build reads
+    its shards without hashing them again). Raises what ``cache_plan`` and
+    :func:`ensure_cache` raise."""
     plan = cache_plan(cfg, data_dir, log=lambda s: log(s, flush=True))
     if plan is None:
         return None
@@ -214,4 +225,4 @@ def feature_cache_for(cfg: Config, data_dir: str | Path, log=print,
         manifest = read_cache_manifest(plan.entry)
         if manifest is not None:
             return {**manifest, "entry": str(plan.entry)}
-    return ensure_cache(plan, cfg, log)
+    return ensure_cache(plan, cfg, log, source)

@@ -11,19 +11,25 @@ Training, evaluation and sweep trials build the entry of their key on first use 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from mmdist.config import load_config
+from mmdist.console import Console
 from mmdist.data.feature_cache import CACHE_DIR, cache_root, list_entries, remove_entries
-from mmdist.data.shards import read_manifest
 from mmdist.errors import CommandError
+from mmdist.ray_env import release_ray
+
+# where `cache build` writes Ray's, Ray Data's and the encoders' own output (in the cache folder)
+BUILD_LOG = "build.log"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("build", "ls", "rm"),
-                        help="build: compute the entry of --config's key (data.feature_cache "
-                             "require unless set); ls: list entries and sizes; rm: remove entries")
+                        help="build: compute the entry of --config's key (as "
+                             "data.feature_cache=require unless the config sets it); ls: list "
+                             "entries and sizes; rm: remove entries")
     parser.add_argument("keys", nargs="*", metavar="KEY_OR_OVERRIDE",
                         help="rm: entry keys (as `ls` prints them); build: KEY=VALUE config "
                              "overrides")
@@ -38,6 +44,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "Ray)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="build: logical CPUs of a local Ray started here (default: all)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="build: show Ray's and the encoders' own output as Ray prints it "
+                             f"(default: in <cache folder>/{BUILD_LOG})")
 
 
 def _human(n: int) -> str:
@@ -72,11 +81,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"removed {e['key']} ({_human(e['bytes'])})")
         return {"root": str(root), "removed": [e["key"] for e in removed],
                 "bytes": sum(e["bytes"] for e in removed)}
-    return build(cfg, args.address, args.num_cpus)
+    with Console(root / BUILD_LOG, verbose=args.verbose) as console:
+        summary = build(cfg, args.address, args.num_cpus, console)
+        release_ray()
+    if not args.verbose:
+        print(f"[mmdist] Ray's and the encoders' own output: {root / BUILD_LOG}", flush=True)
+    return {**summary, "log_file": str(root / BUILD_LOG)}
 
 
-def build(cfg: Any, address: str | None, num_cpus: int | None) -> dict[str, Any]:
-    """Build (or verify) the entry of ``cfg``'s key; the summary of `cache build`."""
+def build(cfg: Any, address: str | None, num_cpus: int | None,
+          console: Console | None = None) -> dict[str, Any]:
+    """Build (or verify) the entry of ``cfg``'s key; the summary of `cache build`.
+    ``console`` (the CLI's) sorts what Ray forwards from the encoder actors."""
     from mmdist.models.feature_build import feature_cache_for  # Ray, torch: not for --help
     from mmdist.ray_env import init_ray
     from mmdist.train.run import check_data, ensure_data
@@ -85,10 +101,13 @@ def build(cfg: Any, address: str | None, num_cpus: int | None) -> dict[str, Any]
     if cfg.data.feature_cache == "off":
         cfg = cfg.override({"data.feature_cache": "require"})
     data_dir = ensure_data(cfg)
-    check_data(data_dir, cfg)
-    cfg = with_data_defaults(cfg, read_manifest(data_dir))
+    manifest = check_data(data_dir, cfg)  # verified here: the build reads it, unhashed
+    cfg = with_data_defaults(cfg, manifest)
     init_ray(address, num_cpus)
-    cache = feature_cache_for(cfg, data_dir)
+    if console:
+        console.attach_ray()
+    with console.native_stderr() if console else contextlib.nullcontext():
+        cache = feature_cache_for(cfg, data_dir, source=manifest)
     if cache is None:
         raise CommandError("nothing to cache: no frozen pretrained encoder in this config")
     return {"key": cache["key"], "entry": cache["entry"], "rows": cache["rows"],

@@ -237,7 +237,8 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     # model.init_from, downloaded once per run (each sweep trial is a run of its own)
     job = dataclasses.replace(job, init_dir=init_from_dir(cfg, uri, Path(job.storage)))
     # frozen encoders' outputs, computed once per key (data.feature_cache), else raw media
-    cache = feature_cache_for(cfg, data_dir, verified_entry=feature_cache_entry)
+    cache = feature_cache_for(cfg, data_dir, verified_entry=feature_cache_entry,
+                              source=manifest)
     return job, build_datasets(data_dir, cfg, cache, manifest=manifest)
 
 

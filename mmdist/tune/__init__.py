@@ -163,7 +163,7 @@ def sweep(cfg: Config, space_args: list[str] | None = None, name: str | None = N
     from mmdist.models.feature_build import feature_cache_for  # torch: not for --help
 
     # frozen encoders' outputs: built (or verified) once, before the trials
-    feature_cache = feature_cache_for(cfg, data_dir)
+    feature_cache = feature_cache_for(cfg, data_dir, source=manifest)
     uri = tracking.tracking_uri(cfg)
     parent = tracking.get_or_create_run(uri, cfg.tracking.experiment, name,
                                         tags={"mmdist.sweep": "true"})

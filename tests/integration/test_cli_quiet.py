@@ -31,3 +31,22 @@ def test_train_default_path_is_quiet_and_logs_the_libraries(tmp_path):
     assert f"log          {log}" in r.stdout
     text = log.read_text()
     assert "Setting accelerator to CPU" in text and "RayTrainWorker" in text, text[-2000:]
+
+
+def test_cache_build_default_path_is_quiet_and_logs_the_libraries(tmp_path, pretrained_dirs):
+    """`mmdist cache build` with a frozen pretrained encoder: mmdist's lines on the screen, Ray
+    Data's plan and the encoder actors' output in <cache folder>/build.log."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "cache", "build", "--config", "tiny",
+                        f"model.image_pretrained={pretrained_dirs['@clip']}",
+                        "model.freeze=[image_encoder]", "data.synthetic_samples=64"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in (*NOISE, "MapWorker", "FeatureEncoder", "Execution plan", "deprecated"):
+        assert noise not in r.stdout and noise not in r.stderr, (noise, r.stdout, r.stderr)
+    log = tmp_path / "runs" / "feature_cache" / "build.log"
+    assert "feature cache" in r.stdout and "built 64 rows of image" in r.stdout, r.stdout
+    assert f"own output: {log}" in r.stdout, r.stdout
+    assert "FeatureEncoder" in log.read_text()  # Ray Data's plan, in the log
