@@ -25,7 +25,10 @@ Definitions:
 
 * FLOPs: ``mmdist.models.accounting.flops_per_sample`` (analytic, matrix multiplies and
   attention scores, training = 3 x forward), on padded lengths: FLOPs spent on padding count,
-  as the device executes them.
+  as the device executes them. A model with pretrained parts (``model.*_pretrained``: their
+  shapes are in their directories) has its FLOPs counted instead, by torch's
+  ``FlopCounterMode`` over the first step (the same operations, forward and backward as run:
+  a frozen part's backward is not counted); ``flops_source`` says which.
 * tokens per sample: the positions the model runs on: ``data.max_text_len`` text positions
   (padded; the text encoder and/or the decoder run on all of them) plus the image tokens and
   audio tokens the image/audio encoders hand to fusion (measured with hooks on the first
@@ -244,7 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(data_dir)
     vocab = tokenizer.model_vocab()
     data_s = time.perf_counter() - t0
-    flops = flops_per_sample(cfg, vocab["vocab_size"])
+    try:
+        flops: float | None = flops_per_sample(cfg, vocab["vocab_size"])
+        flops_source = "analytic fwd+bwd"
+    except ValueError:  # pretrained parts: their shapes are in their directories
+        flops, flops_source = None, "counted on the first step (FlopCounterMode), fwd+bwd"
 
     with single_process_group(device):
         t0 = time.perf_counter()
@@ -254,8 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         has_decoder = any(task_class(t).uses_decoder(m)
                           for t in task_class(m.task).components(m))
+        decoder = (f"{m.decoder_pretrained} (pretrained)" if m.decoder_pretrained else m.decoder)
         print(f"[bench mfu] config={args.config} task={m.task} size={m.size} "
-              f"decoder={m.decoder if has_decoder else '-'} "
+              f"decoder={decoder if has_decoder else '-'} "
               f"params={params / 1e6:.2f}M vocab={vocab['vocab_size']} batch={b} "
               f"zero={t.zero_stage} precision={t.precision} device={device_name} "
               f"compile={m.compile} activation_checkpointing={m.activation_checkpointing}; "
@@ -276,8 +284,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  d.image_size, d.n_mels, frames, m.num_classes,
                                                  seed=i, device=str(device))
                                     for i in range(DISTINCT_SYNTHETIC_BATCHES)])
-        # The first step (eager, hooks on the encoders) measures tokens per sample.
-        tokens = count_tokens(engine, step, next(synthetic), cfg)
+        # The first step (eager, hooks on the encoders) measures tokens per sample, and the
+        # FLOPs where no analytic count covers the model: torch counts the same operations
+        # (matrix multiplies, convolutions, attention) as they run, forward and backward.
+        if flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                tokens = count_tokens(engine, step, next(synthetic), cfg)
+            flops = counter.get_total_flops() / b
+        else:
+            tokens = count_tokens(engine, step, next(synthetic), cfg)
         if m.compile:  # as training compiles it: block by block
             from mmdist.models.regional_compile import compile_blocks
 
@@ -304,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"real preprocessing   : {real_s * 1e3:.1f} ms/step  {b / real_s:.1f} samples/s  "
           f"(DataLoader, {workers} worker(s), {data_dir})")
     print(f"achieved             : {achieved / 1e12:.4g} TFLOP/s  "
-          f"({flops / 1e9:.4g} GFLOP/sample, analytic fwd+bwd)")
+          f"({flops / 1e9:.4g} GFLOP/sample, {flops_source})")
     if mfu is None:
         print(f"MFU                  : n/a: {peak_source}")
     else:
@@ -317,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": samples_per_s * tokens_per_sample, "samples_per_s": samples_per_s,
         "tflops": achieved / 1e12, "mfu": mfu, "peak_tflops": peak_tflops,
         "device": device_name, "peak_memory_bytes": peak_mem, "data_stall_ratio": stall,
-        "params": params, "flops_per_sample": flops,
+        "params": params, "flops_per_sample": flops, "flops_source": flops_source,
         "tokens_per_sample": tokens_per_sample, "tokens_by_modality": tokens,
         "step_s": step_s, "real_step_s": real_s, "real_samples_per_s": b / real_s,
         "peak_source": peak_source, "peak_memory_kind": mem_kind, "batch_size": b,
