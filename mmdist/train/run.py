@@ -12,7 +12,6 @@ import json
 import shutil
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -298,16 +297,15 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     mark("ray_init")
 
     uri = tracking.tracking_uri(cfg)
-    # the MLflow run is opened (MLflow's import, the store, the params) while Ray Data plans the
-    # datasets: the planning mostly waits on Ray's tasks, the MLflow side on its own imports
-    with ThreadPoolExecutor(1, thread_name_prefix="mmdist-mlflow") as pool:
-        opened = pool.submit(_open_mlflow_run, uri, cfg, run_name)
-        job, datasets = prepare_job(cfg, data_dir, run_name, uri, None, manifest)
-        mark("datasets")
-        run_id = opened.result()
-    mark("mlflow_run")  # what the MLflow run took beyond the datasets, beside them
-    job = dataclasses.replace(job, mlflow_run_id=run_id)
+    run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
+    resolved = cfg.resolve()
+    tracking.log_params(uri, run_id, {
+        **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
+        "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
+    mark("mlflow_run")
+    job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id, manifest)
+    mark("datasets")
     job = dataclasses.replace(job, started_at=phases.pop("_start"), driver_phases=phases)
     try:
         result = fit_with_retries(
@@ -350,18 +348,6 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data_dir": str(data_dir),
     }
-
-
-def _open_mlflow_run(uri: str, cfg: Config, run_name: str) -> str:
-    """The id of the run's MLflow run (created, or the same-named run a resume continues),
-    every setting logged as a param."""
-    from mmdist import tracking  # heavy (MLflow)
-
-    run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
-    tracking.log_params(uri, run_id, {
-        **cfg.flat(), **{f"derived.{k}": v for k, v in cfg.resolve().items()},
-        "deepspeed_config": json.dumps(deepspeed_config(cfg))})
-    return run_id
 
 
 def _phase_clock(started_at: float | None = None) -> tuple[dict[str, float], Any]:
