@@ -10,7 +10,6 @@ screen (mmdist's lines; step lines become the bar on a terminal) and to the log 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -81,6 +79,7 @@ class Console:
         self._attached = False
         self._tenth = -1  # the last tenth of the run a step line was shown for (no terminal)
         self._stderr: TextIO | None = None
+        self._fd2: int | None = None  # the screen's file descriptor 2, while it points here
         self._env: dict[str, str | None] = {}
 
     # -- set-up and tear-down -------------------------------------------------------------
@@ -96,6 +95,11 @@ class Console:
             # what libraries print to stderr themselves (MLflow's registration notes, Ray
             # Data's and MLflow's download bars, warnings) and loggers made from now on
             self._stderr, sys.stderr = sys.stderr, self._file
+            # and what native code writes to file descriptor 2: Ray's C++ core worker logs
+            # its errors there, e.g. its note on every Ray Data actor pool (Ray issue 53727)
+            sys.__stderr__.flush()
+            self._fd2 = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
             for key, value in QUIET_ENV.items():
                 self._env[key] = os.environ.get(key)
                 os.environ[key] = value
@@ -107,6 +111,11 @@ class Console:
         self.detach_ray()
         if self._stderr is not None:
             sys.stderr, self._stderr = self._stderr, None
+        if self._fd2 is not None:
+            self._file.flush()
+            os.dup2(self._fd2, 2)
+            os.close(self._fd2)
+            self._fd2 = None
         for key, value in self._env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -122,24 +131,6 @@ class Console:
         if self._file:
             self._file.close()
             self._file = None
-
-    @contextlib.contextmanager
-    def native_stderr(self) -> Iterator[None]:
-        """Inside: what native code writes to file descriptor 2 (Ray's C++ core worker logs its
-        errors there, e.g. its note on every Ray Data actor pool, Ray issue 53727) goes to the
-        log file too; verbose: left on the screen. Python's own stderr is the log already."""
-        if self.verbose or self._file is None:
-            yield
-            return
-        sys.__stderr__.flush()
-        saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        try:
-            yield
-        finally:
-            self._file.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
     def route_loggers(self) -> None:
         """Library loggers -> the log file only (call again after ``ray.init``, which sets up

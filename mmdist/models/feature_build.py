@@ -94,7 +94,6 @@ class FeatureEncoder:
 
 def _resources() -> tuple[dict[str, Any], str, int]:
     """``map_batches`` resources, the device and torch threads of each encoder actor."""
-    import ray
     import ray.data
 
     total = ray.cluster_resources()

@@ -2,10 +2,10 @@
 compilation), the way torchtune and the PyTorch regional-compilation recipe do it.
 
 The blocks are the members of the outermost ``nn.ModuleList`` of every part: the decoder's
-layers (gpt2 / llama, mmdist's or Hugging Face's), a transformer encoder's layers, the fusion
-trunk. They hold almost all of a step's FLOPs and its element-wise kernels (norms,
-activations, residual adds), which is what compiling fuses; what lies between them (embedding,
-the fusion glue, the heads and losses) stays eager. Identical blocks share one compiled graph.
+layers (``tasks.lm.decoder.lm.transformer.h`` for gpt2), a BERT encoder's layers, the fusion
+blocks and trunk. A transformer's matrix multiplies and element-wise kernels (norms,
+activations, residual adds: what compiling fuses) are in them; what lies between them
+(embeddings, the fusion glue, the heads and losses) stays eager.
 
 Compiling the whole model instead loses the gradient of the LM task's loss: torch 2.15's
 inductor returns a loss without ``grad_fn`` on CPU and torch 2.11's fails in the first backward

@@ -11,7 +11,6 @@ Training, evaluation and sweep trials build the entry of their key on first use 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +105,7 @@ def build(cfg: Any, address: str | None, num_cpus: int | None,
     init_ray(address, num_cpus)
     if console:
         console.attach_ray()
-    with console.native_stderr() if console else contextlib.nullcontext():
-        cache = feature_cache_for(cfg, data_dir, source=manifest)
+    cache = feature_cache_for(cfg, data_dir, source=manifest)
     if cache is None:
         raise CommandError("nothing to cache: no frozen pretrained encoder in this config")
     return {"key": cache["key"], "entry": cache["entry"], "rows": cache["rows"],

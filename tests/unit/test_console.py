@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 
 from mmdist.console import Console, parse_step, step_line
 
@@ -75,3 +76,14 @@ def test_the_sweep_callback_pickles_without_its_console(tmp_path):
         lines.done = 2
         again = pickle.loads(pickle.dumps(lines))
     assert (again.console, again.done, again.total, again.metric) == (None, 2, 4, "val_accuracy")
+
+
+def test_native_stderr_goes_to_the_log_and_comes_back(tmp_path, capfd):
+    """Native code (Ray's C++ core worker) writes to file descriptor 2, not sys.stderr."""
+    log = tmp_path / "x.log"
+    with Console(log):
+        os.write(2, b"core_worker.cc: a native note\n")
+    os.write(2, b"after the command\n")
+    assert "core_worker.cc: a native note" in log.read_text()
+    err = capfd.readouterr().err
+    assert "a native note" not in err and "after the command" in err
