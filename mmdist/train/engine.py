@@ -21,19 +21,45 @@ from mmdist.train.optim import build_optimizer
 def import_deepspeed():
     """``import deepspeed`` without MLflow: DeepSpeed's autotuner imports MLflow, when it is
     installed, only to log autotuning runs (which mmdist never starts): 1.3-3 s of every
-    worker's start-up. A process that already has MLflow keeps it."""
+    worker's start-up. A process that already has MLflow keeps it. DeepSpeed's Muon module is
+    imported here too, eagerly (:func:`_import_muon_uncompiled`)."""
     import sys
 
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` -> ImportError
-    try:
-        import deepspeed  # heavy: the driver imports this module and never needs DeepSpeed
-    finally:
-        del sys.modules["mlflow"]
+    else:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` -> ImportError
+        try:
+            import deepspeed  # heavy: the driver imports this module and never needs DeepSpeed
+        finally:
+            del sys.modules["mlflow"]
+    _import_muon_uncompiled()
     return deepspeed
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with TorchDynamo off.
+
+    ``deepspeed.initialize`` imports that module whatever the optimizer (ZeRO's optimizer check,
+    ZeRO-3, the bf16 optimizer), and its kernels are decorated with ``torch.compile``, which loads
+    Inductor's compiler at import: 2-4 s of every worker's engine build. mmdist never builds a
+    Muon optimizer (:func:`mmdist.train.optim.build_optimizer`), so its kernels may stay eager;
+    ``TORCHDYNAMO_DISABLE=1`` makes ``torch.compile`` return the function undecorated, and is set
+    only for this import (``model.compile`` compiles the model afterwards).
+    """
+    import os
+
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
