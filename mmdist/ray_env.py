@@ -70,7 +70,10 @@ def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = Fal
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, "0"))
     env.update(env_vars or {})
-    return {"num_cpus": num_cpus, "include_dashboard": dashboard,
+    # address="local": a new Ray, even where `ray start` left its address in
+    # /tmp/ray/ray_current_cluster. ray.init() would join that cluster instead (and refuse
+    # num_cpus), or wait on its dead GCS if it crashed.
+    return {"address": "local", "num_cpus": num_cpus, "include_dashboard": dashboard,
             "dashboard_host": "127.0.0.1", "_node_ip_address": "127.0.0.1",
             "runtime_env": {"env_vars": env,
                             "worker_process_setup_hook": "mmdist.ray_env.pin_ray_address"}}

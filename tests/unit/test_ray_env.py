@@ -2,6 +2,7 @@
 Ray Train still forwarding them from the driver to its controller (where they are read)."""
 
 import os
+from pathlib import Path
 
 from mmdist.ray_env import LOCAL_TRAIN_ENV, local_init_kwargs
 
@@ -33,3 +34,30 @@ def test_local_ray_workers_run_at_the_drivers_priority(monkeypatch):
     assert local_init_kwargs(num_cpus=2)["runtime_env"]["env_vars"][WORKER_NICENESS] == "0"
     monkeypatch.setenv(WORKER_NICENESS, "5")
     assert local_init_kwargs(num_cpus=2)["runtime_env"]["env_vars"][WORKER_NICENESS] == "5"
+
+
+def test_the_local_ray_starts_its_own_beside_a_stale_ray_start_address(tmp_path):
+    """`ray start` writes its address to <ray temp dir>/ray_current_cluster and a crash leaves it
+    there; a plain ray.init() joins that address (and refuses num_cpus) or waits on a dead GCS.
+    The local Ray mmdist starts is always a new one."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths
+    try:
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = ray_tmp
+        r = subprocess.run(
+            [sys.executable, "-c",
+             "import ray\nfrom mmdist.ray_env import init_ray\ninit_ray(num_cpus=1)\n"
+             "print('GCS', ray.get_runtime_context().gcs_address)\nray.shutdown()"],
+            env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gcs = r.stdout.split("GCS ")[1].split()[0]
+        assert gcs != "127.0.0.1:1"  # a Ray of its own, not the address in the file
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
