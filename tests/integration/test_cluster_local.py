@@ -146,6 +146,17 @@ def test_up_is_idempotent_and_the_env_file_names_both_services(cluster):
     assert _read_env_file(cluster.state / "env") == v
 
 
+def test_mlflow_server_runs_without_mlflows_job_consumers(cluster):
+    """The server's process group: the `mlflow server` CLI and its uvicorn worker, not MLflow 3's
+    job runner and its 8 huey consumers (GenAI jobs mmdist never submits)."""
+    pgid = int((cluster.state / "mlflow.pid").read_text())
+    ps = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True)
+    procs = [line.split(None, 1)[1] for line in ps.stdout.splitlines()
+             if line.split(None, 1)[0] == str(pgid)]
+    assert any("uvicorn" in p for p in procs), procs  # the server itself is this group
+    assert not [p for p in procs if "huey" in p or "_job_runner" in p], procs
+
+
 def test_mlflow_server_answers_run_searches(cluster):
     """Every run search of the no-auth server was an HTTP 500 (KeyError: 'mlflow') when up.sh
     pointed MLFLOW_AUTH_CONFIG_PATH at an auth config it had not written."""

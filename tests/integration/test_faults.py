@@ -2,6 +2,7 @@
 checkpoint, never the run; no sample of the epoch is lost; bad losses are skipped, then stop."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -248,7 +249,9 @@ class _MlflowServer:
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT)
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+            # as cluster/local/up.sh starts it: without MLflow's GenAI job consumers
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
