@@ -7,13 +7,17 @@ logged to MLflow against the model version.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from mmdist import tracking
 from mmdist.arguments import add_ray_arguments
-from mmdist.ray_env import init_ray
+from mmdist.console import Console
+from mmdist.ray_env import init_ray, release_ray
 from mmdist.serve.predict import resolve_model_dir
 from mmdist.serve.pull import source_run
+
+LOG_NAME = "evaluate.log"  # in the --cache folder: Ray's, Ray Data's and MLflow's own output
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +37,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-log", action="store_true",
                         help="do not log the metrics to MLflow")
     parser.add_argument("--cache", default=".cache/models", help="where pulled models are kept")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and the libraries' own output as they print it "
+                             f"(default: in <--cache>/{LOG_NAME})")
 
 
 def log_evaluation(tracking_uri: str, model_uri: str, split: str, data: str,
@@ -65,19 +72,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmdist.serve.batch import evaluate_distributed  # loads torch: not for --help
 
     turi = args.tracking_uri or tracking.tracking_uri()
-    model_dir = resolve_model_dir(args.model, turi, args.cache)
-    init_ray(args.address)
-    metrics = evaluate_distributed(model_dir, args.data, args.split, actors=args.actors,
-                                   use_gpu=args.use_gpu)
-    eval_run = None
-    is_uri = args.model.startswith(("models:/", "runs:/"))
-    if is_uri and not args.no_log:
-        eval_run = log_evaluation(turi, args.model, args.split, str(args.data), metrics)
+    log_file = Path(args.cache).resolve() / LOG_NAME
+    with Console(log_file, verbose=args.verbose) as console:
+        model_dir = resolve_model_dir(args.model, turi, args.cache)
+        init_ray(args.address)
+        console.attach_ray()
+        metrics = evaluate_distributed(model_dir, args.data, args.split, actors=args.actors,
+                                       use_gpu=args.use_gpu)
+        eval_run = None
+        is_uri = args.model.startswith(("models:/", "runs:/"))
+        if is_uri and not args.no_log:
+            eval_run = log_evaluation(turi, args.model, args.split, str(args.data), metrics)
+        release_ray()
     if not args.json:
         print(f"{args.model} on {args.data} ({args.split}):")
         for k, v in sorted(metrics.items()):
             print(f"  {k:<16} {v:.4f}")
         if eval_run:
             print(f"logged to MLflow run {eval_run}")
+        if not args.verbose:
+            print(f"Ray's and the libraries' own output: {log_file}")
     return {"ok": True, "model": args.model, "split": args.split, "metrics": metrics,
-            "mlflow_run_id": eval_run}
+            "mlflow_run_id": eval_run, "log_file": str(log_file)}

@@ -50,3 +50,24 @@ def test_cache_build_default_path_is_quiet_and_logs_the_libraries(tmp_path, pret
     assert "feature cache" in r.stdout and "built 64 rows of image" in r.stdout, r.stdout
     assert f"own output: {log}" in r.stdout, r.stdout
     assert "FeatureEncoder" in log.read_text()  # Ray Data's plan, in the log
+
+
+def test_evaluate_default_path_is_quiet_and_logs_the_libraries(tmp_path, trained):
+    """`mmdist evaluate` of a registered model, no optional flag: the metrics and the MLflow
+    run on the screen; Ray's, Ray Data's actor pool's and MLflow's own output in
+    .cache/models/evaluate.log."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["MLFLOW_TRACKING_URI"] = trained["uri"]
+    model = f"models:/zero2-model@{trained['summary']['alias']}"
+    r = subprocess.run([sys.executable, "-m", "mmdist.cli", "evaluate", "--model", model,
+                        "--data", str(trained["data"])],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in (*NOISE, "MapWorker", "core_worker", "Execution plan", "Downloading"):
+        assert noise not in r.stdout and noise not in r.stderr, (noise, r.stdout, r.stderr)
+    assert f"{model} on {trained['data']} (val):" in r.stdout, r.stdout
+    assert "val_accuracy" in r.stdout and "logged to MLflow run" in r.stdout, r.stdout
+    log = tmp_path / ".cache" / "models" / "evaluate.log"
+    assert f"own output: {log}" in r.stdout, r.stdout
+    assert "MapWorker" in log.read_text()  # the actor pool's lines, in the log
