@@ -25,6 +25,7 @@ def import_deepspeed():
     imported here too, eagerly (:func:`_import_muon_uncompiled`)."""
     import sys
 
+    use_environment_ninja()
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
     else:
@@ -35,6 +36,24 @@ def import_deepspeed():
             del sys.modules["mlflow"]
     _import_muon_uncompiled()
     return deepspeed
+
+
+def use_environment_ninja() -> None:
+    """Put this Python environment's ``bin`` first on ``PATH`` when it holds ``ninja``.
+
+    torch builds DeepSpeed's CPU ops with the first ``ninja`` on ``PATH``, and ninja 1.11 (a
+    system package) and 1.13 (the ``ninja`` wheel DeepSpeed depends on) read each other's build
+    log as changed commands: a machine with both rebuilt the shm op (~50 s) every time the
+    other one had last built it: at every ``make setup`` (whose ``PATH`` lacks ``.venv/bin``)
+    after a job on the local cluster (whose ``PATH`` has it), and back.
+    """
+    import os
+    import sys
+
+    env_bin = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(env_bin, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != env_bin:
+        os.environ["PATH"] = os.pathsep.join([env_bin, path]) if path else env_bin
 
 
 def _import_muon_uncompiled() -> None:

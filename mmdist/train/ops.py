@@ -37,7 +37,11 @@ def build_ops() -> dict[str, float]:
 def main() -> None:
     """Build the ops; says what it is doing when that takes more than a moment (the first
     time), and once they are ready. DeepSpeed's own output goes to stderr (the caller's log)."""
+    from mmdist.train.engine import import_deepspeed
+
     screen = sys.stdout  # redirected below, for every thread: the notice goes here
+    with contextlib.redirect_stdout(sys.stderr):
+        import_deepspeed()  # seconds of imports: not what the notice below is about
     notice = threading.Timer(2.0, lambda: print(
         "[mmdist] building DeepSpeed's CPU ops (once per machine; about a minute)",
         file=screen, flush=True))
