@@ -427,7 +427,7 @@ def test_evaluate_on_a_folder_that_is_not_a_shard_set(ray_local, tiny_model, tmp
     args = argparse.Namespace(model=str(tiny_model["dir"]), data=str(tmp_path / "no-shards"),
                               split="val", actors=1, use_gpu=False, address=None,
                               tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", no_log=True,
-                              cache=str(tmp_path / "cache"), json=False)
+                              cache=str(tmp_path / "cache"), json=False, verbose=False)
     rc, out, err = _capture(evaluate, args, capsys)
     assert_clean_error(rc, out, err, "no-shards", "no manifest")
 
