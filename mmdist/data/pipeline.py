@@ -35,6 +35,7 @@ import ray.data
 from mmdist.data import ray_scheduling
 from mmdist.data.preprocess import BatchPreprocessor, PreprocessSpec
 from mmdist.data.shard_batches import load_tokenizer, shard_columns
+from mmdist.data.shard_source import ShardDatasource
 from mmdist.data.shards import shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.data.torch_batches import iter_torch
@@ -59,38 +60,43 @@ def audio_dir(cfg: Config) -> str | None:
     return None
 
 
+def shuffle_buffer_rows(batch_size: int) -> int:
+    """Rows in a training worker's local shuffle buffer (:func:`iter_train_batches`)."""
+    return max(8 * batch_size, 256)
+
+
+def first_batch_rows(batch_size: int) -> int:
+    """Rows a training worker receives before its first batch of an epoch: Ray Data's local
+    shuffle yields nothing until it holds 1.5 buffers and a batch (Ray 2.60's
+    ``ShufflingBatcher``); two buffers cover that."""
+    return 2 * shuffle_buffer_rows(batch_size)
+
+
 def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokenizer,
                   map_batch_size: int = MAP_BATCH_SIZE,
-                  override_num_blocks: int | None = None,
                   cpus_per_task: float = 1.0,
-                  cached: dict[str, list[int]] | None = None) -> ray.data.Dataset:
-    """``read_parquet(paths) -> map_batches(preprocess_batch)``, lazily.
+                  cached: dict[str, list[int]] | None = None,
+                  first_rows: int | None = None) -> ray.data.Dataset:
+    """``read(paths) -> map_batches(preprocess_batch)``, lazily (:mod:`shard_source` reads).
 
     Args:
         paths: shard files.
         spec: preprocessing sizes and options.
         tokenizer: the dataset's tokenizer.
         map_batch_size: rows per ``preprocess_batch`` call.
-        override_num_blocks: read parallelism (default: one block per shard file).
         cpus_per_task: CPUs each read+preprocess task reserves (``data.cpus_per_task``). Train
             workers hold whole or half CPUs; a data task asking for a full CPU can then never be
             scheduled and training waits forever (seen with 2 sweep trials on 2 CPUs).
         cached: feature shards of the feature cache: modality -> feature shape
             (``mmdist.data.feature_read.CachedBatchPreprocessor``).
+        first_rows: rows the consumer needs before its first batch: the tasks that start an
+            execution hand those over first, on their own (default: one map batch).
     """
-    # Ray 2.60 reads Parquet through its V2 datasource by default; on our shards it packed 16
-    # files into 2 blocks and was many times slower than the V1 reader, which makes one block
-    # per shard file, so the map streams and runs in parallel (docs/performance.md). The flag
-    # is read when the plan is built, so it is set around this call only.
-    ctx = ray.data.DataContext.get_current()
-    use_v2 = getattr(ctx, "use_datasource_v2", False)
-    ctx.use_datasource_v2 = False
-    try:
-        ds = ray.data.read_parquet(paths, columns=None if cached else shard_columns(paths),
-                                   override_num_blocks=override_num_blocks or len(paths),
-                                   num_cpus=cpus_per_task)
-    finally:
-        ctx.use_datasource_v2 = use_v2
+    # One read task and one block per shard file, without read_parquet's sampling tasks
+    # (mmdist.data.shard_source), so the map streams and runs in parallel.
+    ds = ray.data.read_datasource(ShardDatasource(paths, None if cached else shard_columns(paths)),
+                                  override_num_blocks=len(paths),
+                                  num_cpus=cpus_per_task)
     # batch_size=None hands the UDF whole blocks: only then does Ray fuse the read and the map
     # into one task (a map with a batch size waits for bundles of that many rows and is not
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows, and takes
@@ -98,7 +104,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # One early first chunk from each task of the first wave: as many tasks as fit at once.
     first_wave = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus_per_task, 1e-4)))
     kwargs = {"chunk_rows": map_batch_size, "block_bytes": BLOCK_MAX_BYTES,
-              "first_wave": first_wave}
+              "first_wave": first_wave, "first_rows": first_rows}
     if cached:
         from mmdist.data.feature_read import CachedBatchPreprocessor
 
@@ -141,8 +147,10 @@ def build_datasets(data_dir: str | Path, cfg: Config,
         spec = PreprocessSpec.from_config(cfg.data, augment=cfg.data.augment and split == "train",
                                           audio_features=audio_dir(cfg),
                                           video="video" in cfg.model.modalities)
+        # a training worker's first batch waits for its shuffle buffer; evaluation's does not
+        first = first_batch_rows(cfg.train.micro_batch_size) if split == "train" else None
         out[split] = build_dataset(paths, spec, tokenizer, cpus_per_task=cfg.data.cpus_per_task,
-                                   cached=cache and cache["shapes"])
+                                   cached=cache and cache["shapes"], first_rows=first)
         # Ray Data's bars, drawn in every worker for every eval pass and forwarded line by line
         # to the driver, would be most of what `make demo` prints; rank 0's step lines already
         # show progress. The setting travels with the dataset, not the global context.
@@ -164,12 +172,12 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
         batch_size: rows per batch (``train.micro_batch_size``).
         seed: ``train.seed``.
         epoch: the epoch number, 0-based.
-        shuffle_buffer: rows in the local shuffle buffer (default ``max(8 * batch_size, 256)``).
+        shuffle_buffer: rows in the local shuffle buffer (default :func:`shuffle_buffer_rows`).
 
     Yields:
         Dicts of CPU torch tensors with the keys, dtypes and shapes of ``schema.BATCH_KEYS``.
     """
-    buffer = shuffle_buffer or max(8 * batch_size, 256)
+    buffer = shuffle_buffer or shuffle_buffer_rows(batch_size)
     return iter(iter_torch(
         shard, batch_size=batch_size, local_shuffle_buffer_size=buffer,
         local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True, device="cpu"))

@@ -271,9 +271,10 @@ class BatchPreprocessor:
     for this map (``mmdist.data.ray_scheduling.UdfShapesBlocks``). With ``block_bytes`` it
     yields blocks of up to ``block_bytes``: every block costs the driver, the raylet and the
     worker some ms of CPU, so few and large is cheapest. Only the tasks that start an execution
-    (``task_idx < first_wave``, one per task slot of the cluster) yield their first chunk on its
-    own first, so the consumer's first batch of every epoch waits for one chunk rather than a
-    shard; later tasks' output is needed only after theirs. Without ``block_bytes`` it yields
+    (``task_idx < first_wave``, one per task slot of the cluster) yield their first
+    ``first_rows`` rows on their own first, so the consumer's first batch of every epoch waits
+    for those rather than a shard (a training worker's first batch needs its whole local
+    shuffle buffer); later tasks' output is needed only after theirs. Without ``block_bytes`` it yields
     every chunk (for Ray to merge, or for a caller that wants chunks).
 
     Args:
@@ -281,15 +282,18 @@ class BatchPreprocessor:
         tokenizer: the dataset's tokenizer.
         chunk_rows: rows per :func:`preprocess_batch` call.
         block_bytes: most bytes per yielded block (None: yield every chunk).
-        first_wave: tasks (by Ray Data's task index) that yield their first chunk alone; outside
+        first_wave: tasks (by Ray Data's task index) that yield their first rows alone; outside
             a Ray Data task every call does.
+        first_rows: rows of that first block (default: one chunk).
     """
 
     def __init__(self, spec: PreprocessSpec, tokenizer: TextTokenizer, chunk_rows: int = 64,
-                 block_bytes: int | None = None, first_wave: int = 1):
+                 block_bytes: int | None = None, first_wave: int = 1,
+                 first_rows: int | None = None):
         self.spec, self.tokenizer, self.chunk_rows = spec, tokenizer, max(1, int(chunk_rows))
         self.block_bytes = int(block_bytes) if block_bytes else None
         self.first_wave = max(0, int(first_wave))
+        self.first_rows = max(1, int(first_rows or self.chunk_rows))
 
     def __call__(self, batch: Any) -> Iterator[dict[str, np.ndarray]]:
         reuse_freed_memory()
@@ -297,13 +301,18 @@ class BatchPreprocessor:
         if self.block_bytes is None:
             yield from chunks
             return
-        if _task_index() < self.first_wave:
-            first = next(chunks, None)
-            if first is None:
-                return
-            yield first
         held: list[dict[str, np.ndarray]] = []
         size = 0
+        if _task_index() < self.first_wave:
+            rows = 0
+            for chunk in chunks:
+                held.append(chunk)
+                rows += len(chunk["sample_id"])
+                if rows >= self.first_rows:
+                    break
+            if held:
+                yield _concat(held)
+            held = []
         for chunk in chunks:
             held.append(chunk)
             size += sum(v.nbytes for v in chunk.values())

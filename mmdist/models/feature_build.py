@@ -114,6 +114,7 @@ def build_entry(plan: CachePlan, cfg: Config, source: dict[str, Any] | None = No
     import ray.data
 
     from mmdist.data.pipeline import audio_dir
+    from mmdist.data.shard_source import ShardDatasource
 
     t0 = time.time()
     source = source or verify_manifest(plan.data_dir)
@@ -128,8 +129,8 @@ def build_entry(plan: CachePlan, cfg: Config, source: dict[str, Any] | None = No
             continue
         paths = [str(Path(plan.data_dir) / s["path"]) for s in shards]
         rows_per_file = [s["rows"] for s in shards]
-        ds = ray.data.read_parquet(paths, override_num_blocks=len(paths),
-                                   num_cpus=cfg.data.cpus_per_task)
+        ds = ray.data.read_datasource(ShardDatasource(paths), override_num_blocks=len(paths),
+                                      num_cpus=cfg.data.cpus_per_task)
         ds = ds.map_batches(
             FeatureEncoder, batch_size=ENCODE_BATCH, batch_format="pyarrow",
             fn_constructor_kwargs={"cfg": cfg.to_dict(), "modalities": list(plan.modalities),

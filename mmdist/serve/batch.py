@@ -11,6 +11,7 @@ import ray
 import torch
 
 from mmdist.config import Config
+from mmdist.data.shard_source import ShardDatasource
 from mmdist.data.shards import canonical_batches, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.models.model_files import read_meta
@@ -81,7 +82,7 @@ def predict_distributed(model_dir: str | Path, data_dir: str | Path, out_dir: st
     paths = [str(p) for s in splits for p in sorted((Path(data_dir) / s).glob("*.parquet"))]
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no Parquet shards in {list(splits)}")
-    ds = ray.data.read_parquet(paths)
+    ds = ray.data.read_datasource(ShardDatasource(paths), override_num_blocks=len(paths))
     rows_in = ds.count()
     preds = ds.map_batches(PredictActor, fn_constructor_args=(str(model_dir),
                                                               "cuda" if use_gpu else "cpu"),

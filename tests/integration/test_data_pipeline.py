@@ -165,6 +165,36 @@ def test_the_first_wave_of_tasks_hands_over_a_chunk_first(ray_cluster, shards):
     assert sorted(by_ray) == [12, 12, 12]
     rows = [r["sample_id"] for r in ds.iter_rows()]
     assert len(rows) == len(set(rows)) == 36
+    # a training worker's first batch needs first_rows: those come first, in whole chunks
+    first = build_dataset(paths, spec, tok, map_batch_size=2, first_rows=5)
+    assert sorted(b.num_rows() for b in first.iter_internal_ref_bundles()) == [6, 6, 6, 6, 12]
+
+
+def test_shard_datasource_reads_each_file_as_one_block_in_order(ray_cluster, shards, tmp_path):
+    """The shards' own reader: one read task and one block per file, the file's rows in order,
+    the row counts known before anything runs; a file that is not Parquet is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdist.data.shard_source import ShardDatasource
+    from mmdist.data.shards import shard_paths, verify_manifest
+
+    paths = shard_paths(shards, verify_manifest(shards), "train")
+    source = ShardDatasource(paths, ["sample_id", "text"])
+    tasks = source.get_read_tasks(parallelism=1)
+    assert [t.metadata.num_rows for t in tasks] == [12, 12, 12]
+    assert source.estimate_inmemory_data_size() == sum(os.path.getsize(p) for p in paths)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(paths))
+    blocks = [ray.get(b.block_refs[0]) for b in ds.iter_internal_ref_bundles()]
+    assert [b.num_rows for b in blocks] == [12, 12, 12]
+    assert all(b.column_names == ["sample_id", "text"] for b in blocks)
+    want = pa.concat_tables([pq.read_table(p, columns=["sample_id"]) for p in paths])
+    got = [i for b in blocks for i in b.column("sample_id").to_pylist()]
+    assert got == want.column("sample_id").to_pylist()
+    bad = tmp_path / "part-bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid, match="part-bad.parquet"):
+        ShardDatasource([*paths, str(bad)])
 
 
 def test_streaming_split_carries_the_callback(ray_cluster, shards):

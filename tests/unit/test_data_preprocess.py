@@ -109,13 +109,19 @@ def test_batch_preprocessor_yields_blocks_of_block_bytes_after_an_early_first_ch
     later = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=2 * chunk_bytes,
                                    first_wave=0)(rows))
     assert [len(b["sample_id"]) for b in later] == [4, 4, 2]
+    # first_rows: what a training worker needs before its first batch comes first, on its own
+    first = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=1 << 40,
+                                   first_rows=5)(rows))
+    assert [len(b["sample_id"]) for b in first] == [6, 4]  # whole chunks: 5 rows -> 3 chunks
+    all_first = list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=1 << 40,
+                                       first_rows=100)(rows))
+    assert [len(b["sample_id"]) for b in all_first] == [10]
     chunks = list(BatchPreprocessor(SPEC, tok, chunk_rows=2)(rows))
     assert [len(c["sample_id"]) for c in chunks] == [2] * 5
     for key in BATCH_KEYS:
         expected = np.concatenate([c[key] for c in chunks])
-        assert np.array_equal(np.concatenate([b[key] for b in blocks]), expected), key
-        assert np.array_equal(np.concatenate([b[key] for b in whole]), expected), key
-        assert np.array_equal(np.concatenate([b[key] for b in later]), expected), key
+        for got in (blocks, whole, later, first, all_first):
+            assert np.array_equal(np.concatenate([b[key] for b in got]), expected), key
     assert list(BatchPreprocessor(SPEC, tok, chunk_rows=2, block_bytes=10)(
         {k: v[:0] for k, v in rows.items()})) == []
 
