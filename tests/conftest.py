@@ -11,6 +11,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
+FUSION_REAL = "test_fusion_real.py::test_every_method_and_stage_learns_matching_and_the_relation"
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselected what they deselect
+def pytest_collection_modifyitems(session, config, items):
+    """The real-data fusion bench (tests/integration/test_fusion_real.py: ~400 CPU-s, needs
+    nothing from the other tests) starts now in the background at the lowest CPU priority, and
+    its test, which waits for it, runs last. Alone it runs in the foreground."""
+    bench = [i for i in items if FUSION_REAL in i.nodeid]
+    if not bench or len(items) == len(bench) or config.option.collectonly:
+        return
+    items[:] = [i for i in items if i not in bench] + bench
+    bench[0].module.start_bench()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for item in getattr(session, "items", []):
+        if FUSION_REAL in item.nodeid:
+            item.module.stop_bench()
+            return
+
 
 @pytest.fixture(scope="session")
 def ray_local():
