@@ -17,7 +17,7 @@ FUSION_REAL = "test_fusion_real.py::test_every_method_and_stage_learns_matching_
 @pytest.hookimpl(trylast=True)  # after -k / -m deselected what they deselect
 def pytest_collection_modifyitems(session, config, items):
     """The real-data fusion bench (tests/integration/test_fusion_real.py: ~400 CPU-s, needs
-    nothing from the other tests) starts now in the background at the lowest CPU priority, and
+    nothing from the other tests) starts now in the background at idle CPU priority, and
     its test, which waits for it, runs last. Alone it runs in the foreground."""
     bench = [i for i in items if FUSION_REAL in i.nodeid]
     if not bench or len(items) == len(bench) or config.option.collectonly:
