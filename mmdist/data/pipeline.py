@@ -20,7 +20,7 @@ read and preprocess fuse into one task per shard file when both are plain tasks 
 resources; ``preprocess_batch`` is vectorised per batch, so the batch size is large enough to
 amortise per-call overhead but stays far below a block so memory per task stays small; each
 task hands its shard over as one block (up to ``BLOCK_MAX_BYTES``), and the tasks that start an
-epoch hand their first chunk over on its own first (``BatchPreprocessor``, ``ray_scheduling``).
+epoch hand their first rows over on their own first (``BatchPreprocessor``, ``ray_scheduling``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     # into one task (a map with a batch size waits for bundles of that many rows and is not
     # fused with a read); the UDF itself works in chunks of `map_batch_size` rows, and takes
     # the block as Arrow so each chunk is converted to numpy on its own (see BatchPreprocessor).
-    # One early first chunk from each task of the first wave: as many tasks as fit at once.
+    # Early first rows from each task of the first wave: as many tasks as fit at once.
     first_wave = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus_per_task, 1e-4)))
     kwargs = {"chunk_rows": map_batch_size, "block_bytes": BLOCK_MAX_BYTES,
               "first_wave": first_wave, "first_rows": first_rows}
@@ -114,7 +114,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
     ds = ds.map_batches(fn, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                         udf_modifying_row_count=False, num_cpus=cpus_per_task)
     # Every CPU busy from the first task on, no idle worker between tasks, and the blocks are
-    # what `fn` yields: a shard per block, the first wave's first chunks on their own.
+    # what `fn` yields: a shard per block, the first wave's first rows on their own.
     return ray_scheduling.add_to(ds, udf=fn)
 
 

@@ -274,8 +274,8 @@ class BatchPreprocessor:
     (``task_idx < first_wave``, one per task slot of the cluster) yield their first
     ``first_rows`` rows on their own first, so the consumer's first batch of every epoch waits
     for those rather than a shard (a training worker's first batch needs its whole local
-    shuffle buffer); later tasks' output is needed only after theirs. Without ``block_bytes`` it yields
-    every chunk (for Ray to merge, or for a caller that wants chunks).
+    shuffle buffer); later tasks' output is needed only after theirs. Without ``block_bytes``
+    it yields every chunk (for Ray to merge, or for a caller that wants chunks).
 
     Args:
         spec: preprocessing sizes and options.

@@ -33,7 +33,7 @@ figures behind each callback are in ``docs/performance.md``.
    costing the driver, the raylet and the worker CPU. So the function decides:
    :class:`UdfShapesBlocks` turns Ray's shaping off for the maps named in the dataset's
    context (:data:`UDF_BLOCKS_KEY`), every yield becomes a block, and ``BatchPreprocessor``
-   yields a shard per block, with the first chunk on its own first in the tasks that start the
+   yields a shard per block, with its first rows on their own first in the tasks that start the
    execution (one per task slot).
 
 4. Block metadata on a thread. Ray 2.60 reads each output block's metadata on a background
