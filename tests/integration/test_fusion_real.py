@@ -26,7 +26,7 @@ from mmdist.bench.fusion import BENCHMARKS, cells
 from mmdist.config import FUSION_STAGES, FUSIONS, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 1800  # from the session's start when in the background
+TIMEOUT_S = 1800  # the longest the test waits for the command once it runs
 
 _running: dict[str, object] = {}  # the background command: "proc", "dir"
 
