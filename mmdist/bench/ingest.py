@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def preprocess_cost(path: str, spec: Any, data_dir: Path, batch_size: int) -> float:
     """Seconds per sample of ``preprocess_batch`` in this process (after one warm-up batch)."""
-    from mmdist.data.shard_batches import load_tokenizer, shard_tables  # torch: not --help
+    from mmdist.data.shard_batches import shard_tables  # torch: not --help
+    from mmdist.data.shards import load_tokenizer
 
     reuse_freed_memory()  # as in the workers of both sides
     tok = load_tokenizer(data_dir)
@@ -309,7 +310,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
 
     from mmdist.data import ray_scheduling
     from mmdist.data.pipeline import MAP_BATCH_SIZE, build_dataset
-    from mmdist.data.shard_batches import load_tokenizer
+    from mmdist.data.shards import load_tokenizer
     from mmdist.data.torch_batches import iter_torch
 
     started = not ray.is_initialized()

@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     import torch
 
-    from mmdist.data.shard_batches import load_tokenizer
+    from mmdist.data.shards import load_tokenizer
     from mmdist.models.accounting import flops_per_sample
 
     cfg = _config(args)

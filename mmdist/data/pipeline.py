@@ -3,8 +3,8 @@
 Training (driver, then each Ray Train worker):
 
     datasets = build_datasets(data_dir, cfg)        # {"train": Dataset, "val": Dataset}
-    TorchTrainer(train_fn_per_worker, datasets=datasets, ...)
-    # inside train_fn_per_worker:
+    build_trainer(cfg, job, datasets, ...)   # mmdist.train.run
+    # inside each worker (mmdist.train.entry):
     shard = ray.train.get_dataset_shard("train")
     for batch in iter_train_batches(shard, batch_size=32, seed=cfg.train.seed, epoch=epoch):
         ...  # dict of torch tensors, exactly the batch contract of schema.py
@@ -34,9 +34,8 @@ import ray.data
 
 from mmdist.data import ray_scheduling
 from mmdist.data.preprocess import BatchPreprocessor, PreprocessSpec
-from mmdist.data.shard_batches import load_tokenizer, shard_columns
 from mmdist.data.shard_source import ShardDatasource
-from mmdist.data.shards import shard_paths, verify_manifest
+from mmdist.data.shards import load_tokenizer, shard_columns, shard_paths, verify_manifest
 from mmdist.data.tokenizer import TextTokenizer
 from mmdist.data.torch_batches import iter_torch
 

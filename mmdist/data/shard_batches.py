@@ -23,28 +23,17 @@ from mmdist.data.preprocess import (
     preprocess_batch,
     reuse_freed_memory,
 )
-from mmdist.data.schema import MODALITY_LABELS, as_tensors
-from mmdist.data.shards import TOKENIZER_DIR, read_manifest, shard_paths, verify_manifest
-from mmdist.data.tokenizer import TextTokenizer
+from mmdist.data.schema import as_tensors
+from mmdist.data.shards import (
+    load_tokenizer,
+    read_manifest,
+    shard_columns,
+    shard_paths,
+    verify_manifest,
+)
 
 if TYPE_CHECKING:
     import torch
-
-SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
-
-
-def shard_columns(paths: list[str]) -> list[str]:
-    """The columns to read: :data:`SHARD_COLUMNS` and the per-modality labels and ``video``
-    where the shards have them (shards written before they existed do not)."""
-    have = set(pq.read_schema(paths[0]).names) if paths else set()
-    return [*SHARD_COLUMNS, *(c for c in (*MODALITY_LABELS, "video") if c in have)]
-
-
-def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
-    """The tokenizer saved beside the shards (``manifest["tokenizer"]``)."""
-    manifest = read_manifest(data_dir)
-    return TextTokenizer.load(Path(data_dir) / manifest.get("tokenizer", TOKENIZER_DIR))
-
 
 def shard_tables(paths: list[str], batch_size: int) -> Iterator[dict[str, Any]]:
     """Raw shard columns of ``paths``, ``batch_size`` rows at a time, in file order."""

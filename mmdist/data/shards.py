@@ -24,7 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmdist.data.schema import SHARD_SCHEMA
+from mmdist.data.schema import MODALITY_LABELS, SHARD_SCHEMA
+from mmdist.data.tokenizer import TextTokenizer
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
@@ -169,6 +170,22 @@ def verify_manifest(data_dir: str | Path) -> dict[str, Any]:
 def shard_paths(data_dir: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
     """Absolute paths of the shards of one split, in manifest order."""
     return [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split]
+
+
+SHARD_COLUMNS = ("sample_id", "text", "target", "label", "image", "audio")
+
+
+def shard_columns(paths: list[str]) -> list[str]:
+    """The columns to read: :data:`SHARD_COLUMNS` and the per-modality labels and ``video``
+    where the shards have them (shards written before they existed do not)."""
+    have = set(pq.read_schema(paths[0]).names) if paths else set()
+    return [*SHARD_COLUMNS, *(c for c in (*MODALITY_LABELS, "video") if c in have)]
+
+
+def load_tokenizer(data_dir: str | Path) -> TextTokenizer:
+    """The tokenizer saved beside the shards (``manifest["tokenizer"]``)."""
+    manifest = read_manifest(data_dir)
+    return TextTokenizer.load(Path(data_dir) / manifest.get("tokenizer", TOKENIZER_DIR))
 
 
 def example_texts(data_dir: str | Path, n: int = 2) -> list[str]:

@@ -18,14 +18,16 @@ with ``mmdist bench ingest``: ``docs/performance.md``):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from mmdist.data import ray_scheduling
 from mmdist.data.schema import as_tensors
+
+if TYPE_CHECKING:  # torch loads with the first batch: a worker asks for its shard first
+    import numpy as np
+    import torch
 
 # Batches prefetched when blocks can live on other nodes (Ray's default is 1).
 PREFETCH_BATCHES_MULTI_NODE = 2
@@ -48,8 +50,17 @@ def prefetch_batches() -> int:
 def iter_torch(ds: Any, **kwargs: Any):
     """``ds.iter_torch_batches(collate_fn=NumpyToTorch(), prefetch_batches=..., **kwargs)`` for a
     Dataset or a DataIterator (a Ray Train dataset shard); ``kwargs`` may set
-    ``prefetch_batches`` themselves."""
+    ``prefetch_batches`` themselves.
+
+    With ``device="cpu"`` the same batches come from ``iter_batches`` (numpy) wrapped by
+    :func:`~mmdist.data.schema.as_tensors`, what ``NumpyToTorch`` does: Ray's
+    ``iter_torch_batches`` imports torch when called, this imports it with the first batch, so
+    a Ray Train worker's shard starts streaming before the worker has loaded torch
+    (``mmdist.train.entry``)."""
     kwargs.setdefault("prefetch_batches", prefetch_batches())
+    if kwargs.get("device") == "cpu":
+        kwargs.pop("device")
+        return (as_tensors(b) for b in ds.iter_batches(batch_format="numpy", **kwargs))
     return ds.iter_torch_batches(collate_fn=NumpyToTorch(), **kwargs)
 
 

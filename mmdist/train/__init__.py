@@ -1,1 +1,1 @@
-"""Training: the per-worker DeepSpeed loop, checkpoints, the TorchTrainer, the `train` command."""
+"""Training: the per-worker DeepSpeed loop, checkpoints, the Ray Train trainer and its backend, the `train` command."""

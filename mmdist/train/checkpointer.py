@@ -150,8 +150,7 @@ class Checkpointer:
 
         Every rank takes part (gathering a ZeRO-3 parameter is a collective); rank 0 writes.
         """
-        # heavy: the driver imports this module (through loop.py, to hand train_fn_per_worker
-        # to Ray) and never needs DeepSpeed; as in engine.build_engine.
+        # heavy: loaded where a checkpoint is written (a worker), as in engine.build_engine
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 

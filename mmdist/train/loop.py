@@ -1,4 +1,5 @@
-"""The per-worker training loop: ``train_fn_per_worker(config)``, run by every Ray Train worker.
+"""The per-worker training loop: :func:`run`, called by every Ray Train worker's entry point
+(``mmdist.train.entry.train_fn_per_worker``) once its train shard streams.
 
 Read top to bottom: build the model and the DeepSpeed engine, restore the latest checkpoint,
 then per epoch stream batches from this worker's Ray Data shard, step, evaluate and checkpoint.
@@ -25,11 +26,6 @@ DeepSpeed's optimizer, which counts it in ``engine.skipped_steps`` (:class:`mmdi
 from __future__ import annotations
 
 import time
-
-# a worker imports this module when Ray hands it the loop: its imports are a start-up phase,
-# timed between these two marks
-# ruff: noqa: E402
-_IMPORT_STARTED = time.time()
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,21 +38,19 @@ from mmdist.config import Config
 from mmdist.console import step_line
 from mmdist.data.pipeline import iter_train_batches
 from mmdist.data.schema import to_device
-from mmdist.data.shard_batches import load_tokenizer
-from mmdist.data.torch_batches import FirstBatchAhead, iter_torch
+from mmdist.data.shards import load_tokenizer
+from mmdist.data.torch_batches import iter_torch
 from mmdist.tasks import build_metrics
 from mmdist.train import checkpoint as ckpt_lib
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.checkpointer import Checkpointer
 from mmdist.train.collapse import ConstantWatch, constant_losses
-from mmdist.train.elastic import plan_resume, schedule_steps, steps_to_run
+from mmdist.train.elastic import ResumePlan, schedule_steps, steps_to_run
 from mmdist.train.engine import build_engine
 from mmdist.train.faults import Faults
 from mmdist.train.job import Job
 from mmdist.train.reporter import Reporter, at_step
 from mmdist.train.watch import NonFiniteSteps, Startup
-
-_IMPORTED = time.time()
 
 
 def micro_batches_per_rank(cfg: Config, train_rows: int, world_size: int) -> int:
@@ -76,24 +70,24 @@ def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg, train_rows, world_size)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
-    (:class:`mmdist.train.job.Job`: what the driver resolved). Returns the final summary on
-    rank 0 (``Result.return_value``)."""
-    entered = time.time()
+def run(config: dict[str, Any], plan: ResumePlan, train_shard: Any, early: Any,
+        marks: dict[str, float]) -> dict[str, Any] | None:
+    """Train on this worker. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
+    (:class:`mmdist.train.job.Job`: what the driver resolved); ``plan``: the checkpoint to
+    resume from; ``train_shard``: this worker's train shard; ``early``: a fresh run's first
+    epoch, already streaming (else None); ``marks``: when the entry point started, had
+    imported this module and had connected the process group (start-up phases). Returns the
+    final summary on rank 0 (``Result.return_value``)."""
     cfg, job = Config.from_dict(config["cfg"]), Job.from_dict(config["job"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     reporter = Reporter(rank, job.tracking_uri, job.mlflow_run_id)
 
     t_setup = time.perf_counter()
-    plan = plan_resume(job.storage, world)  # which checkpoint, written at which world size
-    train_shard = ray.train.get_dataset_shard("train")
-    # a fresh run's first epoch starts streaming now, while the engine is built
-    early = (FirstBatchAhead(iter_train_batches(train_shard, t.micro_batch_size, t.seed, 0))
-             if plan.checkpoint is None else None)
     # the LR schedule's length, planned at the world size the run first started at
     n_total = schedule_steps(t, job.train_rows, plan.schedule_world)
     engine = build_engine(cfg, job.vocab, world, n_total, log=reporter.say,
@@ -107,7 +101,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     checkpointer = Checkpointer(engine, cfg, job, rank, world, reporter)
     state = checkpointer.restore(plan)
     state.schedule_world = plan.schedule_world
-    startup = Startup(job, (_IMPORT_STARTED, _IMPORTED), entered, engine_ready, time.time())
+    startup = Startup(job, marks, engine_ready, time.time())
 
     faults = Faults.parse(job.faults, job.storage, rank)
     tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to

@@ -1,6 +1,6 @@
 """`mmdist train`: the driver of a training run.
 
-setup (data, Ray, MLflow run) -> TorchTrainer.fit() on N workers -> register the consolidated
+setup (data, Ray, MLflow run) -> Ray Train's fit() on N workers -> register the consolidated
 model -> summary. The same function runs locally and under ``ray job submit`` (jobs/train.py).
 """
 
@@ -29,12 +29,14 @@ from mmdist.train.elastic import plan_resume
 from mmdist.train.faults import from_environ
 from mmdist.train.job import Job
 from mmdist.train.retry import fit_with_retries
+from mmdist.train.run_opener import RunOpener
 from mmdist.train.startable import (
     label_problems,
     require_startable,
     storage_problem,
     with_data_defaults,
 )
+from mmdist.train.watch import phase_clock
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -51,18 +53,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.train.run_name:  # named now: its folder holds the log from the first line on
-        cfg = cfg.override({"train.run_name": default_run_name(cfg)})
-    log_file = run_log_file(cfg)
-    problem = storage_problem(log_file.parent.parent)
-    if problem:
-        raise CommandError(problem)
-    with Console(log_file, verbose=args.verbose) as console:
-        summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
-                        data_cache=args.data_cache, console=console,
-                        started_at=getattr(args, "started_at", None))
-        release_ray()
+    opener = RunOpener()  # imports MLflow beside the config, torch and Ray loading here
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.train.run_name:  # named now: its folder holds the log from the first line on
+            cfg = cfg.override({"train.run_name": default_run_name(cfg)})
+        log_file = run_log_file(cfg)
+        problem = storage_problem(log_file.parent.parent)
+        if problem:
+            raise CommandError(problem)
+        with Console(log_file, verbose=args.verbose) as console:
+            summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
+                            data_cache=args.data_cache, console=console,
+                            started_at=getattr(args, "started_at", None), run_opener=opener)
+            release_ray()
+    finally:
+        opener.close()
     _print_summary({**summary, "log_file": str(log_file)})
     return {**summary, "log_file": str(log_file)}
 
@@ -171,19 +177,21 @@ def check_resumable(cfg: Config, run_dir: Path) -> Config:
 
 def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
                   storage_path: str, callbacks: list | None = None):
-    """The TorchTrainer for one run; shared by `mmdist train` and every sweep trial."""
+    """The Ray Train trainer for one run; shared by `mmdist train` and every sweep trial."""
     # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from mmdist.train.loop import train_fn_per_worker
+    from mmdist.train.backend import trainer_and_backend
+    from mmdist.train.entry import train_fn_per_worker
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    trainer_cls, backend = trainer_and_backend(t.use_gpu)
+    return trainer_cls(
         train_fn_per_worker,
+        **backend,
         train_loop_config={"cfg": cfg.to_dict(), "job": job.to_dict()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
@@ -223,7 +231,7 @@ def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,
     ``feature_cache_entry``: a feature-cache entry the sweep's driver verified (taken without
     hashing its shards again when it is this config's entry)."""
     from mmdist.data.pipeline import build_datasets  # loads Ray: not --help
-    from mmdist.data.shard_batches import load_tokenizer
+    from mmdist.data.shards import load_tokenizer
     from mmdist.models.feature_build import feature_cache_for
 
     manifest = manifest or verify_manifest(data_dir)
@@ -272,17 +280,30 @@ def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | No
 
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None, console: Console | None = None,
-          started_at: float | None = None) -> dict[str, Any]:
+          started_at: float | None = None,
+          run_opener: RunOpener | None = None) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints);
     ``console`` (the CLI's) sorts what Ray forwards from the workers once Ray is up.
     ``started_at``: when the command started (``time.time()``); its start-up counts from
-    there, the seconds before this call being the ``command`` phase (interpreter, imports)."""
+    there, the seconds before this call being the ``command`` phase (interpreter, imports).
+    ``run_opener``: the helper that opens the MLflow run (the command starts it first; else
+    one starts here)."""
+    opener = run_opener or RunOpener()
+    try:
+        return _train(cfg, address, num_cpus, data_cache, console, started_at, opener)
+    finally:
+        opener.close()
+
+
+def _train(cfg: Config, address: str | None, num_cpus: int | None,
+           data_cache: str | Path | None, console: Console | None, started_at: float | None,
+           opener: RunOpener) -> dict[str, Any]:
     # heavy (MLflow): not for --help
     from mmdist import tracking
     from mmdist.train.register import register_model
 
     t0 = time.perf_counter()
-    phases, mark = _phase_clock(started_at)
+    phases, mark = phase_clock(started_at)
     data_dir = ensure_data(cfg, data_cache)
     manifest = check_data(data_dir, cfg)
     cfg = with_data_defaults(cfg, manifest)
@@ -297,9 +318,8 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
     mark("ray_init")
 
     uri = tracking.tracking_uri(cfg)
-    run_id = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_name)
     resolved = cfg.resolve()
-    tracking.log_params(uri, run_id, {
+    run_id = opener.open(uri, cfg.tracking.experiment, run_name, {
         **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
@@ -348,25 +368,6 @@ def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "data_dir": str(data_dir),
     }
-
-
-def _phase_clock(started_at: float | None = None) -> tuple[dict[str, float], Any]:
-    """``(phases, mark)``: ``mark(name)`` records the seconds since the previous mark under
-    ``name``; ``phases["_start"]`` is the wall-clock start: ``started_at`` (then the seconds
-    from it to now are the ``command`` phase), else now."""
-    now = time.time()
-    start = min(started_at or now, now)
-    phases: dict[str, float] = {"_start": start}
-    if start < now:
-        phases["command"] = round(now - start, 2)
-    last = [now]
-
-    def mark(name: str) -> None:
-        now = time.time()
-        phases[name] = round(now - last[0], 2)
-        last[0] = now
-
-    return phases, mark
 
 
 def _print_summary(s: dict[str, Any]) -> None:

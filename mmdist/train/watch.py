@@ -7,29 +7,51 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mmdist.train.checkpoint import TrainState
 from mmdist.train.job import Job
 
 
+def phase_clock(started_at: float | None = None) -> tuple[dict[str, float], Any]:
+    """``(phases, mark)``: ``mark(name)`` records the seconds since the previous mark under
+    ``name``; ``phases["_start"]`` is the wall-clock start: ``started_at`` (then the seconds
+    from it to now are the ``command`` phase), else now."""
+    now = time.time()
+    start = min(started_at or now, now)
+    phases: dict[str, float] = {"_start": start}
+    if start < now:
+        phases["command"] = round(now - start, 2)
+    last = [now]
+
+    def mark(name: str) -> None:
+        now = time.time()
+        phases[name] = round(now - last[0], 2)
+        last[0] = now
+
+    return phases, mark
+
+
 class Startup:
     """Seconds from ``mmdist train`` to this attempt's first optimizer step, by phase: the
-    driver's own (``Job.driver_phases``), then Ray Train starting the workers, the worker's
-    imports, its process group, the engine, the checkpoint restore and the first step (the
-    data pipeline's start, one forward, backward and optimizer step)."""
+    driver's own (``Job.driver_phases``), then Ray Train starting the workers up to the train
+    function, the worker's imports (its train shard already streaming:
+    ``mmdist.train.entry``), its process group, the engine, the checkpoint restore and the
+    first step (the first batch, one forward, backward and optimizer step)."""
 
-    def __init__(self, job: Job, imports: tuple[float, float], entered: float,
-                 engine_ready: float, restored: float):
-        """``imports``: when the worker began and finished importing the loop's module."""
+    def __init__(self, job: Job, marks: dict[str, float], engine_ready: float,
+                 restored: float):
+        """``marks``: when the train function started (``entered``), had imported the loop
+        (``imported``) and had connected its process group (``connected``)."""
         self.started_at = job.started_at
         self.phases: dict[str, float] = dict(job.driver_phases)
-        import_started, imported = imports
-        marks = [("ray_train_start", job.fit_at, import_started),
-                 ("worker_imports", import_started, imported),
-                 ("process_group", imported, entered),
-                 ("engine", entered, engine_ready),
+        entered, imported, connected = marks["entered"], marks["imported"], marks["connected"]
+        spans = [("ray_train_start", job.fit_at, entered),
+                 ("worker_imports", entered, imported),
+                 ("process_group", imported, connected),
+                 ("engine", connected, engine_ready),
                  ("restore", engine_ready, restored)]
-        for name, a, b in marks:
+        for name, a, b in spans:
             if a is not None:
                 self.phases[name] = round(max(0.0, b - a), 2)
         self.restored = restored

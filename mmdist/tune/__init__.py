@@ -1,8 +1,8 @@
 """`mmdist sweep`: Ray Tune over fusion method x fusion stage x learning rate (any config key).
 
 Every trial is itself a multi-worker DeepSpeed job: a Tune function trainable builds the same
-TorchTrainer as `mmdist train` (``build_trainer``) and forwards its reports to Tune with
-``TuneReportCallback`` (Ray Train V2 cannot nest ``Tuner(TorchTrainer)``). MLflow gets one parent
+Ray Train trainer as `mmdist train` (``build_trainer``) and forwards its reports to Tune with
+``TuneReportCallback`` (Ray Train V2 cannot nest a trainer in a ``Tuner``). MLflow gets one parent
 run for the sweep and one nested child run per trial, written by that trial's rank 0 only.
 The best trial's consolidated model is registered and aliased like a training run, and a report
 (table, heat map, learning curves) goes to the sweep folder and the parent run.

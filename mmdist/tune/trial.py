@@ -1,4 +1,4 @@
-"""One trial of a sweep: the Tune function trainable that runs a multi-worker TorchTrainer with
+"""One trial of a sweep: the Tune function trainable that runs a multi-worker Ray Train trainer with
 the trial's overrides, and forwards its validation reports to Tune."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _val_report_callback():
 
 
 def trial_fn(config: dict[str, Any]) -> None:
-    """Tune function trainable: one multi-worker TorchTrainer run with these overrides."""
+    """Tune function trainable: one multi-worker Ray Train run with these overrides."""
     import ray.tune  # heavy: not for --help
 
     sweep = config["_sweep"]

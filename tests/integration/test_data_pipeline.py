@@ -15,8 +15,8 @@ from mmdist.config import load_config
 from mmdist.data.pipeline import build_datasets, iter_train_batches
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.schema import BATCH_KEYS
-from mmdist.data.shard_batches import ShardBatches, load_tokenizer, shard_dataloader
-from mmdist.data.shards import ManifestError
+from mmdist.data.shard_batches import ShardBatches, shard_dataloader
+from mmdist.data.shards import ManifestError, load_tokenizer
 from mmdist.data.torch_batches import iter_torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,11 +69,19 @@ def test_ray_datasets_yield_contract_batches(ray_cluster, shards):
 
 
 def test_ray_and_dataloader_paths_agree(ray_cluster, shards):
-    """Batches made by NumpyToTorch (training's collate) hold what the DataLoader path makes."""
-    ray_val = {}
-    for b in iter_torch(build_datasets(shards, CFG)["val"], batch_size=5):
-        for i, sid in enumerate(b["sample_id"].tolist()):
-            ray_val[sid] = {k: v[i] for k, v in b.items()}
+    """Batches made by NumpyToTorch (the collate of iter_torch_batches) and by iter_torch's
+    device="cpu" path (training's: numpy batches wrapped by as_tensors) hold what the
+    DataLoader path makes."""
+    ray_val, cpu_val = {}, {}
+    for out, kwargs in ((ray_val, {}), (cpu_val, {"device": "cpu"})):
+        for b in iter_torch(build_datasets(shards, CFG)["val"], batch_size=5, **kwargs):
+            assert all(isinstance(v, torch.Tensor) for v in b.values()), kwargs
+            for i, sid in enumerate(b["sample_id"].tolist()):
+                out[sid] = {k: v[i] for k, v in b.items()}
+    assert cpu_val.keys() == ray_val.keys()
+    for sid, row in cpu_val.items():
+        for k in BATCH_KEYS:
+            assert torch.equal(row[k], ray_val[sid][k]), (sid, k)
     spec_cfg = ShardBatches(shards, "val").spec  # from the manifest
     assert spec_cfg.image_size == CFG.data.image_size
     seen = 0

@@ -15,7 +15,7 @@ import torch
 from mmdist.config import load_config
 from mmdist.data import prepare
 from mmdist.data.prepare import convert
-from mmdist.data.shard_batches import load_tokenizer
+from mmdist.data.shards import load_tokenizer
 from mmdist.data.synthetic_video import generate_clip
 from mmdist.data.video import VideoSpec, write_video
 from mmdist.data.video_sources import VideoCsvSource

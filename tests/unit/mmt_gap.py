@@ -25,8 +25,7 @@ from mmdist.data.mmt import MMTSource, generate_row, noun_correct
 from mmdist.data.prepare import convert, prepared_data
 from mmdist.data.preprocess import PreprocessSpec, arrow_to_numpy, preprocess_batch
 from mmdist.data.schema import as_tensors
-from mmdist.data.shard_batches import load_tokenizer
-from mmdist.data.shards import canonical_batches
+from mmdist.data.shards import canonical_batches, load_tokenizer
 from mmdist.models import build_model
 from mmdist.tasks import compute_metrics
 from tests.tiny_hf import tiny_lm

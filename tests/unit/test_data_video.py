@@ -12,7 +12,7 @@ import pytest
 from mmdist.config import DataConfig
 from mmdist.data.prepare import convert
 from mmdist.data.preprocess import PreprocessSpec, arrow_to_numpy, preprocess_batch
-from mmdist.data.shard_batches import load_tokenizer
+from mmdist.data.shards import load_tokenizer
 from mmdist.data.sources import JsonlSource
 from mmdist.data.video import (
     VideoSpec,

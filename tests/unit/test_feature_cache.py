@@ -20,8 +20,7 @@ from mmdist.data.feature_read import cached_batch
 from mmdist.data.pipeline import audio_dir
 from mmdist.data.preprocess import PreprocessSpec, arrow_to_numpy, preprocess_batch
 from mmdist.data.schema import as_tensors
-from mmdist.data.shard_batches import load_tokenizer
-from mmdist.data.shards import read_manifest, shard_paths
+from mmdist.data.shards import load_tokenizer, read_manifest, shard_paths
 from mmdist.models import build_model
 from mmdist.models.adapt import freeze
 from mmdist.models.feature_build import FeatureEncoder

@@ -13,7 +13,7 @@ import torch
 from mmdist.cli import main
 from mmdist.data.prepare import convert
 from mmdist.data.preprocess import arrow_to_numpy, preprocess_batch
-from mmdist.data.shard_batches import load_tokenizer
+from mmdist.data.shards import load_tokenizer
 from mmdist.data.sources import JsonlSource
 from mmdist.data.synthetic_video import generate_clip
 from mmdist.data.video import VideoSpec, write_video

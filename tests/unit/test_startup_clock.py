@@ -3,7 +3,7 @@
 import time
 
 from mmdist.cli import process_started_at
-from mmdist.train.run import _phase_clock
+from mmdist.train.watch import phase_clock
 
 
 def test_the_process_start_is_in_the_past_and_after_boot():
@@ -15,10 +15,10 @@ def test_the_process_start_is_in_the_past_and_after_boot():
 
 
 def test_seconds_before_train_are_the_command_phase():
-    phases, mark = _phase_clock(time.time() - 2.0)
+    phases, mark = phase_clock(time.time() - 2.0)
     assert phases["command"] >= 2.0
     mark("data_checks")
     start = phases.pop("_start")
     assert time.time() - start >= 2.0 and set(phases) == {"command", "data_checks"}
-    phases, _ = _phase_clock()  # called without the command's start: no such phase
+    phases, _ = phase_clock()  # called without the command's start: no such phase
     assert "command" not in phases
