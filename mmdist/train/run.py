@@ -318,14 +318,15 @@ def _train(cfg: Config, address: str | None, num_cpus: int | None,
     mark("ray_init")
 
     uri = tracking.tracking_uri(cfg)
+    job, datasets = prepare_job(cfg, data_dir, run_name, uri, None, manifest)
+    mark("datasets")  # while the helper opens the MLflow run
     resolved = cfg.resolve()
     run_id = opener.open(uri, cfg.tracking.experiment, run_name, {
         **cfg.flat(), **{f"derived.{k}": v for k, v in resolved.items()},
         "deepspeed_config": json.dumps(deepspeed_config(cfg))})
+    job = dataclasses.replace(job, mlflow_run_id=run_id)
     print(f"[mmdist] run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     mark("mlflow_run")
-    job, datasets = prepare_job(cfg, data_dir, run_name, uri, run_id, manifest)
-    mark("datasets")
     job = dataclasses.replace(job, started_at=phases.pop("_start"), driver_phases=phases)
     try:
         result = fit_with_retries(
