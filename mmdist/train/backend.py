@@ -155,10 +155,15 @@ def init_process_group() -> None:
     if dist.is_initialized() or "MMDIST_DIST_BACKEND" not in os.environ:
         return
     backend = os.environ["MMDIST_DIST_BACKEND"]
-    if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING",
-                                  "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
-        # as Ray's backend: a timed-out NCCL collective fails the worker instead of hanging
-        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    if backend == "nccl":
+        import torch
+        from ray.train.torch import get_device
+
+        # as Ray's TorchConfig: this worker's GPU is the current device from the start
+        torch.cuda.set_device(get_device())
+        if not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
+            # as Ray's backend: a timed-out NCCL collective fails the worker instead of hanging
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
     dist.init_process_group(
         backend=backend, init_method="env://",
         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),

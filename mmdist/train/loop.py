@@ -83,8 +83,6 @@ def run(config: dict[str, Any], plan: ResumePlan, train_shard: Any, early: Any,
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     reporter = Reporter(rank, job.tracking_uri, job.mlflow_run_id)
 
     t_setup = time.perf_counter()
