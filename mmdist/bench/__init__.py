@@ -14,7 +14,7 @@ from mmdist.arguments import add_command_parsers
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "ingest": ("mmdist.bench.ingest", "Ray Data pipeline vs torch DataLoader, same preprocessing"),
-    "train": ("mmdist.bench.train", "TorchTrainer + DeepSpeed (1 worker) vs a plain PyTorch loop"),
+    "train": ("mmdist.bench.train", "Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop"),
     "zero": ("mmdist.bench.zero", "ZeRO-3 model+grad+optimizer bytes per rank, 2 ranks vs 1"),
     "adapt": ("mmdist.bench.adapt", "bytes per rank: full fine-tuning vs frozen encoders vs LoRA"),
     "mfu": ("mmdist.bench.mfu", "model-FLOPs utilisation of the real training step"),

@@ -3,8 +3,8 @@
 Same model (same seed), same batches (materialised once, identical content), same optimizer
 (``train.optim.build_optimizer``) and the same number of threads on three sides:
 
-(a) a TorchTrainer with 1 worker running the DeepSpeed engine that training builds
-    (``train.engine.build_engine``);
+(a) training's Ray Train trainer with 1 worker running the DeepSpeed engine that training
+    builds (``train.engine.build_engine``);
 (b) that same engine in this process, on a 1-rank gloo group of its own, without Ray;
 (c) a single-process loop: forward, backward, clipping, AdamW, LR schedule (under
     ``torch.autocast`` in bf16/fp16, PyTorch's own mixed precision).
@@ -162,7 +162,10 @@ def ray_worker(config: dict[str, Any]) -> None:
     ``go<k>`` file the driver writes says, answering with ``done<k>``, until ``stop``."""
     import torch  # heavy: not for --help
 
+    from mmdist.train.backend import init_process_group
+
     started = time.time()
+    init_process_group()  # as training's workers do (mmdist.train.entry)
     ctrl = Path(config["ctrl"])
     torch.set_num_threads(config["threads"])
     side = engine_side(Config.from_dict(config["cfg"]), config["vocab"], config["total_steps"])
@@ -182,16 +185,20 @@ def ray_worker(config: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def ray_side(cfg: Config, config: dict[str, Any]):
-    """Start (a) in a TorchTrainer on a thread; yields ``(setup, run_chunk)``:
-    ``run_chunk(n)`` has the worker take ``n`` steps and returns their timings."""
+    """Start (a) in training's Ray Train trainer (:func:`mmdist.train.backend.trainer_and_backend`)
+    on a thread; yields ``(setup, run_chunk)``: ``run_chunk(n)`` has the worker take ``n`` steps
+    and returns their timings."""
     from ray.train import RunConfig, ScalingConfig  # heavy: not for --help
-    from ray.train.torch import TorchTrainer
 
+    from mmdist.train.backend import trainer_and_backend
+
+    trainer_cls, backend = trainer_and_backend(use_gpu=False)  # training's trainer
     with tempfile.TemporaryDirectory() as tmp:
         ctrl = Path(tmp) / "ctrl"
         ctrl.mkdir()
-        trainer = TorchTrainer(
-            ray_worker, train_loop_config={**config, "ctrl": str(ctrl), "t_fit": time.time()},
+        trainer = trainer_cls(
+            ray_worker, **backend,
+            train_loop_config={**config, "ctrl": str(ctrl), "t_fit": time.time()},
             scaling_config=ScalingConfig(num_workers=1,
                                          resources_per_worker={"CPU": config["threads"]}),
             run_config=RunConfig(name="bench-train", storage_path=tmp))
@@ -328,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup = {"ray": ray_setup["worker_start_s"] + ray_setup["setup_s"], "deepspeed": local["deepspeed"].setup_s,
              "plain": local["plain"].setup_s}
 
-    for s, label in zip(SIDES, ("TorchTrainer + DeepSpeed", "DeepSpeed in this process",
+    for s, label in zip(SIDES, ("Ray Train + DeepSpeed", "DeepSpeed in this process",
                                 "plain PyTorch loop")):
         print(f"{label:<26}: {statistics.median(rate[s]):.2f} steps/s (median of {rounds}; "
               f"setup {setup[s]:.1f} s)")

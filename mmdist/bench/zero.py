@@ -49,6 +49,9 @@ def zero3_bytes(engine) -> dict[str, int]:
 def _worker(config: dict[str, Any]) -> dict[str, int]:
     import ray.train  # heavy: not loaded for --help
 
+    from mmdist.train.backend import init_process_group
+
+    init_process_group()  # as training's workers do (mmdist.train.entry)
     return one_step_bytes(Config.from_dict(config["cfg"]), config["vocab"],
                           ray.train.get_context().get_world_size())
 
@@ -75,7 +78,8 @@ def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
     """Bytes per rank at ``world`` ranks: Ray Train workers, or for one rank this process on a
     1-rank gloo group (the same engine; Ray adds nothing to the bytes)."""
     from ray.train import RunConfig, ScalingConfig  # heavy: not loaded for --help
-    from ray.train.torch import TorchTrainer  # heavy: not loaded for --help
+
+    from mmdist.train.backend import trainer_and_backend
 
     cfg = cfg.override({"train.num_workers": world, "train.zero_stage": 3,
                         "train.global_batch_size": 0})
@@ -87,8 +91,9 @@ def measure(cfg: Config, world: int, vocab: int) -> dict[str, int]:
         with single_process_group(torch.device("cpu")):
             return one_step_bytes(cfg, vocab, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = TorchTrainer(
-            _worker, train_loop_config={"cfg": cfg.to_dict(), "vocab": vocab},
+        trainer_cls, backend = trainer_and_backend(use_gpu=False)  # training's trainer
+        trainer = trainer_cls(
+            _worker, **backend, train_loop_config={"cfg": cfg.to_dict(), "vocab": vocab},
             scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name=f"bench-zero-{world}", storage_path=tmp))
         return dict(trainer.fit().return_value)

@@ -59,7 +59,7 @@ def light_backend_reason() -> str | None:
 
 
 class _NoContext:
-    """The train function's context: none (the worker sets its CUDA device itself)."""
+    """The train function's context: none (:func:`init_process_group` sets a GPU worker's device)."""
 
     def __enter__(self) -> None:
         return None
@@ -100,8 +100,8 @@ def _address_and_port() -> tuple[str, int]:
     addr = ray.util.get_node_ip_address()
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", 0))
         return addr, s.getsockname()[1]
 
 
