@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmdist.errors import CommandError
-from mmdist.train.run_opener import RunOpener
+from mmdist.train.run_opener import RunOpener, open_run
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {"train.lr": 0.002, "model.modalities": ["text", "image"], "storage.secret_token": "s3cret"}
@@ -28,17 +28,19 @@ def test_the_helper_opens_the_run_and_the_command_never_imports_mlflow(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = textwrap.dedent(f'''
         import sys
-        from mmdist.train.run_opener import RunOpener
-        ids = [RunOpener().open({uri!r}, "exp", "run-a", {PARAMS!r}) for _ in range(2)]
-        print("IDS", *ids)
+        from mmdist.train.run_opener import RunOpener, open_run
+        opener = RunOpener()
+        print("ID", opener.open({uri!r}, "exp", "run-a", {PARAMS!r}))
+        opener.close()
         print("MLFLOW", "mlflow" in sys.modules)
     ''')
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MLFLOW False" in r.stdout, r.stdout
-    first, second = r.stdout.split("IDS ")[1].split()[:2]
-    assert first == second  # the same name again (a resumed run) continues its run
+    first = r.stdout.split("ID ")[1].split()[0]
+    # the same name again (a resumed run) continues its run
+    assert open_run(uri, "exp", "run-a", PARAMS) == first
     params = _params(uri, first)
     assert params["train.lr"] == "0.002"
     assert params["model.modalities"] == "['text', 'image']"  # as log_params writes a list
