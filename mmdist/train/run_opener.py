@@ -70,8 +70,8 @@ class RunOpener:
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
         proc = self._proc
-        if proc is None or proc.stdin is None or proc.stdout is None:
-            return None
+        if proc is None or proc.stdin is None or proc.stdout is None or proc.stdin.closed:
+            return None  # no helper, or it served its one request already
         try:
             proc.stdin.write(json.dumps(request) + "\n")
             proc.stdin.close()

@@ -75,7 +75,8 @@ def test_a_helper_that_dies_is_replaced_and_an_unasked_one_is_stopped(tmp_path, 
     opener._proc.kill()
     opener._proc.wait()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert opener.open(uri, "exp", "run-d", PARAMS)  # died without answering: done here
+    run_id = opener.open(uri, "exp", "run-d", PARAMS)  # died without answering: done here
+    assert opener.open(uri, "exp", "run-d", PARAMS) == run_id  # asked again: done here too
     proc = idle._proc
     idle.close()
     assert proc.poll() is not None and idle._proc is None
