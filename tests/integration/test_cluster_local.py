@@ -244,6 +244,17 @@ def test_submit_train_finds_run_and_registered_model_on_the_server(cluster, monk
     assert steps and len(steps) == len(set(steps)), steps
     assert s["ok"] is True and s["model_uri"] == "models:/cluster-tiny/1"
     assert s["tracking_uri"] == cluster.vars["MLFLOW_TRACKING_URI"]
+    # a Ray on 127.0.0.1 is one host: Ray Train started no preemption watcher (ray_env)
+    listed = subprocess.run(
+        [RAY, "list", "actors", "--address", cluster.vars["RAY_ADDRESS"], "--format", "json",
+         "--limit", "10000"],
+        env=_clean_env(RAY_AUTH_MODE="token",
+                       RAY_AUTH_TOKEN_PATH=cluster.vars["RAY_AUTH_TOKEN_PATH"]),
+        capture_output=True, text=True, timeout=120)
+    text = listed.stdout
+    assert listed.returncode == 0 and "[" in text, text[-2000:] + listed.stderr[-2000:]
+    classes = {a["class_name"] for a in json.loads(text[text.index("["):text.rindex("]") + 1])}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
 
     if cluster.auth:
         password = cluster.vars["MLFLOW_TRACKING_PASSWORD"]
