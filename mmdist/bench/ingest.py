@@ -8,7 +8,8 @@ files with the same batch size and the same number of CPU workers, in one run:
   so Ray's own processes cannot slow it down.
 * Ray Data: the local Ray ``mmdist train`` starts (``ray_env.local_init_kwargs``, ``num_cpus=
   cpus``, dashboard on), then the training pipeline of
-  :func:`mmdist.data.pipeline.build_dataset` consumed with ``iter_torch_batches``.
+  :func:`mmdist.data.pipeline.build_dataset` consumed as training consumes it
+  (``torch_batches.iter_torch``).
 
 Throughput is measured two ways: from the first batch to the last (start-up reported
 separately) and over the whole epoch (``iter()`` to the last batch, each side's per-epoch
@@ -345,7 +346,7 @@ def time_ray_data(paths: list[str], spec: Any, data_dir: Path, batch_size: int, 
         idle_cpu = idle.by_kind()
         ds = build_dataset(paths, spec, tok, map_batch_size=mbs, cpus_per_task=per_task)
         with CpuMeter() as cpu:
-            res = _consume(iter(iter_torch(ds, batch_size=batch_size, device="cpu")), limit)
+            res = _consume(iter(iter_torch(ds, batch_size=batch_size)), limit)
         res["cpu_s"] = cpu.by_kind()
         res["idle_cpu_s_per_s"] = {k: round(v / IDLE_S, 3) for k, v in idle_cpu.items()}
         res["breakdown"] = ray_breakdown(ds, res, cpus)

@@ -179,4 +179,4 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
     buffer = shuffle_buffer or shuffle_buffer_rows(batch_size)
     return iter(iter_torch(
         shard, batch_size=batch_size, local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True, device="cpu"))
+        local_shuffle_seed=int(seed) * 100_003 + int(epoch), drop_last=True))

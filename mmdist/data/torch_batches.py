@@ -1,15 +1,18 @@
 """Ray Data -> torch batches: how every mmdist consumer iterates a Ray Dataset or a train shard.
 
     for batch in iter_torch(shard, batch_size=32, drop_last=True):
-        ...  # dict of CPU torch tensors, the batch contract of schema.py
+        ...  # dict of CPU torch tensors, the batch contract of schema.py; the consumer moves it
 
-Two settings differ from ``iter_torch_batches``' defaults (what they were measured to change
+Two choices differ from ``iter_torch_batches``' defaults (what they were measured to change
 with ``mmdist bench ingest``: ``docs/performance.md``):
 
-* ``collate_fn=NumpyToTorch()``. Without one, Ray converts each batch column by column on a
-  pool of 4 threads (``DefaultCollateFn``); on a 2-core node the hand-offs cost more than the
-  conversions, which are zero-copy views of the block. Every column of the batch contract is
-  a fixed-size numeric array, so a batch is its numpy views wrapped by ``torch.from_numpy``.
+* numpy batches wrapped by :func:`~mmdist.data.schema.as_tensors`. ``iter_torch_batches``
+  converts each batch column by column on a pool of 4 threads (``DefaultCollateFn``); on a
+  2-core node the hand-offs cost more than the conversions, which are zero-copy views of the
+  block. Every column of the batch contract is a fixed-size numeric array, so a batch is its
+  numpy views wrapped by ``torch.from_numpy``. It also imports torch with the first batch, not
+  when iteration starts, so a Ray Train worker's shard streams before the worker has loaded
+  torch (``mmdist.train.entry``).
 * ``prefetch_batches=0`` when the cluster has one node. Prefetching asks Ray to pull blocks
   from other nodes ahead of use; on one node every block is already local, and the prefetch
   window holds each block back until the next one exists, so the first batch of every epoch
@@ -18,28 +21,17 @@ with ``mmdist bench ingest``: ``docs/performance.md``):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from mmdist.data import ray_scheduling
 from mmdist.data.schema import as_tensors
 
 if TYPE_CHECKING:  # torch loads with the first batch: a worker asks for its shard first
-    import numpy as np
     import torch
 
 # Batches prefetched when blocks can live on other nodes (Ray's default is 1).
 PREFETCH_BATCHES_MULTI_NODE = 2
-
-
-class NumpyToTorch(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches``: each numpy column -> a CPU tensor sharing its
-    memory (:func:`mmdist.data.schema.as_tensors`, as the DataLoader path; Ray then moves it
-    to ``device``)."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return as_tensors(batch)
 
 
 def prefetch_batches() -> int:
@@ -47,21 +39,13 @@ def prefetch_batches() -> int:
     return 0 if ray_scheduling.one_node() else PREFETCH_BATCHES_MULTI_NODE
 
 
-def iter_torch(ds: Any, **kwargs: Any):
-    """``ds.iter_torch_batches(collate_fn=NumpyToTorch(), prefetch_batches=..., **kwargs)`` for a
-    Dataset or a DataIterator (a Ray Train dataset shard); ``kwargs`` may set
-    ``prefetch_batches`` themselves.
-
-    With ``device="cpu"`` the same batches come from ``iter_batches`` (numpy) wrapped by
-    :func:`~mmdist.data.schema.as_tensors`, what ``NumpyToTorch`` does: Ray's
-    ``iter_torch_batches`` imports torch when called, this imports it with the first batch, so
-    a Ray Train worker's shard starts streaming before the worker has loaded torch
-    (``mmdist.train.entry``)."""
+def iter_torch(ds: Any, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of CPU tensors from a Dataset or a DataIterator (a Ray Train dataset shard):
+    ``ds.iter_batches(batch_format="numpy", prefetch_batches=..., **kwargs)``, each wrapped by
+    :func:`~mmdist.data.schema.as_tensors`; ``kwargs`` may set ``prefetch_batches``
+    themselves."""
     kwargs.setdefault("prefetch_batches", prefetch_batches())
-    if kwargs.get("device") == "cpu":
-        kwargs.pop("device")
-        return (as_tensors(b) for b in ds.iter_batches(batch_format="numpy", **kwargs))
-    return ds.iter_torch_batches(collate_fn=NumpyToTorch(), **kwargs)
+    return (as_tensors(b) for b in ds.iter_batches(batch_format="numpy", **kwargs))
 
 
 class FirstBatchAhead:

@@ -1,21 +1,21 @@
-"""NumpyToTorch, the collate_fn of every Ray Data batch mmdist consumes, and the prefetch choice
-(real batches: the integration tests of the data pipeline)."""
+"""as_tensors, what every Ray Data batch mmdist consumes goes through (iter_torch), and the
+prefetch choice (real batches: the integration tests of the data pipeline)."""
 
 import numpy as np
 import pytest
 import torch
 
-from mmdist.data.torch_batches import NumpyToTorch
+from mmdist.data.schema import as_tensors
 
 
-def test_numpy_to_torch_shares_memory_and_names_a_ragged_column():
+def test_as_tensors_shares_memory_and_names_a_ragged_column():
     image = np.arange(24, dtype=np.uint8).reshape(2, 3, 2, 2)
     image.flags.writeable = False  # as a view of the object store is
-    out = NumpyToTorch()({"image": image, "has_text": np.array([True, False])})
+    out = as_tensors({"image": image, "has_text": np.array([True, False])})
     assert out["image"].dtype == torch.uint8 and out["has_text"].dtype == torch.bool
     assert out["image"].data_ptr() == image.ctypes.data  # no copy
     with pytest.raises(TypeError, match="'text'"):
-        NumpyToTorch()({"text": np.array(["a", None], dtype=object)})
+        as_tensors({"text": np.array(["a", None], dtype=object)})
 
 
 def test_prefetch_only_where_blocks_can_be_remote(monkeypatch):
