@@ -24,6 +24,7 @@ and :func:`init_process_group` leaves a process group Ray already made alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -170,16 +171,27 @@ def init_process_group() -> None:
         timeout=datetime.timedelta(seconds=int(os.environ["MMDIST_DIST_TIMEOUT_S"])))
 
 
-def trainer_and_backend(use_gpu: bool) -> tuple[type, dict[str, Any]]:
+def trainer_and_backend(use_gpu: bool, placement_group_cleaner: bool = True
+                        ) -> tuple[type, dict[str, Any]]:
     """Ray Train's ``DataParallelTrainer`` with mmdist's torch-free process-group backend
     (:mod:`mmdist.train.backend`), or Ray's ``TorchTrainer`` on a Ray it was not read against
-    (said once in the log)."""
+    (said once in the log).
+
+    ``placement_group_cleaner=False``: without Ray Train's placement-group cleaner, for a run
+    whose driver's connection to Ray ends with the run (`mmdist train`). The cleaner is a
+    detached actor per run (one more process importing Ray Train, ~2 CPU-s of a small node's
+    start) that removes the run's placement group if the controller dies while its driver
+    lives on, as a sweep's driver does when ASHA stops a trial. Ray removes a placement group
+    an actor made once that actor and its job have both ended, so when the job ends with the
+    run there is nothing left for the cleaner to do.
+    """
     reason = light_backend_reason()
     if reason is None:
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
         config = ProcessGroupConfig(backend="nccl" if use_gpu else "gloo")
-        return DataParallelTrainer, {"backend_config": config}
+        cls = DataParallelTrainer if placement_group_cleaner else _trainer_without_cleaner()
+        return cls, {"backend_config": config}
     from ray.train.torch import TorchTrainer
 
     global _FALLBACK_SAID
@@ -191,3 +203,25 @@ def trainer_and_backend(use_gpu: bool) -> tuple[type, dict[str, Any]]:
 
 
 _FALLBACK_SAID = False
+
+
+@functools.cache
+def _trainer_without_cleaner() -> type:
+    """``DataParallelTrainer`` whose default callbacks leave out the placement-group cleaner
+    (Ray Train's private callback, named on the Ray of :data:`SUPPORTED_RAY` only: a Ray that
+    moved it keeps its cleaner)."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:
+        return DataParallelTrainer
+
+    class OneRunTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return OneRunTrainer

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with Console(log_file, verbose=args.verbose) as console:
             summary = train(cfg, address=args.address, num_cpus=args.num_cpus,
                             data_cache=args.data_cache, console=console,
-                            started_at=getattr(args, "started_at", None), run_opener=opener)
+                            started_at=getattr(args, "started_at", None), run_opener=opener,
+                            placement_group_cleaner=False)  # the job ends with the command
             release_ray()
     finally:
         opener.close()
@@ -176,8 +177,11 @@ def check_resumable(cfg: Config, run_dir: Path) -> Config:
 
 
 def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
-                  storage_path: str, callbacks: list | None = None):
-    """The Ray Train trainer for one run; shared by `mmdist train` and every sweep trial."""
+                  storage_path: str, callbacks: list | None = None,
+                  placement_group_cleaner: bool = True):
+    """The Ray Train trainer for one run; shared by `mmdist train` and every sweep trial.
+    ``placement_group_cleaner=False`` where the driver's job ends with the run
+    (:func:`mmdist.train.backend.trainer_and_backend`)."""
     # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -188,7 +192,7 @@ def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
-    trainer_cls, backend = trainer_and_backend(t.use_gpu)
+    trainer_cls, backend = trainer_and_backend(t.use_gpu, placement_group_cleaner)
     return trainer_cls(
         train_fn_per_worker,
         **backend,
@@ -281,23 +285,26 @@ def init_from_dir(cfg: Config, tracking_uri: str, run_storage: Path) -> str | No
 def train(cfg: Config, address: str | None = None, num_cpus: int | None = None,
           data_cache: str | Path | None = None, console: Console | None = None,
           started_at: float | None = None,
-          run_opener: RunOpener | None = None) -> dict[str, Any]:
+          run_opener: RunOpener | None = None,
+          placement_group_cleaner: bool = True) -> dict[str, Any]:
     """Run one training job end to end and return its summary (what `--json` prints);
     ``console`` (the CLI's) sorts what Ray forwards from the workers once Ray is up.
     ``started_at``: when the command started (``time.time()``); its start-up counts from
     there, the seconds before this call being the ``command`` phase (interpreter, imports).
     ``run_opener``: the helper that opens the MLflow run (the command starts it first; else
-    one starts here)."""
+    one starts here). ``placement_group_cleaner=False``: this process's connection to Ray ends
+    with the run, as the command's does (:func:`mmdist.train.backend.trainer_and_backend`)."""
     opener = run_opener or RunOpener()
     try:
-        return _train(cfg, address, num_cpus, data_cache, console, started_at, opener)
+        return _train(cfg, address, num_cpus, data_cache, console, started_at, opener,
+                      placement_group_cleaner)
     finally:
         opener.close()
 
 
 def _train(cfg: Config, address: str | None, num_cpus: int | None,
            data_cache: str | Path | None, console: Console | None, started_at: float | None,
-           opener: RunOpener) -> dict[str, Any]:
+           opener: RunOpener, placement_group_cleaner: bool) -> dict[str, Any]:
     # heavy (MLflow): not for --help
     from mmdist import tracking
     from mmdist.train.register import register_model
@@ -331,7 +338,8 @@ def _train(cfg: Config, address: str | None, num_cpus: int | None,
     try:
         result = fit_with_retries(
             lambda: build_trainer(cfg, dataclasses.replace(job, fit_at=time.time()), datasets,
-                                  run_name, storage),
+                                  run_name, storage,
+                                  placement_group_cleaner=placement_group_cleaner),
             Path(job.storage), cfg.train.max_failures)
     except BaseException:
         tracking.set_terminated(uri, run_id, "FAILED")

@@ -48,6 +48,8 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     here = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the host
     assert not list_actors(address=here, filters=[("class_name", "=", "PreemptionWatcher")])
     assert list_actors(address=here, filters=[("class_name", "=", "TrainController")])
+    # called in-process (the caller's Ray outlives the run): Ray Train's cleaner stays
+    assert list_actors(address=here, filters=[("class_name", "=", "PlacementGroupCleaner")])
 
     # The registered model loads without pickle and scores the val split like training did.
     import mlflow

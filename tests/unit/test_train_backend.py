@@ -102,3 +102,25 @@ def test_ray_train_v1_gets_torch_trainer(monkeypatch):
 
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
     assert "RAY_TRAIN_V2_ENABLED=0" in backend.light_backend_reason()
+
+
+def test_a_run_whose_job_ends_with_it_goes_without_the_placement_group_cleaner(tmp_path):
+    """`mmdist train` (its job ends with the run): no placement-group cleaner actor; every
+    other caller (sweep trials, in-process callers) keeps Ray Train's default callbacks."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from mmdist.train import backend
+
+    def callbacks(cleaner: bool) -> list[str]:
+        cls, kwargs = backend.trainer_and_backend(use_gpu=False, placement_group_cleaner=cleaner)
+        trainer = cls(lambda: None, **kwargs, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="cb", storage_path=str(tmp_path)))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    with_cleaner, without = callbacks(True), callbacks(False)
+    assert PlacementGroupCleanerCallback in with_cleaner
+    assert PlacementGroupCleanerCallback not in without
+    assert [c for c in with_cleaner if c is not PlacementGroupCleanerCallback] == without
