@@ -193,7 +193,10 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
     (work / "hello.py").write_text(
         "import os, ray\nray.init()\nprint('CPUS', ray.cluster_resources()['CPU'])\n"
         # a job's workers run at the driver's priority (up.sh starts Ray with niceness 0)
-        "print('NICE', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n")
+        "print('NICE', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+        # idle Ray Data workers are kept between epochs: max(8, 4 x CPUs), as the local Ray's
+        "print('SOFT', ray.get(ray.remote(\n"
+        "    lambda: os.environ.get('RAY_num_workers_soft_limit')).remote()))\n")
     # No token anywhere: not in the environment, and a home folder without ~/.ray/auth_token.
     no_token = _submit(cluster, work, "python", "hello.py", HOME=str(tmp_path))
     assert no_token.returncode != 0
@@ -210,6 +213,7 @@ def test_submit_without_the_token_is_refused_and_with_it_succeeds(cluster, tmp_p
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "CPUS 2.0" in ok.stdout
     assert "NICE 0" in ok.stdout, ok.stdout[-3000:]
+    assert "SOFT 8" in ok.stdout, ok.stdout[-3000:]  # 2 CPUs
     assert "succeeded" in ok.stdout + ok.stderr
 
 
