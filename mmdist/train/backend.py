@@ -17,9 +17,12 @@ train function starts, so a worker imports torch before it can ask for its datas
   (``mmdist.train.entry``), so Ray Data's coordinator and read tasks start while the worker
   imports torch and DeepSpeed.
 
-Only public (or DeveloperAPI) Ray Train names are used; :func:`light_backend_reason` says when
-mmdist falls back to Ray's ``TorchTrainer`` (another Ray than the one this was read against),
-and :func:`init_process_group` leaves a process group Ray already made alone.
+The backend uses only public (or DeveloperAPI) Ray Train names; :func:`light_backend_reason`
+says when mmdist falls back to Ray's ``TorchTrainer`` (another Ray than the one this was read
+against), and :func:`init_process_group` leaves a process group Ray already made alone. The one
+private piece, leaving the placement-group cleaner out of a run whose job ends with it
+(:func:`trainer_and_backend`), applies only on that Ray and keeps the cleaner when the name
+it filters is gone.
 """
 
 from __future__ import annotations
