@@ -51,10 +51,19 @@ def pin_ray_address() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
+def one_host_env(cpus: int | float) -> dict[str, str]:
+    """The settings of a Ray on one host with ``cpus`` CPUs: the local Ray mmdist starts, and
+    the head `cluster/local/up.sh` starts (``python -m mmdist.ray_env CPUS`` prints them):
+    max(8, 4 x cpus) idle workers (:data:`WORKERS_SOFT_LIMIT`), workers at the driver's
+    priority (:data:`WORKER_NICENESS`) and :data:`LOCAL_TRAIN_ENV`."""
+    return {WORKERS_SOFT_LIMIT: str(max(8, int(4 * cpus))), WORKER_NICENESS: "0",
+            **LOCAL_TRAIN_ENV}
+
+
 def keep_idle_workers(cpus: int | float) -> None:
     """Let the raylet about to start keep max(8, 4 x cpus) idle workers (see
     :data:`WORKERS_SOFT_LIMIT`; a user's own value wins)."""
-    os.environ.setdefault(WORKERS_SOFT_LIMIT, str(max(8, int(4 * cpus))))
+    os.environ.setdefault(WORKERS_SOFT_LIMIT, one_host_env(cpus)[WORKERS_SOFT_LIMIT])
 
 
 def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = False,
@@ -68,7 +77,7 @@ def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = Fal
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, "0"))
+    env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, one_host_env(cpus)[WORKER_NICENESS]))
     env.update(env_vars or {})
     # address="local": a new Ray, even where `ray start` left its address in
     # /tmp/ray/ray_current_cluster. ray.init() would join that cluster instead (and refuse
@@ -120,3 +129,10 @@ def release_ray() -> None:
             and ray.get_runtime_context().get_job_id() == _RAY_OWNED):
         ray.shutdown()
     _RAY_OWNED = None
+
+
+if __name__ == "__main__":  # cluster/local/up.sh: KEY=VALUE lines of one_host_env(CPUS)
+    import sys
+
+    for key, value in one_host_env(float(sys.argv[1])).items():
+        print(f"{key}={value}")

@@ -88,26 +88,29 @@ else
   # process of the machine. --temp-dir keeps this head's address out of /tmp/ray, so a plain
   # ray.init() elsewhere on the machine does not silently join it.
   # PATH: the `python` of a job's entrypoint is the project's environment.
-  # RAY_worker_niceness=0: workers at the driver's priority, as on the local Ray mmdist starts
-  # (mmdist.ray_env.WORKER_NICENESS); a job cannot set it (Ray's job supervisor drops it).
-  # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5: Ray Train's
-  # settings for one host, as on the local Ray mmdist starts (mmdist.ray_env.LOCAL_TRAIN_ENV):
-  # every Ray process of this head, a job's driver and Ray Train's controller included, has them
-  # in its environment (a job's own value wins). The watcher reports nodes being drained, and
-  # a drain of this one host ends the whole cluster; it cost every run one more process.
-  # RAY_num_workers_soft_limit: idle worker processes the raylet keeps, max(8, 4 x CPUs) as on
-  # the local Ray mmdist starts (mmdist.ray_env.WORKERS_SOFT_LIMIT). With Ray's default (the
-  # CPU count) it kills the Ray Data task processes between a run's epochs and evaluations
-  # and starts them again, each importing Ray Data: the demo took 92 s here instead of 67 s.
+  # One-host settings from mmdist.ray_env.one_host_env, the same as the local Ray mmdist starts
+  # (a value already in this environment wins); every Ray process of this head, a job's driver
+  # and Ray Train's controller included, inherits them:
+  # - RAY_worker_niceness=0: workers at the driver's priority; a job cannot set it (Ray's job
+  #   supervisor drops it).
+  # - RAY_num_workers_soft_limit, max(8, 4 x CPUs) idle workers: with Ray's default (the CPU
+  #   count) the raylet killed the Ray Data task processes between a run's epochs and
+  #   evaluations and started them again, each importing Ray Data: the demo took 92 s here
+  #   instead of 67 s.
+  # - RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0: the watcher reports nodes being drained, and a drain
+  #   of this one host ends the whole cluster; it cost every run one more process.
+  #   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5: a finished run's controller notices sooner.
   # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: on SIGTERM `ray start --block` drains the node for up
   # to 30 s (for Serve proxies behind a load balancer) and, once a job has run, Ray Data's
   # detached actors keep it busy for all 30: `make cluster-down` took 27-31 s. 3 s here.
-  IDLE_WORKERS=$(( NUM_CPUS * 4 > 8 ? NUM_CPUS * 4 : 8 ))
+  HEAD_ENV=()
+  while IFS='=' read -r key value; do
+    HEAD_ENV+=("$key=${!key:-$value}")
+  done < <("$PYTHON" -m mmdist.ray_env "$NUM_CPUS")
+  [[ ${#HEAD_ENV[@]} -gt 0 ]] || die "could not read mmdist's Ray settings (run 'make setup')"
+  env "${HEAD_ENV[@]}" \
   PATH="$BIN:$PATH" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
-  RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true RAY_worker_niceness=0 \
-  RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}" \
-  RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}" \
-  RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-$IDLE_WORKERS}" \
+  RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true \
   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-3}" \
     setsid "$RAY" start --head --block \
       --node-ip-address "$HOST" --port "$RAY_GCS_PORT" \

@@ -61,3 +61,19 @@ def test_the_local_ray_starts_its_own_beside_a_stale_ray_start_address(tmp_path)
         assert gcs != "127.0.0.1:1"  # a Ray of its own, not the address in the file
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_one_host_settings_are_the_local_rays_and_up_sh_reads_them():
+    """One source for both: the local Ray's settings, and the KEY=VALUE lines up.sh reads."""
+    import subprocess
+    import sys
+
+    from mmdist.ray_env import WORKER_NICENESS, WORKERS_SOFT_LIMIT, one_host_env
+
+    env = one_host_env(2)
+    assert env[WORKERS_SOFT_LIMIT] == "8" and one_host_env(4)[WORKERS_SOFT_LIMIT] == "16"
+    assert env[WORKER_NICENESS] == "0" and env.items() >= LOCAL_TRAIN_ENV.items()
+    r = subprocess.run([sys.executable, "-m", "mmdist.ray_env", "2"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert dict(line.split("=", 1) for line in r.stdout.split()) == env

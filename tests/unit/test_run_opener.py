@@ -28,7 +28,7 @@ def test_the_helper_opens_the_run_and_the_command_never_imports_mlflow(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = textwrap.dedent(f'''
         import sys
-        from mmdist.train.run_opener import RunOpener, open_run
+        from mmdist.train.run_opener import RunOpener
         opener = RunOpener()
         print("ID", opener.open({uri!r}, "exp", "run-a", {PARAMS!r}))
         opener.close()

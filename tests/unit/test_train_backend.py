@@ -114,7 +114,7 @@ def test_a_run_whose_job_ends_with_it_goes_without_the_placement_group_cleaner(t
 
     from mmdist.train import backend
 
-    def callbacks(cleaner: bool) -> list[str]:
+    def callbacks(cleaner: bool) -> list[type]:
         cls, kwargs = backend.trainer_and_backend(use_gpu=False, placement_group_cleaner=cleaner)
         trainer = cls(lambda: None, **kwargs, scaling_config=ScalingConfig(num_workers=1),
                       run_config=RunConfig(name="cb", storage_path=str(tmp_path)))
