@@ -3,9 +3,9 @@
 Training (driver, then each Ray Train worker):
 
     datasets = build_datasets(data_dir, cfg)        # {"train": Dataset, "val": Dataset}
-    build_trainer(cfg, job, datasets, ...)   # mmdist.train.run
+    shards = worker_shards(datasets, world_size, deterministic)  # in build_trainer
     # inside each worker (mmdist.train.entry):
-    shard = ray.train.get_dataset_shard("train")
+    shard = open_worker_shards(shards[rank])["train"]
     for batch in iter_train_batches(shard, batch_size=32, seed=cfg.train.seed, epoch=epoch):
         ...  # dict of torch tensors, exactly the batch contract of schema.py
 
@@ -120,7 +120,7 @@ def build_dataset(paths: list[str], spec: PreprocessSpec, tokenizer: TextTokeniz
 def build_datasets(data_dir: str | Path, cfg: Config,
                    cache: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None
                    ) -> dict[str, ray.data.Dataset]:
-    """The Ray Datasets ``{"train", "val"}`` that ``TorchTrainer(datasets=...)`` receives.
+    """The Ray Datasets ``{"train", "val"}`` that :func:`worker_shards` hands the workers.
 
     Args:
         data_dir: a shard directory written by `mmdist prepare`.
@@ -157,6 +157,38 @@ def build_datasets(data_dir: str | Path, cfg: Config,
     return out
 
 
+def worker_shards(datasets: dict[str, ray.data.Dataset], world_size: int,
+                  deterministic: bool = False) -> list[ray.ObjectRef]:
+    """Each training worker's data, by rank: ``train`` split into ``world_size`` streams of
+    equal rows (Ray Data's ``streaming_split(equal=True)``), ``val`` whole for every worker,
+    each rank's pair put in the object store (:func:`open_worker_shards` opens it).
+
+    What Ray Train does with ``datasets=`` (its public ``DataConfig.configure`` makes the
+    split), but here in the driver: Ray Train would create a dataset-manager actor once the
+    workers have started, and that actor the split's coordinator when rank 0 first asks for
+    its shard, two fresh processes one after the other (~1.6 and ~1.9 CPU-s each) before the
+    first read task could start. Made here, the coordinator starts while Ray Train starts its
+    controller, and the read tasks as soon as the workers first ask for batches. The split has
+    no locality hints (the workers' nodes are not known yet), and ``deterministic`` delivers
+    blocks in dataset order, so a seed fixes each rank's samples (Ray's split ignores hints
+    then anyway). The coordinator lives as long as these references (one trainer's run).
+    """
+    from ray.train import DataConfig  # heavy: not for --help
+
+    opts = {name: DataConfig.default_ingest_options() for name in datasets}
+    for name, o in opts.items():
+        # val in dataset order always, so evaluation batches are canonical (loop._evaluate)
+        o.preserve_order = o.preserve_order or name == "val" or deterministic
+    per_rank = DataConfig(datasets_to_split=["train"], execution_options=opts).configure(
+        datasets, world_size=world_size, worker_handles=None, worker_node_ids=None)
+    return [ray.put(shards) for shards in per_rank]
+
+
+def open_worker_shards(ref: ray.ObjectRef) -> dict[str, Any]:
+    """A worker's ``{"train": DataIterator, "val": DataIterator}`` from :func:`worker_shards`."""
+    return ray.get(ref)
+
+
 def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
                        shuffle_buffer: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of training batches from a worker's dataset shard.
@@ -167,7 +199,7 @@ def iter_train_batches(shard: Any, batch_size: int, seed: int, epoch: int,
     full batch.
 
     Args:
-        shard: ``ray.train.get_dataset_shard("train")`` (a DataIterator) or a Dataset.
+        shard: a worker's train split (:func:`open_worker_shards`, a DataIterator) or a Dataset.
         batch_size: rows per batch (``train.micro_batch_size``).
         seed: ``train.seed``.
         epoch: the epoch number, 0-based.

@@ -45,8 +45,8 @@ figures behind each callback are in ``docs/performance.md``.
    is imported, before mmdist could set it), so the first batch of an epoch comes sooner.
 
 The callbacks live in a module of their own (numpy-free, torch-free) because the process that
-executes the dataset imports it: the driver for ``iter_batches``, Ray Train's split
-coordinator actor for ``get_dataset_shard``.
+executes the dataset imports it: the driver for ``iter_batches``, the split
+coordinator actor of ``mmdist.data.pipeline.worker_shards`` for training.
 
 This is the one module of mmdist that touches Ray's private modules (``ray.data._internal``),
 here and in :func:`task_index` and :func:`wait_for_autoscaling_coordinator`, and only on the

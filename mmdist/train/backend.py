@@ -190,11 +190,8 @@ def trainer_and_backend(use_gpu: bool, placement_group_cleaner: bool = True
     """
     reason = light_backend_reason()
     if reason is None:
-        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
         config = ProcessGroupConfig(backend="nccl" if use_gpu else "gloo")
-        cls = DataParallelTrainer if placement_group_cleaner else _trainer_without_cleaner()
-        return cls, {"backend_config": config}
+        return _trainer_class(placement_group_cleaner), {"backend_config": config}
     from ray.train.torch import TorchTrainer
 
     global _FALLBACK_SAID
@@ -209,22 +206,28 @@ _FALLBACK_SAID = False
 
 
 @functools.cache
-def _trainer_without_cleaner() -> type:
-    """``DataParallelTrainer`` whose default callbacks leave out the placement-group cleaner
-    (Ray Train's private callback, named on the Ray of :data:`SUPPORTED_RAY` only: a Ray that
-    moved it keeps its cleaner)."""
+def _trainer_class(placement_group_cleaner: bool) -> type:
+    """``DataParallelTrainer`` whose default callbacks leave out Ray Train's dataset callback
+    (mmdist hands each worker its data itself, :func:`mmdist.data.pipeline.worker_shards`;
+    with no datasets the callback would still start a dataset-manager actor, ~1.6 CPU-s) and,
+    with ``placement_group_cleaner=False``, the placement-group cleaner. Both callbacks are
+    Ray Train's private classes, named on the Ray of :data:`SUPPORTED_RAY` only: a Ray that
+    moved them keeps them (correct, a slower start)."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import (
             PlacementGroupCleanerCallback,
         )
     except ImportError:
         return DataParallelTrainer
+    left_out = (DatasetsCallback,) + (() if placement_group_cleaner else
+                                      (PlacementGroupCleanerCallback,))
 
-    class OneRunTrainer(DataParallelTrainer):
+    class MmdistTrainer(DataParallelTrainer):
         def _create_default_callbacks(self) -> list:
             return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+                    if not isinstance(c, left_out)]
 
-    return OneRunTrainer
+    return MmdistTrainer

@@ -1,12 +1,13 @@
 """What every Ray Train worker runs: ``train_fn_per_worker(config)``.
 
-Light on purpose (no torch, no DeepSpeed, no model code at import): a fresh run's worker asks for
-its train shard and starts the first epoch streaming before it imports the training loop
-(:mod:`mmdist.train.loop`: torch, DeepSpeed, the model). Rank 0's request creates Ray Data's
-split coordinator and the first batch request starts its read tasks: fresh processes that take
-seconds to start on a small node, now beside this worker's imports and engine build instead of
-after them (``startup_phases`` of ``mmdist train``). Then the worker connects its process group
-(:func:`mmdist.train.backend.init_process_group`) and trains.
+Light on purpose (no torch, no DeepSpeed, no model code at import): a fresh run's worker opens
+its data (:func:`mmdist.data.pipeline.worker_shards`: the driver split the train dataset, and
+the split's coordinator started beside Ray Train's controller) and starts the first epoch
+streaming before it imports the training loop (:mod:`mmdist.train.loop`: torch, DeepSpeed, the
+model). Once every rank asks for batches the coordinator starts the read tasks: fresh processes
+that take seconds to start on a small node, now beside this worker's imports and engine build
+instead of after them (``startup_phases`` of ``mmdist train``). Then the worker connects its
+process group (:func:`mmdist.train.backend.init_process_group`) and trains.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
-    (:class:`mmdist.train.job.Job`: what the driver resolved). Returns the final summary on
-    rank 0 (``Result.return_value``)."""
+    """Ray Train entrypoint. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict(),
+    "data": worker_shards(...)}`` (:class:`mmdist.train.job.Job`: what the driver resolved;
+    ``data``: each rank's splits). Returns the final summary on rank 0
+    (``Result.return_value``)."""
     entered = time.time()
     import ray.train
 
-    from mmdist.data.pipeline import iter_train_batches
+    from mmdist.data.pipeline import iter_train_batches, open_worker_shards
     from mmdist.data.torch_batches import FirstBatchAhead
     from mmdist.train.elastic import plan_resume
     from mmdist.train.job import Job
@@ -30,8 +32,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     job = Job.from_dict(config["job"])
     # the raw values: validating the Config loads the tasks, which import torch
     t = config["cfg"]["train"]
-    plan = plan_resume(job.storage, ray.train.get_context().get_world_size())
-    train_shard = ray.train.get_dataset_shard("train")
+    ctx = ray.train.get_context()
+    plan = plan_resume(job.storage, ctx.get_world_size())
+    shards = open_worker_shards(config["data"][ctx.get_world_rank()])
+    train_shard = shards["train"]
     # a fresh run's first epoch streams from now on; a resumed one skips what it consumed
     early = (FirstBatchAhead(iter_train_batches(train_shard, t["micro_batch_size"], t["seed"], 0))
              if plan.checkpoint is None else None)
@@ -42,4 +46,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     imported = time.time()
     init_process_group()
     marks = {"entered": entered, "imported": imported, "connected": time.time()}
-    return loop.run(config, plan, train_shard, early, marks)
+    return loop.run(config, plan, shards, early, marks)

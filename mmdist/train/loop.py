@@ -70,14 +70,14 @@ def total_steps(cfg: Config, train_rows: int, world_size: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg, train_rows, world_size)
 
 
-def run(config: dict[str, Any], plan: ResumePlan, train_shard: Any, early: Any,
+def run(config: dict[str, Any], plan: ResumePlan, shards: dict[str, Any], early: Any,
         marks: dict[str, float]) -> dict[str, Any] | None:
-    """Train on this worker. ``config = {"cfg": Config.to_dict(), "job": Job.to_dict()}``
-    (:class:`mmdist.train.job.Job`: what the driver resolved); ``plan``: the checkpoint to
-    resume from; ``train_shard``: this worker's train shard; ``early``: a fresh run's first
-    epoch, already streaming (else None); ``marks``: when the entry point started, had
-    imported this module and had connected the process group (start-up phases). Returns the
-    final summary on rank 0 (``Result.return_value``)."""
+    """Train on this worker. ``config``: as :func:`mmdist.train.entry.train_fn_per_worker`'s;
+    ``plan``: the checkpoint to resume from; ``shards``: this worker's ``{"train": its split,
+    "val": the whole}``; ``early``: a fresh run's first epoch, already streaming (else None);
+    ``marks``: when the entry point started, had imported this module and had connected the
+    process group (start-up phases). Returns the final summary on rank 0
+    (``Result.return_value``)."""
     cfg, job = Config.from_dict(config["cfg"]), Job.from_dict(config["job"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -103,7 +103,7 @@ def run(config: dict[str, Any], plan: ResumePlan, train_shard: Any, early: Any,
 
     faults = Faults.parse(job.faults, job.storage, rank)
     tokenizer = load_tokenizer(job.data_dir)  # BLEU scores the words it decodes to
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = shards["train"], shards["val"]
     per_epoch = steps_per_epoch(cfg, job.train_rows, world)
     per_rank = micro_batches_per_rank(cfg, job.train_rows, world)
     n_total = steps_to_run(n_total, total_steps(cfg, job.train_rows, world), t,

@@ -183,8 +183,9 @@ def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
     ``placement_group_cleaner=False`` where the driver's job ends with the run
     (:func:`mmdist.train.backend.trainer_and_backend`)."""
     # heavy (Ray/torch): `mmdist --help` imports this module to build its parser
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+    from mmdist.data.pipeline import worker_shards
     from mmdist.train.backend import trainer_and_backend
     from mmdist.train.entry import train_fn_per_worker
 
@@ -193,10 +194,13 @@ def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
     if t.use_gpu:
         resources["GPU"] = 1
     trainer_cls, backend = trainer_and_backend(t.use_gpu, placement_group_cleaner)
+    # train split across the workers, val whole for each (worker_shards: made here, not by
+    # Ray Train's datasets=, so its coordinator starts beside Ray Train's controller)
+    shards = worker_shards(datasets, t.num_workers, cfg.data.deterministic)
     return trainer_cls(
         train_fn_per_worker,
         **backend,
-        train_loop_config={"cfg": cfg.to_dict(), "job": job.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "job": job.to_dict(), "data": shards},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -205,25 +209,7 @@ def build_trainer(cfg: Config, job: Job, datasets: dict, run_name: str,
             failure_config=FailureConfig(max_failures=0),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks),
-        datasets=datasets,
-        # train is split across workers; every worker streams the whole val split in a fixed
-        # order so evaluation batches are canonical (see loop._evaluate).
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options={"val": _ordered(),
-                               **({"train": _ordered()} if cfg.data.deterministic else {})}),
     )
-
-
-def _ordered():
-    """Ingest options that deliver blocks in dataset order. On the split train dataset this
-    also makes Ray's split hand the same blocks to the same rank on every run (it ignores
-    locality hints then), so a seed fixes each rank's sample order."""
-    from ray.train import DataConfig  # heavy: not for --help
-
-    opts = DataConfig.default_ingest_options()
-    opts.preserve_order = True
-    return opts
 
 
 def prepare_job(cfg: Config, data_dir: Path, run_name: str, uri: str | None,

@@ -12,7 +12,12 @@ import ray
 import torch
 
 from mmdist.config import load_config
-from mmdist.data.pipeline import build_datasets, iter_train_batches
+from mmdist.data.pipeline import (
+    build_datasets,
+    iter_train_batches,
+    open_worker_shards,
+    worker_shards,
+)
 from mmdist.data.prepare import prepare_synthetic
 from mmdist.data.schema import BATCH_KEYS
 from mmdist.data.shard_batches import ShardBatches, shard_dataloader
@@ -199,17 +204,20 @@ def test_shard_datasource_reads_each_file_as_one_block_in_order(ray_cluster, sha
         ShardDatasource([*paths, str(bad)])
 
 
-def test_streaming_split_carries_the_callback(ray_cluster, shards):
-    """Ray Train's get_dataset_shard runs the dataset in a split coordinator actor: the callback
-    must unpickle there and the splits must still deliver every row once."""
+def test_worker_shards_split_train_equally_and_give_every_rank_all_of_val(ray_cluster, shards):
+    """What each training worker gets (worker_shards, opened as the worker does): the train
+    split runs in Ray Data's split coordinator actor, so the scheduling callback must unpickle
+    there, and the ranks' rows are disjoint and equal in number; val is whole, in order, for
+    every rank."""
     import threading
 
-    ds = build_datasets(shards, CFG)["train"]
-    splits = ds.streaming_split(2, equal=False)
+    datasets = build_datasets(shards, CFG)
+    refs = worker_shards(datasets, 2)
+    ranks = [open_worker_shards(r) for r in refs]
     ids = [[], []]
 
     def consume(i):
-        for b in splits[i].iter_batches(batch_size=4):
+        for b in ranks[i]["train"].iter_batches(batch_size=4):
             ids[i].extend(b["sample_id"].tolist())
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
@@ -217,8 +225,12 @@ def test_streaming_split_carries_the_callback(ray_cluster, shards):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    got = ids[0] + ids[1]
-    assert len(got) == len(set(got)) == 36
+    assert len(ids[0]) == len(ids[1]) == 18
+    assert len(set(ids[0] + ids[1])) == 36
+    val = [[i for b in r["val"].iter_batches(batch_size=4) for i in b["sample_id"].tolist()]
+           for r in ranks]
+    want = [i for b in datasets["val"].iter_batches(batch_size=4) for i in b["sample_id"].tolist()]
+    assert val[0] == val[1] == want and want
 
 
 def test_tampered_shard_is_refused(ray_cluster, tmp_path):

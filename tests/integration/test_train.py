@@ -50,6 +50,10 @@ def test_zero2_two_workers_learns_registers_and_serves(trained, tmp_path):
     assert list_actors(address=here, filters=[("class_name", "=", "TrainController")])
     # called in-process (the caller's Ray outlives the run): Ray Train's cleaner stays
     assert list_actors(address=here, filters=[("class_name", "=", "PlacementGroupCleaner")])
+    # the driver split the data itself (pipeline.worker_shards): its split coordinator, and
+    # no dataset manager from Ray Train
+    assert not list_actors(address=here, filters=[("class_name", "=", "DatasetManager")])
+    assert list_actors(address=here, filters=[("class_name", "=", "SplitCoordinator")])
 
     # The registered model loads without pickle and scores the val split like training did.
     import mlflow

@@ -77,12 +77,13 @@ def test_a_worker_connects_its_group_from_the_environment_once():
 def test_the_supported_ray_gets_the_light_backend_and_another_ray_torch_trainer(monkeypatch,
                                                                                 caplog):
     import ray
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from mmdist.train import backend
 
     trainer, kwargs = backend.trainer_and_backend(use_gpu=True)
     assert backend.light_backend_reason() is None
-    assert trainer.__name__ == "DataParallelTrainer"
+    assert issubclass(trainer, DataParallelTrainer)
     assert kwargs["backend_config"].backend == "nccl"
     assert backend.trainer_and_backend(use_gpu=False)[1]["backend_config"].backend == "gloo"
 
@@ -104,23 +105,28 @@ def test_ray_train_v1_gets_torch_trainer(monkeypatch):
     assert "RAY_TRAIN_V2_ENABLED=0" in backend.light_backend_reason()
 
 
-def test_a_run_whose_job_ends_with_it_goes_without_the_placement_group_cleaner(tmp_path):
-    """`mmdist train` (its job ends with the run): no placement-group cleaner actor; every
-    other caller (sweep trials, in-process callers) keeps Ray Train's default callbacks."""
+def test_the_trainer_leaves_out_ray_trains_dataset_callback_and_maybe_the_cleaner(tmp_path):
+    """mmdist hands the workers their data itself (no dataset-manager actor from Ray Train's
+    dataset callback); `mmdist train` (its job ends with the run) has no placement-group
+    cleaner either; every other caller (sweep trials, in-process callers) keeps the cleaner and
+    the rest of Ray Train's default callbacks."""
     from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import (
         PlacementGroupCleanerCallback,
     )
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from mmdist.train import backend
 
-    def callbacks(cleaner: bool) -> list[type]:
-        cls, kwargs = backend.trainer_and_backend(use_gpu=False, placement_group_cleaner=cleaner)
+    def callbacks(cls, kwargs) -> list[type]:
         trainer = cls(lambda: None, **kwargs, scaling_config=ScalingConfig(num_workers=1),
                       run_config=RunConfig(name="cb", storage_path=str(tmp_path)))
         return [type(c) for c in trainer._create_default_callbacks()]
 
-    with_cleaner, without = callbacks(True), callbacks(False)
-    assert PlacementGroupCleanerCallback in with_cleaner
-    assert PlacementGroupCleanerCallback not in without
-    assert [c for c in with_cleaner if c is not PlacementGroupCleanerCallback] == without
+    ray_own = callbacks(DataParallelTrainer, {})
+    with_cleaner = callbacks(*backend.trainer_and_backend(use_gpu=False))
+    without = callbacks(*backend.trainer_and_backend(use_gpu=False, placement_group_cleaner=False))
+    assert DatasetsCallback in ray_own and PlacementGroupCleanerCallback in ray_own
+    assert with_cleaner == [c for c in ray_own if c is not DatasetsCallback]
+    assert without == [c for c in with_cleaner if c is not PlacementGroupCleanerCallback]
