@@ -57,28 +57,53 @@ def use_environment_ninja() -> None:
 
 
 def _import_muon_uncompiled() -> None:
-    """Import DeepSpeed's Muon optimizer module with TorchDynamo off.
+    """Import DeepSpeed's Muon optimizer module with its kernels left uncompiled.
 
     ``deepspeed.initialize`` imports that module whatever the optimizer (ZeRO's optimizer check,
     ZeRO-3, the bf16 optimizer), and its kernels are decorated with ``torch.compile``, which loads
-    Inductor's compiler at import: 2-4 s of every worker's engine build. mmdist never builds a
-    Muon optimizer (:func:`mmdist.train.optim.build_optimizer`), so its kernels may stay eager;
-    ``TORCHDYNAMO_DISABLE=1`` makes ``torch.compile`` return the function undecorated, and is set
-    only for this import (``model.compile`` compiles the model afterwards).
+    Inductor's compiler at import (2-4 s of every worker's engine build) and TorchDynamo even
+    when told not to compile (1.1 CPU-s). mmdist never builds a Muon optimizer
+    (:func:`mmdist.train.optim.build_optimizer`), so its kernels may stay eager: for this import
+    only, DeepSpeed's ``compiler.compile()`` (what the module decorates with) hands out
+    DeepSpeed's own no-op decorator, as it does on a torch without ``torch.compile``; a DeepSpeed
+    without that decorator gets ``TORCHDYNAMO_DISABLE=1`` instead, which makes ``torch.compile``
+    return the function undecorated (``model.compile`` compiles the model afterwards).
     """
     import os
 
+    from deepspeed.runtime import compiler
+
     before = os.environ.get("TORCHDYNAMO_DISABLE")
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    compile_fn, no_op = compiler.compile, getattr(compiler, "dummy_decorator", None)
+    if no_op is not None:
+        compiler.compile = lambda: no_op
     try:
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     except ImportError:  # a DeepSpeed without Muon
         pass
     finally:
+        compiler.compile = compile_fn
         if before is None:
             del os.environ["TORCHDYNAMO_DISABLE"]
         else:
             os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
+def _zero_accepts_eager_adamw() -> bool:
+    """Add :class:`mmdist.train.optim.EagerAdamW` (torch's AdamW, its methods undecorated) to
+    the optimizers DeepSpeed's ZeRO takes without ``zero_allow_untested_optimizer``, as
+    DeepSpeed adds its own Muon; False on a DeepSpeed without that list (the caller then sets
+    the flag)."""
+    from mmdist.train.optim import EagerAdamW
+
+    try:
+        from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+    except ImportError:
+        return False
+    if EagerAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(EagerAdamW)
+    return True
 
 
 def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_steps: int,
@@ -106,6 +131,8 @@ def build_engine(cfg: Config, vocab: dict[str, int], world_size: int, total_step
     ds_config = deepspeed_config(cfg, world_size)
     if load_universal:  # a ZeRO checkpoint of another world size, converted
         ds_config["checkpoint"] = {"load_universal": True}
+    if not _zero_accepts_eager_adamw():
+        ds_config["zero_allow_untested_optimizer"] = True
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo",
                                auto_mpi_discovery=False)
     if t.zero_stage == 3:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -30,7 +31,70 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class FiniteAdamW(torch.optim.AdamW):
+# The torch (major.minor) whose optimizer decorators :class:`EagerAdamW` was read against;
+# another torch gets torch's own methods.
+EAGER_TORCH = "2.15"
+# torch.optim.AdamW's methods whose decorators import TorchDynamo, and the functions under them
+_UNDECORATED = {"step": "Adam.step", "add_param_group": "Optimizer.add_param_group",
+                "zero_grad": "Optimizer.zero_grad", "state_dict": "Optimizer.state_dict",
+                "load_state_dict": "Optimizer.load_state_dict"}
+
+
+def _undecorated() -> dict:
+    """``{method: torch's function under its decorators}``, or {} where this torch is not the
+    one read (:data:`EAGER_TORCH`) or a function is not the one expected."""
+    if ".".join(torch.__version__.split(".")[:2]) != EAGER_TORCH:
+        return {}
+    found = {name: inspect.unwrap(getattr(torch.optim.AdamW, name)) for name in _UNDECORATED}
+    if any(f.__qualname__ != _UNDECORATED[n] for n, f in found.items()):
+        return {}
+    return found
+
+
+_RAW = _undecorated()
+
+
+class EagerAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` that never imports TorchDynamo: the same update, state, hooks
+    and checkpoints.
+
+    torch's optimizers wrap these methods in decorators that keep ``torch.compile`` from
+    tracing into them, and the wrappers import ``torch._dynamo`` on first call (``step`` on
+    every call): about 1.1 CPU-s of every training worker's start, on the path to its first
+    step, although no optimizer is ever compiled (``model.compile`` compiles model blocks).
+    These methods call the functions under the decorators, ``step`` in the grad mode its
+    wrapper sets (on unless ``differentiable``); on another torch than :data:`EAGER_TORCH`
+    they are torch's own.
+    """
+
+    def step(self, closure=None):
+        if not _RAW:
+            return super().step(closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            return _RAW["step"](self, closure)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not _RAW:
+            return super().add_param_group(param_group)
+        return _RAW["add_param_group"](self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not _RAW:
+            return super().zero_grad(set_to_none)
+        return _RAW["zero_grad"](self, set_to_none)
+
+    def state_dict(self) -> dict:
+        if not _RAW:
+            return super().state_dict()
+        return _RAW["state_dict"](self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not _RAW:
+            return super().load_state_dict(state_dict)
+        return _RAW["load_state_dict"](self, state_dict)
+
+
+class FiniteAdamW(EagerAdamW):
     """AdamW that clips the gradients to ``max_norm`` and skips a step whose gradients are not
     all finite, saying so in ``overflow``, the flag DeepSpeed's engine reads to count
     ``skipped_steps``.
@@ -69,8 +133,8 @@ class FiniteAdamW(torch.optim.AdamW):
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int,
                     world_size: int | None = None):
-    """AdamW (:class:`FiniteAdamW`, clipping itself, where DeepSpeed runs ZeRO-0 in fp32/bf16 at
-    ``world_size``) and a factory for the warm-up/cosine LambdaLR.
+    """AdamW (:class:`EagerAdamW`; :class:`FiniteAdamW`, clipping itself, where DeepSpeed runs
+    ZeRO-0 in fp32/bf16 at ``world_size``) and a factory for the warm-up/cosine LambdaLR.
 
     The schedule is returned as a factory that ``deepspeed.initialize`` calls with the optimizer
     it ends up with: ZeRO-3 regroups the parameters, so a scheduler built on the client
@@ -91,5 +155,5 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int,
         opt = FiniteAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=(0.9, 0.999),
                           fused=t.use_gpu)
     else:
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
+        opt = EagerAdamW(groups, lr=t.lr, betas=(0.9, 0.999), fused=t.use_gpu)
     return opt, schedule

@@ -51,6 +51,37 @@ def test_bf16_without_zero_is_torch_autocast_over_fp32_weights():
     assert not isinstance(opt, FiniteAdamW)
 
 
+def test_eager_adamw_is_torch_adamw_without_its_dynamo_wrappers(monkeypatch):
+    """The same weights, state and state dict as torch's AdamW, step after step; the state is
+    made without autograd; on a torch it was not read against, torch's own methods."""
+    from mmdist.train import optim
+    from mmdist.train.optim import EagerAdamW
+
+    assert optim._RAW, "the installed torch's AdamW was not recognised (optim.EAGER_TORCH)"
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    kw = {"lr": 0.05, "weight_decay": 0.1, "betas": (0.8, 0.99)}
+    a, b = EagerAdamW(ours.parameters(), **kw), torch.optim.AdamW(theirs.parameters(), **kw)
+    for _ in range(4):
+        x = torch.randn(5, 4)
+        for model, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
+    assert not any(v.requires_grad for s in a.state.values() for v in s.values())
+    mine, torchs = a.state_dict(), b.state_dict()
+    assert mine["param_groups"] == torchs["param_groups"]
+    assert all(torch.equal(mine["state"][k]["exp_avg_sq"], torchs["state"][k]["exp_avg_sq"])
+               for k in torchs["state"])
+    again = EagerAdamW(torch.nn.Linear(4, 3).parameters(), **kw)
+    again.load_state_dict(torchs)
+    assert torch.equal(again.state_dict()["state"][0]["exp_avg"], torchs["state"][0]["exp_avg"])
+    monkeypatch.setattr(torch, "__version__", "9.0.0")
+    assert optim._undecorated() == {}
+
+
 def test_finite_adamw_clips_as_a_plain_loop_does():
     """One norm clips and checks: the same update as clip_grad_norm_ then AdamW."""
     from mmdist.train.optim import FiniteAdamW
