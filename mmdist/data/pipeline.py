@@ -173,9 +173,14 @@ def worker_shards(datasets: dict[str, ray.data.Dataset], world_size: int,
     blocks in dataset order, so a seed fixes each rank's samples (Ray's split ignores hints
     then anyway). The coordinator lives as long as these references (one trainer's run).
     """
+    import copy
+
     from ray.train import DataConfig  # heavy: not for --help
 
-    opts = {name: DataConfig.default_ingest_options() for name in datasets}
+    # the driver's Ray Data options, as Ray Train's default ingest options carry them over
+    # (copied: building new ones warns of a deprecated field on every run)
+    opts = {name: copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+            for name in datasets}
     for name, o in opts.items():
         # val in dataset order always, so evaluation batches are canonical (loop._evaluate)
         o.preserve_order = o.preserve_order or name == "val" or deterministic

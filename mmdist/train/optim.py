@@ -63,7 +63,7 @@ class EagerAdamW(torch.optim.AdamW):
     every call): about 1.1 CPU-s of every training worker's start, on the path to its first
     step, although no optimizer is ever compiled (``model.compile`` compiles model blocks).
     These methods call the functions under the decorators, ``step`` in the grad mode its
-    wrapper sets (on unless ``differentiable``); on another torch than :data:`EAGER_TORCH`
+    wrapper sets (off, unless ``differentiable``); on another torch than :data:`EAGER_TORCH`
     they are torch's own.
     """
 
