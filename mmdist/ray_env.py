@@ -60,24 +60,17 @@ def one_host_env(cpus: int | float) -> dict[str, str]:
             **LOCAL_TRAIN_ENV}
 
 
-def keep_idle_workers(cpus: int | float) -> None:
-    """Let the raylet about to start keep max(8, 4 x cpus) idle workers (see
-    :data:`WORKERS_SOFT_LIMIT`; a user's own value wins)."""
-    os.environ.setdefault(WORKERS_SOFT_LIMIT, one_host_env(cpus)[WORKERS_SOFT_LIMIT])
-
-
 def local_init_kwargs(num_cpus: int | float | None = None, dashboard: bool = False,
                       env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``ray.init`` starting a local Ray bound to 127.0.0.1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = num_cpus or cores or 1
-    keep_idle_workers(cpus)
-    for key, value in LOCAL_TRAIN_ENV.items():
-        os.environ.setdefault(key, value)
+    host = one_host_env(num_cpus or cores or 1)
+    for key in (WORKERS_SOFT_LIMIT, *LOCAL_TRAIN_ENV):  # read by the raylet and Ray Train
+        os.environ.setdefault(key, host[key])
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # Workers stream a val pass per evaluation; their progress bars would drown the step lines.
     env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, one_host_env(cpus)[WORKER_NICENESS]))
+    env.setdefault(WORKER_NICENESS, os.environ.get(WORKER_NICENESS, host[WORKER_NICENESS]))
     env.update(env_vars or {})
     # address="local": a new Ray, even where `ray start` left its address in
     # /tmp/ray/ray_current_cluster. ray.init() would join that cluster instead (and refuse

@@ -65,9 +65,10 @@ def _import_muon_uncompiled() -> None:
     when told not to compile (1.1 CPU-s). mmdist never builds a Muon optimizer
     (:func:`mmdist.train.optim.build_optimizer`), so its kernels may stay eager: for this import
     only, DeepSpeed's ``compiler.compile()`` (what the module decorates with) hands out
-    DeepSpeed's own no-op decorator, as it does on a torch without ``torch.compile``; a DeepSpeed
-    without that decorator gets ``TORCHDYNAMO_DISABLE=1`` instead, which makes ``torch.compile``
-    return the function undecorated (``model.compile`` compiles the model afterwards).
+    DeepSpeed's own no-op decorator, as it does on a torch without ``torch.compile``, and
+    ``TORCHDYNAMO_DISABLE=1`` is set, which makes ``torch.compile`` return the function
+    undecorated on a DeepSpeed without that decorator (``model.compile`` compiles the model
+    afterwards).
     """
     import os
 

@@ -62,36 +62,21 @@ class EagerAdamW(torch.optim.AdamW):
     tracing into them, and the wrappers import ``torch._dynamo`` on first call (``step`` on
     every call): about 1.1 CPU-s of every training worker's start, on the path to its first
     step, although no optimizer is ever compiled (``model.compile`` compiles model blocks).
-    These methods call the functions under the decorators, ``step`` in the grad mode its
-    wrapper sets (off, unless ``differentiable``); on another torch than :data:`EAGER_TORCH`
-    they are torch's own.
+    Its methods are the functions under the decorators, ``step`` in the grad mode its wrapper
+    sets (off, unless ``differentiable``); on another torch than :data:`EAGER_TORCH` they are
+    torch's own.
     """
 
-    def step(self, closure=None):
-        if not _RAW:
-            return super().step(closure)
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            return _RAW["step"](self, closure)
 
-    def add_param_group(self, param_group: dict) -> None:
-        if not _RAW:
-            return super().add_param_group(param_group)
-        return _RAW["add_param_group"](self, param_group)
+def _eager_step(self, closure=None):
+    with torch.set_grad_enabled(self.defaults["differentiable"]):
+        return _RAW["step"](self, closure)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if not _RAW:
-            return super().zero_grad(set_to_none)
-        return _RAW["zero_grad"](self, set_to_none)
 
-    def state_dict(self) -> dict:
-        if not _RAW:
-            return super().state_dict()
-        return _RAW["state_dict"](self)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not _RAW:
-            return super().load_state_dict(state_dict)
-        return _RAW["load_state_dict"](self, state_dict)
+if _RAW:
+    EagerAdamW.step = _eager_step
+    for _name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
+        setattr(EagerAdamW, _name, _RAW[_name])
 
 
 class FiniteAdamW(EagerAdamW):
